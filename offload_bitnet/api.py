@@ -1,0 +1,17 @@
+"""The public entry points: open a model for evaluation or training."""
+from __future__ import annotations
+
+from .engine import EngineOptions, StreamingEngine
+from .store import BlockStore
+
+
+def open_model(path: str, device: str = "cpu", **engine_options) -> StreamingEngine:
+    """Open a store read-only for streamed evaluation: ``.logits(input_ids)`` and ``.loss(input_ids, labels)``."""
+    store = BlockStore(path, writable=False)
+    return StreamingEngine(store, EngineOptions(device=device, **engine_options))
+
+
+def open_for_training(path: str, **engine_options) -> StreamingEngine:
+    """Open a store for training (takes its write lock; cleans up after a crashed run)."""
+    store = BlockStore(path, writable=True)
+    return StreamingEngine(store, EngineOptions(**engine_options))

@@ -1,0 +1,35 @@
+"""One-line progress reports with elapsed time and ETA."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """Prints ``label done/total note, elapsed, ETA`` on one line, rewritten in place on a terminal."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total = total
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def update(self, done: int | None = None, note: str = ""):
+        self.done = self.done + 1 if done is None else done
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(self.done, 1) * (self.total - self.done)
+        line = (f"{self.label} {self.done}/{self.total} {note} "
+                f"[{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}]")
+        if self.stream.isatty():
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

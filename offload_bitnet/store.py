@@ -1,0 +1,278 @@
+"""The block store: a folder of per-unit safetensors files, a JSON manifest, checksums and atomic commits.
+
+Layout::
+
+    STORE/manifest.json        format version, model config, settings, step, every file with size and crc32
+    STORE/units/<unit>.<part>.s<step>.safetensors
+    STORE/lock                 held (flock) by the one process that may write
+
+A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` (what forward reads),
+``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments). New versions are
+written beside the old ones under a new step number; ``commit`` switches to them with one atomic rename of the
+manifest and only then deletes what it replaced. A crash at any moment leaves the manifest at step k or k+1,
+and the files that belong to neither are removed the next time the store is opened for writing.
+
+The store knows files, checksums and commits; it knows nothing about training.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .config import ModelConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+UNITS_DIR = "units"
+PARTS = ("weights", "shadow", "optim")
+MODES = ("qat", "full", "lora")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StoreError(RuntimeError):
+    """A store cannot be opened, read or written; the message names the file and what to do."""
+
+
+@dataclass
+class StoreSettings:
+    """How a store represents its tensors."""
+
+    mode: str = "qat"            # qat: packed ternary projections + shadow; full: 16-bit projections
+    shadow_dtype: str = "fp16"   # master weights (the projections in qat, every matrix in full)
+    state_dtype: str = "fp32"    # AdamW moments
+
+    def validate(self):
+        if self.mode not in ("qat", "full"):
+            raise StoreError(f"store mode must be 'qat' or 'full', got {self.mode!r}")
+        for field in ("shadow_dtype", "state_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise StoreError(f"{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+
+
+def block_unit(index: int) -> str:
+    return f"block.{index:03d}"
+
+
+def unit_names(config: ModelConfig) -> list[str]:
+    """Every unit of a model in forward order."""
+    names = ["embed"] + [block_unit(i) for i in range(config.n_layers)] + ["norm"]
+    if not config.tie_embeddings:
+        names.append("head")
+    return names
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes):
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class BlockStore:
+    """A model on disk, one unit per file set. Reads never need more than one unit in memory."""
+
+    def __init__(self, path: str, *, writable: bool = False, verify: bool = True):
+        self.path = os.path.abspath(path)
+        self.verify = verify
+        self.writable = writable
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self._lock = threading.Lock()
+        self._lock_handle = None
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise StoreError(f"{self.path} is not an offload_bitnet store: {MANIFEST} is missing")
+        try:
+            with open(manifest_path) as handle:
+                self.manifest = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise StoreError(f"cannot read {manifest_path}: {error}") from error
+        version = self.manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(f"{manifest_path} has format version {version!r}; this offload_bitnet reads "
+                             f"versions up to {FORMAT_VERSION}. Upgrade offload_bitnet to open it.")
+        self.config = ModelConfig.from_dict(self.manifest["config"])
+        self.settings = StoreSettings(**self.manifest["settings"])
+        # The files the next read should see: committed ones, replaced by newer writes not yet committed.
+        self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+        if writable:
+            self._acquire_lock()
+            self.remove_uncommitted_files()
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, path: str, config: ModelConfig, settings: StoreSettings, extra: dict | None = None) -> "BlockStore":
+        """Make an empty store folder (no units yet) and open it for writing."""
+        settings.validate()
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise StoreError(f"{path} already holds a store; choose another folder or delete it first")
+        if os.path.isdir(path) and os.listdir(path):
+            raise StoreError(f"{path} exists and is not empty; choose an empty or new folder")
+        os.makedirs(os.path.join(path, UNITS_DIR), exist_ok=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "settings": settings.__dict__.copy(),
+            "step": -1,  # -1: creation not finished; the first commit makes it 0
+            "files": {},
+            "extra": extra or {},
+        }
+        write_file_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        return cls(path, writable=True)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    @property
+    def extra(self) -> dict:
+        return self.manifest.get("extra", {})
+
+    @property
+    def units(self) -> list[str]:
+        return unit_names(self.config)
+
+    def has_part(self, unit: str, part: str) -> bool:
+        with self._lock:
+            return part in self._working.get(unit, {})
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes on disk per part kind, from the committed manifest."""
+        totals = {part: 0 for part in PARTS}
+        for parts in self.manifest["files"].values():
+            for part, entry in parts.items():
+                totals[part] += entry["bytes"]
+        return totals
+
+    # ------------------------------------------------------------------ reading
+    def read(self, unit: str, part: str) -> dict[str, torch.Tensor]:
+        """Load one part of one unit, checking its size and checksum."""
+        with self._lock:
+            entry = self._working.get(unit, {}).get(part)
+        if entry is None:
+            raise StoreError(f"store {self.path} has no {part!r} part for unit {unit!r}")
+        file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
+        try:
+            with open(file_path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise StoreError(f"cannot read {file_path} ({unit} {part}): {error.strerror or error}") from error
+        if len(data) != entry["bytes"]:
+            raise StoreError(f"{file_path} ({unit} {part}) is {len(data)} bytes, the manifest says {entry['bytes']}:"
+                             " the file is truncated or damaged. Restore it from a backup or re-import the model.")
+        if self.verify and zlib.crc32(data) != entry["crc32"]:
+            raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
+                             "Restore it from a backup or re-import the model.")
+        with self._lock:
+            self.bytes_read += len(data)
+        return load_safetensors(data)
+
+    # ------------------------------------------------------------------ writing
+    def write(self, unit: str, part: str, tensors: dict[str, torch.Tensor], step: int):
+        """Write a new version of one part of one unit, for ``step``; visible to reads at once, durable
+        after ``commit(step)``."""
+        self._check_writable()
+        data = save_safetensors({name: t.contiguous() for name, t in tensors.items()})
+        name = f"{unit}.{part}.s{step:08d}.safetensors"
+        write_file_atomic(os.path.join(self.path, UNITS_DIR, name), data)
+        with self._lock:
+            self.bytes_written += len(data)
+            self._working.setdefault(unit, {})[part] = {"file": name, "bytes": len(data), "crc32": zlib.crc32(data)}
+
+    def commit(self, step: int, extra: dict | None = None):
+        """Make every write so far the store's state at ``step``, atomically, then delete what it replaced."""
+        self._check_writable()
+        with self._lock:
+            files = {unit: dict(parts) for unit, parts in self._working.items()}
+        missing = [unit for unit in self.units if "weights" not in files.get(unit, {})]
+        if missing:
+            raise StoreError(f"cannot commit store {self.path}: units {missing[:3]} have no weights")
+        old_files = self._referenced_files(self.manifest["files"])
+        manifest = dict(self.manifest, step=step, files=files)
+        if extra is not None:
+            manifest["extra"] = extra
+        _fsync_dir(os.path.join(self.path, UNITS_DIR))
+        write_file_atomic(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        _fsync_dir(self.path)
+        self.manifest = manifest
+        for stale in old_files - self._referenced_files(files):
+            try:
+                os.remove(os.path.join(self.path, UNITS_DIR, stale))
+            except FileNotFoundError:
+                pass
+
+    def remove_uncommitted_files(self) -> int:
+        """Delete files a crashed run left behind (not in the committed manifest). Returns how many."""
+        self._check_writable()
+        keep = self._referenced_files(self.manifest["files"])
+        removed = 0
+        units_dir = os.path.join(self.path, UNITS_DIR)
+        for name in os.listdir(units_dir):
+            if name not in keep:
+                os.remove(os.path.join(units_dir, name))
+                removed += 1
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.path, name))
+                removed += 1
+        with self._lock:
+            self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+        return removed
+
+    # ------------------------------------------------------------------ locking
+    def _acquire_lock(self):
+        lock_path = os.path.join(self.path, "lock")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StoreError(f"store {self.path} is in use by {holder}; wait for that run to finish "
+                             "or stop it before starting another") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        handle.flush()
+        self._lock_handle = handle
+
+    def close(self):
+        """Release the write lock (if held)."""
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def _check_writable(self):
+        if not self.writable:
+            raise StoreError(f"store {self.path} was opened read-only")
+
+    @staticmethod
+    def _referenced_files(files: dict) -> set[str]:
+        return {entry["file"] for parts in files.values() for entry in parts.values()}

@@ -1,0 +1,92 @@
+"""BitNet b1.58 quantization with transformers' exact semantics, and 2-bit packing.
+
+Weights: gamma = max(mean|W|, 1e-5); codes = clamp(round(W / gamma), -1, 1) (round half to even).
+Activations: per token, scale = 127 / max(max|x|, 1e-5); clamp(round(x * scale), -128, 127) / scale.
+Both use the straight-through estimator: the gradient passes through unchanged.
+
+Packing follows transformers' ``pack_weights``: uint8 ``[out/4, in]``, code+1 in 2-bit fields, the field at
+shift 2*i of packed row r holding row ``i*out/4 + r``.
+"""
+from __future__ import annotations
+
+import torch
+
+VALUES_PER_BYTE = 4
+
+
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale gamma = max(mean|W|, 1e-5), as a 1-element fp32 tensor."""
+    return weight.float().abs().mean().clamp(min=1e-5).reshape(1)
+
+
+def ternary_codes(weight: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight matrix to int8 codes in {-1, 0, 1} and its scale gamma."""
+    if scale is None:
+        scale = weight_scale(weight)
+    # Multiply by the reciprocal, as transformers' WeightQuant does, so ties round identically.
+    codes = (weight.float() * (1.0 / scale)).round().clamp(-1, 1).to(torch.int8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ternary codes back to a dense weight: codes * gamma."""
+    return codes.to(dtype) / (1.0 / scale.to(dtype))
+
+
+def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Dense fake-quantized weight (no gradient path); equals transformers' WeightQuant forward."""
+    codes, scale = ternary_codes(weight)
+    return dequantize(codes, scale, weight.dtype if weight.is_floating_point() else torch.float32)
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token 8-bit fake quantization of activations (no gradient path)."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * scale).round().clamp(-128, 127) / scale
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns exactly the quantized value; backward passes the gradient unchanged (as transformers'
+    WeightQuant/ActQuant). ``x + (q - x).detach()`` would differ from q by rounding."""
+
+    @staticmethod
+    def forward(ctx, x, quantize):
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def ste_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(weight, quantize_weight)
+
+
+def ste_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(x, quantize_activation)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes ``[out, in]`` (out divisible by 4) into uint8 ``[out/4, in]``."""
+    out_features = codes.shape[0]
+    if out_features % VALUES_PER_BYTE:
+        raise ValueError(f"cannot pack {out_features} rows: the output dimension must be divisible by 4")
+    fields = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(VALUES_PER_BYTE, out_features // 4, *codes.shape[1:])
+    return fields[0] | (fields[1] << 2) | (fields[2] << 4) | (fields[3] << 6)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_codes``: uint8 ``[out/4, in]`` to int8 codes ``[out, in]``."""
+    fields = torch.stack([(packed >> (2 * i)) & 3 for i in range(VALUES_PER_BYTE)])
+    return (fields.to(torch.int8) - 1).reshape(packed.shape[0] * VALUES_PER_BYTE, *packed.shape[1:])
+
+
+def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and pack a dense weight: returns (uint8 ``[out/4, in]``, fp32 scale ``[1]``)."""
+    codes, scale = ternary_codes(weight)
+    return pack_codes(codes), scale
+
+
+def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense fake-quantized weight from its packed form; equals ``quantize_weight`` of the source."""
+    return dequantize(unpack_codes(packed), scale, dtype)

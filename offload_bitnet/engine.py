@@ -133,7 +133,8 @@ class StreamingEngine:
         if self.writer is not None:
             pending = self.writer.pending_part(unit, part)
             if pending is not None:
-                return pending
+                # A copy: the caller may update it in place while the writer still serializes the original.
+                return {name: tensor.clone() for name, tensor in pending.items()}
         if part == "optim" and not self.store.has_part(unit, part):
             return None
         return self.store.read(unit, part)

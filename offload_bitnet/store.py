@@ -2,7 +2,7 @@
 
 Layout::
 
-    STORE/manifest.json        format version, model config, settings, step, every file with size and crc32
+    STORE/manifest.json        format version, model config, settings, step, every file with size and crc32c
     STORE/units/<unit>.<part>.s<step>.safetensors
     STORE/lock                 held (flock) by the one process that may write
 
@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import threading
-import zlib
 from dataclasses import dataclass
 
+import struct
+
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from crc32c import crc32c
 
 from .config import ModelConfig
 
@@ -69,6 +70,51 @@ def unit_names(config: ModelConfig) -> list[str]:
     return names
 
 
+# safetensors dtype codes; files written here are ordinary safetensors files.
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.uint8: "U8",
+    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list]:
+    """The safetensors header and the tensors' raw bytes as buffers (no copy of the data)."""
+    header, buffers, offset = {}, [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        buffers.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, buffers
+
+
+def decode_safetensors(data, origin: str) -> dict[str, torch.Tensor]:
+    """Tensors viewing ``data`` in place (no copy)."""
+    try:
+        (length,) = struct.unpack_from("<Q", data, 0)
+        header = json.loads(bytes(data[8:8 + length]))
+        start = 8 + length
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+            if count == 0:
+                tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            else:
+                tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
+        return tensors
+    except (struct.error, ValueError, KeyError, RuntimeError) as error:
+        raise StoreError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
+
+
 def _fsync_dir(path: str):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -77,12 +123,18 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes):
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+def write_file_atomic(path: str, *chunks) -> tuple[int, int]:
+    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename.
+
+    Returns (size, crc32c) of what was written."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    size, crc = 0, 0
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
+                size += len(chunk)
+                crc = crc32c(chunk, crc)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -90,6 +142,7 @@ def write_file_atomic(path: str, data: bytes):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return size, crc
 
 
 class BlockStore:
@@ -179,30 +232,32 @@ class BlockStore:
         file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
         try:
             with open(file_path, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
-            raise StoreError(f"cannot read {file_path} ({unit} {part}): {error.strerror or error}") from error
+                # A private mapping: no copy out of the page cache, and in-place updates stay in this process.
+                data = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as error:
+            raise StoreError(f"cannot read {file_path} ({unit} {part}): {getattr(error, 'strerror', None) or error}")\
+                from error
         if len(data) != entry["bytes"]:
             raise StoreError(f"{file_path} ({unit} {part}) is {len(data)} bytes, the manifest says {entry['bytes']}:"
                              " the file is truncated or damaged. Restore it from a backup or re-import the model.")
-        if self.verify and zlib.crc32(data) != entry["crc32"]:
+        if self.verify and crc32c(data) != entry["crc32c"]:
             raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
                              "Restore it from a backup or re-import the model.")
         with self._lock:
             self.bytes_read += len(data)
-        return load_safetensors(data)
+        return decode_safetensors(data, f"{file_path} ({unit} {part})")
 
     # ------------------------------------------------------------------ writing
     def write(self, unit: str, part: str, tensors: dict[str, torch.Tensor], step: int):
         """Write a new version of one part of one unit, for ``step``; visible to reads at once, durable
         after ``commit(step)``."""
         self._check_writable()
-        data = save_safetensors({name: t.contiguous() for name, t in tensors.items()})
+        header, buffers = encode_safetensors(tensors)
         name = f"{unit}.{part}.s{step:08d}.safetensors"
-        write_file_atomic(os.path.join(self.path, UNITS_DIR, name), data)
+        size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers)
         with self._lock:
-            self.bytes_written += len(data)
-            self._working.setdefault(unit, {})[part] = {"file": name, "bytes": len(data), "crc32": zlib.crc32(data)}
+            self.bytes_written += size
+            self._working.setdefault(unit, {})[part] = {"file": name, "bytes": size, "crc32c": crc}
 
     def commit(self, step: int, extra: dict | None = None):
         """Make every write so far the store's state at ``step``, atomically, then delete what it replaced."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import Layout
+from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
 from .model import block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
 from .store import BlockStore, block_unit
@@ -110,6 +111,8 @@ class EngineOptions:
     prefetch_depth: int = 1
     max_pending_writes: int = 2
     optim: AdamWConfig = field(default_factory=AdamWConfig)
+    lora: LoRAConfig | None = None      # train adapters on a frozen, read-only base
+    adapter_dir: str | None = None      # where adapters are saved each step (and resumed from)
 
 
 class StreamingEngine:
@@ -122,8 +125,18 @@ class StreamingEngine:
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
         self.config = store.config
         self.layout = Layout(store.settings)
-        self.quantize = store.settings.mode == "qat"
+        self.quantize = 1.0 if store.settings.mode == "qat" else 0.0
+        self.quant_mix = 1.0
+        self.adapters = None
         self.step = store.step
+        if self.options.lora is not None:
+            if not self.options.adapter_dir:
+                raise ValueError("LoRA training needs an adapter_dir to save the adapters in")
+            if os.path.exists(os.path.join(self.options.adapter_dir, ADAPTER_PROGRESS)):
+                self.adapters = AdapterSet.load(self.options.adapter_dir, self.config)
+            else:
+                self.adapters = AdapterSet(self.config, self.options.lora)
+            self.step = self.adapters.step
         self.prefetcher = Prefetcher(self.options.prefetch_depth)
         self.writer = WriteBehind(store, self.options.max_pending_writes) if store.writable else None
         self.stash = ActivationStash(self.options.activation_budget_bytes, os.path.join(store.path, "scratch"))
@@ -139,20 +152,56 @@ class StreamingEngine:
             return None
         return self.store.read(unit, part)
 
+    def _needs_shadow(self, unit: str) -> bool:
+        return self.store.settings.mode == "qat" and unit.startswith("block.")
+
+    def _compute_weights(self, unit: str, masters: dict) -> dict[str, torch.Tensor]:
+        """Compute tensors from fp32 masters: fake-quantized (mixed by ``quant_mix``) ternary projections."""
+        tensors = {}
+        for name, master in masters.items():
+            weight = master
+            if self.layout.is_ternary(unit, name):
+                quantized = quantize_weight(master)
+                weight = quantized if self.quant_mix == 1 else master + self.quant_mix * (quantized - master)
+            tensors[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32)
+        return tensors
+
     def _forward_job(self, unit: str):
-        return lambda: self.layout.forward_tensors(unit, self._read(unit, "weights"), self.dtype, self.device)
+        """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up)."""
+        def job():
+            weights = self._read(unit, "weights")
+            if self.quant_mix != 1 and self._needs_shadow(unit):
+                masters = self.layout.masters(unit, weights, self._read(unit, "shadow"), self.device)
+                return self._compute_weights(unit, masters)
+            return self.layout.forward_tensors(unit, weights, self.dtype, self.device)
+        return job
 
     def _update_job(self, unit: str):
         """Load what an update needs: fp32 masters and moments."""
         def job():
             weights = self._read(unit, "weights")
-            shadow = self._read(unit, "shadow") if self.store.settings.mode == "qat" and unit.startswith("block.") else None
+            shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
             masters = self.layout.masters(unit, weights, shadow, self.device)
             return unit, masters, self.layout.moments(self._read(unit, "optim"), masters)
         return job
 
+    def _frozen_job(self, unit: str):
+        """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
+        job = self._forward_job(unit)
+        return lambda: (unit, job(), None)
+
     def _head_unit(self) -> str:
         return "embed" if self.config.tie_embeddings else "head"
+
+    def _block_params(self, layer: int, tensors: dict, trainable_adapters: bool = False) -> dict:
+        if self.adapters is None:
+            return tensors
+        return {**tensors, **self.adapters.block_adapters(layer, self.device, trainable_adapters)}
+
+    def _block_generator(self, step: int, micro: int, layer: int):
+        if self.options.dropout > 0 or (self.adapters is not None and self.adapters.lora.dropout > 0):
+            return dropout_generator(self.options.seed, step, micro, layer, self.device)
+        return None
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -168,7 +217,8 @@ class StreamingEngine:
             elif unit == "norm":
                 x = rms_norm(x, tensors["weight"], self.config.norm_eps)
             else:
-                x = block_forward(tensors, x, self.config, cos, sin, quantize=self.quantize)
+                params = self._block_params(int(unit.split(".")[1]), tensors)
+                x = block_forward(params, x, self.config, cos, sin, quantize=self.quantize * self.quant_mix)
         return x
 
     @torch.no_grad()
@@ -192,13 +242,22 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor | None]], lr: float | None = None,
-                   commit_extra: dict | None = None) -> StepStats:
-        """One AdamW step over ``micro_batches`` [(input_ids, labels or None)], streamed layer-major."""
-        if self.writer is None:
+                   commit_extra: dict | None = None, quant_mix: float | None = None) -> StepStats:
+        """One AdamW step over ``micro_batches`` [(input_ids, labels or None)], streamed layer-major.
+
+        ``quant_mix`` (qat only) in [0, 1]: the weights and activations the step sees are
+        ``W + quant_mix * (Q(W) - W)``; 1 (the default) is plain ternary training.
+        """
+        lora = self.adapters is not None
+        if self.writer is None and not lora:
             raise RuntimeError("the store was opened read-only; open it writable to train")
+        if quant_mix is not None:
+            if not 0 <= quant_mix <= 1:
+                raise ValueError(f"quant_mix must be in [0, 1], got {quant_mix}")
+            self.quant_mix = float(quant_mix)
         started = time.perf_counter()
         read_before, written_before = self.store.bytes_read, self.store.bytes_written
-        wait_before = self.prefetcher.wait_seconds + self.writer.wait_seconds
+        wait_before = self._wait_seconds()
         step = self.step + 1
         ids = [batch[0].to(self.device) for batch in micro_batches]
         targets = [shift_labels(batch[0], batch[1]).to(self.device) for batch in micro_batches]
@@ -206,6 +265,7 @@ class StreamingEngine:
         if n_tokens == 0:
             raise ValueError("no token in this batch has a target")
         cfg, opts = self.config, self.options
+        quantize = self.quantize * self.quant_mix
         cos, sin = rope_tables(cfg, torch.arange(ids[0].shape[1], device=self.device), self.dtype)
         micro_range = range(len(ids))
 
@@ -219,25 +279,26 @@ class StreamingEngine:
                     hidden = [F.embedding(i, tensors["weight"]) for i in ids]
                     continue
                 layer = int(unit.split(".")[1])
+                params = self._block_params(layer, tensors)
                 for m in micro_range:
                     self.stash.put((layer, m), hidden[m])
-                    generator = None
-                    if opts.dropout > 0:
-                        generator = dropout_generator(opts.seed, step, m, layer, self.device)
+                    generator = self._block_generator(step, m, layer)
+                    if generator is not None:
                         rng_states[(layer, m)] = generator.get_state()
-                    hidden[m] = block_forward(tensors, hidden[m], cfg, cos, sin, quantize=self.quantize,
+                    hidden[m] = block_forward(params, hidden[m], cfg, cos, sin, quantize=quantize,
                                               dropout_p=opts.dropout, generator=generator)
-                del tensors
+                del tensors, params
 
         # Head: loss and dL/dh for each micro-batch, then update the final norm (and an untied head).
+        load = self._frozen_job if lora else self._update_job
         backward_units = ["norm", self._head_unit()] + [block_unit(i) for i in reversed(range(cfg.n_layers))]
-        if self._head_unit() == "head":
+        if self._head_unit() == "head" and not lora:
             backward_units.append("embed")
-        loads = self.prefetcher.stream(self._update_job(u) for u in backward_units)
+        loads = self.prefetcher.stream(load(u) for u in backward_units)
         _, norm_masters, norm_moments = next(loads)
         head_unit, head_masters, head_moments = next(loads)
-        norm_w = norm_masters["weight"].requires_grad_()
-        head_w = head_masters["weight"].to(self.dtype).requires_grad_()
+        norm_w = norm_masters["weight"].requires_grad_(not lora)
+        head_w = head_masters["weight"].to(self.dtype).requires_grad_(not lora)
         loss_sum = 0.0
         grads = []
         for m in micro_range:
@@ -250,55 +311,69 @@ class StreamingEngine:
             normed.backward(grad_normed)
             grads.append(h.grad)
         del hidden
-        self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, step, lr)
-        head_grad = head_w.grad.float()
+        head_grad = None
+        if not lora:
+            self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, step, lr)
+            head_grad = head_w.grad.float()
+            if head_unit == "head":
+                self._apply_update("head", head_masters, {"weight": head_grad}, head_moments, step, lr)
+                head_grad = None
         del head_w
-        if head_unit == "head":
-            self._apply_update("head", head_masters, {"weight": head_grad}, head_moments, step, lr)
-            head_grad = None
 
         # Blocks, last to first: replay from the stashed input with the saved RNG state, backprop, update.
         for _ in range(cfg.n_layers):
             unit, masters, moments = next(loads)
             layer = int(unit.split(".")[1])
-            leaves = {}
-            for name, master in masters.items():
-                weight = quantize_weight(master) if self.layout.is_ternary(unit, name) else master
-                leaves[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32).requires_grad_()
+            if lora:
+                leaves = masters  # frozen base tensors
+                params = self._block_params(layer, masters, trainable_adapters=True)
+            else:
+                leaves = {n: t.requires_grad_() for n, t in self._compute_weights(unit, masters).items()}
+                params = leaves
             for m in micro_range:
                 x = self.stash.pop((layer, m)).requires_grad_()
                 generator = None
-                if opts.dropout > 0:
+                if (layer, m) in rng_states:
                     generator = torch.Generator(device=self.device)
                     generator.set_state(rng_states.pop((layer, m)))
                 with torch.enable_grad():
-                    out = block_forward(leaves, x, cfg, cos, sin, quantize=self.quantize,
+                    out = block_forward(params, x, cfg, cos, sin, quantize=quantize,
                                         dropout_p=opts.dropout, generator=generator)
                 out.backward(grads[m])
                 grads[m] = x.grad
                 del out, x
-            # Straight-through: dL/dW_q is the gradient of the shadow weight.
-            self._apply_update(unit, masters, {n: leaf.grad.float() for n, leaf in leaves.items()}, moments, step, lr)
-            del leaves
+            if lora:
+                self.adapters.update(layer, {k: v for k, v in params.items() if k.endswith(".lora")},
+                                     step, opts.optim, lr)
+            else:
+                # Straight-through: dL/dW_q is the gradient of the shadow weight.
+                grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}
+                self._apply_update(unit, masters, grads_by_name, moments, step, lr)
+            del leaves, params
 
         # Embedding: scatter the token gradients (plus the tied head's gradient) and update.
-        if head_unit == "head":
-            _, embed_masters, embed_moments = next(loads)
+        if not lora:
+            if head_unit == "head":
+                _, embed_masters, embed_moments = next(loads)
+            else:
+                embed_masters, embed_moments = head_masters, head_moments
+            embed_grad = torch.zeros_like(embed_masters["weight"]) if head_grad is None else head_grad
+            for m in micro_range:
+                embed_grad.index_add_(0, ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
+            self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, step, lr)
+            self.writer.commit(step, commit_extra)
         else:
-            embed_masters, embed_moments = head_masters, head_moments
-        embed_grad = torch.zeros_like(embed_masters["weight"]) if head_grad is None else head_grad
-        for m in micro_range:
-            embed_grad.index_add_(0, ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
-        self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, step, lr)
+            self.adapters.save(self.options.adapter_dir, step, commit_extra, base_model=self.store.path)
 
-        self.writer.commit(step, commit_extra)
         self.step = step
         self.stash.clear()
-        wait = self.prefetcher.wait_seconds + self.writer.wait_seconds - wait_before
         return StepStats(step=step, loss=loss_sum, tokens=n_tokens, wall_s=time.perf_counter() - started,
-                         io_wait_s=wait, bytes_read=self.store.bytes_read - read_before,
+                         io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
                          bytes_written=self.store.bytes_written - written_before, peak_rss=peak_rss_bytes(),
                          spilled_bytes=self.stash.spilled_bytes)
+
+    def _wait_seconds(self) -> float:
+        return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)
 
     def _apply_update(self, unit, masters, grads, moments, step, lr):
         for name, master in masters.items():

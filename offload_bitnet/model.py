@@ -87,19 +87,32 @@ def dropout_generator(seed: int, step: int, micro: int, layer: int, device) -> t
     return generator
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, quantize_input: bool) -> torch.Tensor:
-    if quantize_input:
+def linear(x: torch.Tensor, weight: torch.Tensor, quantize: float) -> torch.Tensor:
+    """``x W^T``; with ``quantize`` the input is fake-quantized to 8 bits (BitLinear). A fraction below 1 mixes
+    x + quantize * (Q(x) - x), for a gradual switch to quantization."""
+    if quantize == 1:
         x = ste_quantize_activation(x)
+    elif quantize:
+        x = x + quantize * (ste_quantize_activation(x) - x)
     return F.linear(x, weight)
 
 
-def attention(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: bool,
+def project(params: dict, name: str, x: torch.Tensor, quantize: float, generator=None) -> torch.Tensor:
+    """One projection of a block, plus its LoRA adapter when ``params`` holds one under ``name + ".lora"``."""
+    y = linear(x, params[name], quantize)
+    adapter = params.get(name + ".lora")
+    if adapter is not None:
+        y = y + adapter(x, generator)
+    return y
+
+
+def attention(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: float,
               attn_dropout: float = 0.0, generator=None, kv_cache=None, attn_mask=None) -> torch.Tensor:
     """Grouped-query causal self-attention. ``kv_cache`` (a dict) is extended in place when given."""
     batch, seq, _ = x.shape
-    q = linear(x, params["q_proj"], quantize).view(batch, seq, config.n_heads, config.head_dim).transpose(1, 2)
-    k = linear(x, params["k_proj"], quantize).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
-    v = linear(x, params["v_proj"], quantize).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
+    q = project(params, "q_proj", x, quantize, generator).view(batch, seq, config.n_heads, config.head_dim).transpose(1, 2)
+    k = project(params, "k_proj", x, quantize, generator).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
+    v = project(params, "v_proj", x, quantize, generator).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
         if "k" in kv_cache:
@@ -123,29 +136,31 @@ def attention(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, q
     out = out.transpose(1, 2).reshape(batch, seq, config.n_heads * config.head_dim)
     if config.arch == "bitnet":
         out = rms_norm(out, params["attn_sub_norm"], config.norm_eps)
-    return linear(out, params["o_proj"], quantize)
+    return project(params, "o_proj", out, quantize, generator)
 
 
-def mlp(params: dict, x: torch.Tensor, config: ModelConfig, *, quantize: bool) -> torch.Tensor:
-    gate = linear(x, params["gate_proj"], quantize)
-    up = linear(x, params["up_proj"], quantize)
+def mlp(params: dict, x: torch.Tensor, config: ModelConfig, *, quantize: float, generator=None) -> torch.Tensor:
+    gate = project(params, "gate_proj", x, quantize, generator)
+    up = project(params, "up_proj", x, quantize, generator)
     if config.arch == "bitnet":
         hidden = rms_norm(F.relu(gate).square() * up, params["ffn_sub_norm"], config.norm_eps)
     else:
         hidden = F.silu(gate) * up
-    return linear(hidden, params["down_proj"], quantize)
+    return project(params, "down_proj", hidden, quantize, generator)
 
 
-def block_forward(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: bool,
+def block_forward(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: float,
                   dropout_p: float = 0.0, generator: torch.Generator | None = None,
                   kv_cache=None, attn_mask=None) -> torch.Tensor:
-    """One pre-norm decoder block. Dropout (attention probabilities and both residual branches) is active
-    only when a ``generator`` is given, i.e. in training."""
+    """One pre-norm decoder block. ``quantize``: 1 (or True) for BitLinear projections, 0 for plain ones.
+    Dropout (attention probabilities, both residual branches, LoRA inputs) is active only when a
+    ``generator`` is given, i.e. in training."""
     h = rms_norm(x, params["input_layernorm"], config.norm_eps)
     h = attention(params, h, config, cos, sin, quantize=quantize, attn_dropout=dropout_p, generator=generator,
                   kv_cache=kv_cache, attn_mask=attn_mask)
     x = x + dropout(h, dropout_p, generator)
-    h = mlp(params, rms_norm(x, params["post_attention_layernorm"], config.norm_eps), config, quantize=quantize)
+    h = mlp(params, rms_norm(x, params["post_attention_layernorm"], config.norm_eps), config, quantize=quantize,
+            generator=generator)
     return x + dropout(h, dropout_p, generator)
 
 

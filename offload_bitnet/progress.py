@@ -13,14 +13,18 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Prints ``label done/total note, elapsed, ETA`` on one line, rewritten in place on a terminal."""
+    """Prints ``label done/total note, elapsed, ETA`` on one line, rewritten in place on a terminal.
 
-    def __init__(self, total: int, label: str, stream=None):
+    Into a log file it writes a line at most every ``log_interval`` seconds (and the last one)."""
+
+    def __init__(self, total: int, label: str, stream=None, log_interval: float = 5.0):
         self.total = total
         self.label = label
         self.stream = stream or sys.stderr
         self.started = time.perf_counter()
         self.done = 0
+        self.log_interval = log_interval
+        self._last_logged = None
 
     def update(self, done: int | None = None, note: str = ""):
         self.done = self.done + 1 if done is None else done
@@ -30,6 +34,8 @@ class Progress:
                 f"[{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}]")
         if self.stream.isatty():
             self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
-        else:
+        elif self._last_logged is None or self.done >= self.total or \
+                time.perf_counter() - self._last_logged >= self.log_interval:
+            self._last_logged = time.perf_counter()
             self.stream.write(line + "\n")
         self.stream.flush()

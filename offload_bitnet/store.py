@@ -247,6 +247,19 @@ class BlockStore:
             self.bytes_read += len(data)
         return decode_safetensors(data, f"{file_path} ({unit} {part})")
 
+    def verify_all(self, progress=None) -> list[str]:
+        """Check size and checksum of every committed file; returns one line per problem (empty: all good)."""
+        problems = []
+        entries = [(unit, part) for unit, parts in self.manifest["files"].items() for part in parts]
+        for index, (unit, part) in enumerate(entries):
+            try:
+                self.read(unit, part)
+            except StoreError as error:
+                problems.append(str(error))
+            if progress:
+                progress(index + 1, len(entries), f"{unit} {part}")
+        return problems
+
     # ------------------------------------------------------------------ writing
     def write(self, unit: str, part: str, tensors: dict[str, torch.Tensor], step: int):
         """Write a new version of one part of one unit, for ``step``; visible to reads at once, durable

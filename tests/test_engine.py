@@ -97,3 +97,22 @@ def test_step_stats_report_io_and_memory(tmp_path):
     assert stats.bytes_read > 0 and stats.bytes_written > 0 and stats.peak_rss > 0
     assert 0 <= stats.io_wait_s <= stats.wall_s
     assert "loss" in stats.line() and "peak_rss" in stats.line()
+
+
+def test_quant_warmup_mix_spans_full_precision_to_ternary(tmp_path):
+    path = create_model(str(tmp_path / "m"), size="demo", arch="bitnet", n_layers=2, shadow_dtype="fp32")
+    ids = torch.randint(0, 256, (2, 12))
+    engine = StreamingEngine(BlockStore(path, writable=True))
+    ternary_loss = engine.loss(ids)
+    reference = InMemoryModel.from_store(engine.store)
+    reference.mode = "full"  # the same shadow weights, no quantization
+    full_logits = reference.logits(ids)
+    engine.quant_mix = 0.0
+    assert torch.allclose(engine.logits(ids), full_logits, atol=1e-5)
+    engine.quant_mix = 1.0
+    assert engine.loss(ids) == ternary_loss
+    stats = engine.train_step([(ids, None)], quant_mix=0.5)
+    assert stats.step == 1 and engine.quant_mix == 0.5
+    with pytest.raises(ValueError, match="quant_mix"):
+        engine.train_step([(ids, None)], quant_mix=1.5)
+    engine.close()

@@ -7,6 +7,6 @@ setup(
     packages=find_packages(include=["offload_bitnet", "offload_bitnet.*"]),
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "safetensors", "sentencepiece", "psutil", "crc32c"],
-    extras_require={"test": ["pytest", "transformers", "gguf"]},
+    extras_require={"test": ["pytest", "transformers", "gguf", "accelerate", "peft", "matplotlib"]},
     entry_points={"console_scripts": ["offload-bitnet=offload_bitnet.cli:main"]},
 )

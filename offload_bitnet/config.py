@@ -116,22 +116,23 @@ def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-# Named sizes. 7B/13B/34B/70B are the published LLaMA-2 / Code Llama shapes; the others follow the rule
-# "head_dim 128 (64 below 1B), n_kv_heads = n_heads/4 above 13B, hidden from Meta's 2/3*4*dim rule".
+# Named sizes (vocab 32000 unless overridden). 7B/13B/34B/70B are the published LLaMA-2 / Code Llama shapes;
+# 1B and 3B are Llama-3.2's shapes. The others follow one rule: head_dim 128 (64 at 350M), GQA with 8-16
+# KV heads from 1B up, SwiGLU width about 2.7x dim, depth and width chosen so the count is within ~6% of the name.
 SIZES: dict[str, dict] = {
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=260, max_seq_len=512,
                  bos_id=256, eos_id=257, pad_id=258),
     "tiny": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=704, vocab_size=260, max_seq_len=1024,
                  bos_id=256, eos_id=257, pad_id=258),
-    "350M": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, multiple_of=256),
-    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256),
-    "3B": dict(dim=3200, n_layers=26, n_heads=32, n_kv_heads=32, hidden_dim=8640),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, hidden_dim=2816),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192),
+    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192),
     "7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
     "13B": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
     "34B": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, hidden_dim=22016, rope_theta=1e6),
     "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
-    "100B": dict(dim=10240, n_layers=80, n_heads=80, n_kv_heads=8, hidden_dim=27648),
-    "300B": dict(dim=16384, n_layers=96, n_heads=128, n_kv_heads=16, hidden_dim=43008),
+    "100B": dict(dim=11264, n_layers=80, n_heads=88, n_kv_heads=8, hidden_dim=30720),
+    "300B": dict(dim=16384, n_layers=96, n_heads=128, n_kv_heads=16, hidden_dim=53248),
 }
 
 

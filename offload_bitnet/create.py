@@ -38,6 +38,7 @@ def write_store(path: str, config: ModelConfig, units: Iterable[tuple[str, dict[
             for part, part_tensors in layout.encode(unit, tensors).items():
                 store.write(unit, part, part_tensors, 0)
             seen.add(unit)
+            del tensors  # hold one unit at a time, not this one while the source produces the next
             if progress:
                 progress(index + 1, len(expected), unit)
         missing = [u for u in expected if u not in seen]

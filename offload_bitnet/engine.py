@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .faults import fault_point
 from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
 from .model import block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
-from .store import BlockStore, block_unit
+from .store import BlockStore, block_unit, encoded_size
 from .streams import ActivationStash, Prefetcher, WriteBehind
 from .ternary import quantize_weight
 
@@ -83,8 +84,8 @@ class StepStats:
     tokens: int
     wall_s: float
     io_wait_s: float
-    bytes_read: int
-    bytes_written: int
+    bytes_read: int      # read from disk during the step (units served from the write-behind buffer are free)
+    bytes_written: int   # the size of the files this step writes (the writes finish in the background)
     peak_rss: int
     spilled_bytes: int = 0
 
@@ -138,7 +139,10 @@ class StreamingEngine:
                 self.adapters = AdapterSet(self.config, self.options.lora)
             self.step = self.adapters.step
         self.prefetcher = Prefetcher(self.options.prefetch_depth)
-        self.writer = WriteBehind(store, self.options.max_pending_writes) if store.writable else None
+        self.writer = None
+        if store.writable and self.options.lora is None:
+            store.check_free_space()
+            self.writer = WriteBehind(store, self.options.max_pending_writes)
         self.stash = ActivationStash(self.options.activation_budget_bytes, os.path.join(store.path, "scratch"))
 
     # ------------------------------------------------------------------ loading
@@ -169,6 +173,7 @@ class StreamingEngine:
     def _forward_job(self, unit: str):
         """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up)."""
         def job():
+            fault_point("prefetch")
             weights = self._read(unit, "weights")
             if self.quant_mix != 1 and self._needs_shadow(unit):
                 masters = self.layout.masters(unit, weights, self._read(unit, "shadow"), self.device)
@@ -256,7 +261,8 @@ class StreamingEngine:
                 raise ValueError(f"quant_mix must be in [0, 1], got {quant_mix}")
             self.quant_mix = float(quant_mix)
         started = time.perf_counter()
-        read_before, written_before = self.store.bytes_read, self.store.bytes_written
+        read_before = self.store.bytes_read
+        self._submitted_bytes = 0
         wait_before = self._wait_seconds()
         step = self.step + 1
         ids = [batch[0].to(self.device) for batch in micro_batches]
@@ -266,7 +272,11 @@ class StreamingEngine:
             raise ValueError("no token in this batch has a target")
         cfg, opts = self.config, self.options
         quantize = self.quantize * self.quant_mix
-        cos, sin = rope_tables(cfg, torch.arange(ids[0].shape[1], device=self.device), self.dtype)
+        tables = {}  # rope tables per sequence length: micro-batches may differ in length
+        for batch_ids in ids:
+            length = batch_ids.shape[1]
+            if length not in tables:
+                tables[length] = rope_tables(cfg, torch.arange(length, device=self.device), self.dtype)
         micro_range = range(len(ids))
 
         # Forward: embed, then every block for all micro-batches while it is loaded.
@@ -285,6 +295,7 @@ class StreamingEngine:
                     generator = self._block_generator(step, m, layer)
                     if generator is not None:
                         rng_states[(layer, m)] = generator.get_state()
+                    cos, sin = tables[ids[m].shape[1]]
                     hidden[m] = block_forward(params, hidden[m], cfg, cos, sin, quantize=quantize,
                                               dropout_p=opts.dropout, generator=generator)
                 del tensors, params
@@ -336,6 +347,7 @@ class StreamingEngine:
                 if (layer, m) in rng_states:
                     generator = torch.Generator(device=self.device)
                     generator.set_state(rng_states.pop((layer, m)))
+                cos, sin = tables[ids[m].shape[1]]
                 with torch.enable_grad():
                     out = block_forward(params, x, cfg, cos, sin, quantize=quantize,
                                         dropout_p=opts.dropout, generator=generator)
@@ -369,18 +381,20 @@ class StreamingEngine:
         self.stash.clear()
         return StepStats(step=step, loss=loss_sum, tokens=n_tokens, wall_s=time.perf_counter() - started,
                          io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
-                         bytes_written=self.store.bytes_written - written_before, peak_rss=peak_rss_bytes(),
+                         bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
                          spilled_bytes=self.stash.spilled_bytes)
 
     def _wait_seconds(self) -> float:
         return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)
 
     def _apply_update(self, unit, masters, grads, moments, step, lr):
+        fault_point("update")
         for name, master in masters.items():
             exp_avg, exp_avg_sq = moments[name]
             adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, step, self.options.optim, lr)
         parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
         parts["optim"] = self.layout.encode_moments(moments)
+        self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
         self.writer.write(unit, parts, step)
 
     def flush(self):

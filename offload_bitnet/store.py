@@ -16,10 +16,12 @@ The store knows files, checksums and commits; it knows nothing about training.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ import torch
 from crc32c import crc32c
 
 from .config import ModelConfig
+from .faults import fault_point
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -81,7 +84,8 @@ _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 def encode_safetensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list]:
     """The safetensors header and the tensors' raw bytes as buffers (no copy of the data)."""
     header, buffers, offset = {}, [], 0
-    for name in sorted(tensors):
+    # Widest dtypes first, as the safetensors library does, so every tensor stays aligned to its element size.
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
         tensor = tensors[name].detach().to("cpu").contiguous()
         raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
@@ -91,6 +95,12 @@ def encode_safetensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list]:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, buffers
+
+
+def encoded_size(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes ``encode_safetensors`` produces for ``tensors`` (header included), without copying data."""
+    header, buffers = encode_safetensors(tensors)
+    return len(header) + sum(len(buffer) for buffer in buffers)
 
 
 def decode_safetensors(data, origin: str) -> dict[str, torch.Tensor]:
@@ -115,6 +125,10 @@ def decode_safetensors(data, origin: str) -> dict[str, torch.Tensor]:
         raise StoreError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
 
 
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 def _fsync_dir(path: str):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -135,8 +149,10 @@ def write_file_atomic(path: str, *chunks) -> tuple[int, int]:
                 handle.write(chunk)
                 size += len(chunk)
                 crc = crc32c(chunk, crc)
+                fault_point("write.data")
             handle.flush()
             os.fsync(handle.fileno())
+        fault_point("write.rename")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -222,6 +238,30 @@ class BlockStore:
                 totals[part] += entry["bytes"]
         return totals
 
+    def step_write_bytes(self) -> int:
+        """About how many bytes one training step writes (every part of every unit, moments included)."""
+        state_bytes = DTYPES[self.settings.state_dtype].itemsize
+        total = 0
+        for unit in self.units:
+            parts = self.manifest["files"].get(unit, {})
+            total += sum(entry["bytes"] for entry in parts.values())
+            if "optim" not in parts:
+                total += 2 * state_bytes * self._unit_numel(unit)
+        return total
+
+    def check_free_space(self):
+        """Refuse to start a run that cannot write its first step (StoreError saying how much is needed)."""
+        needed, free = self.step_write_bytes(), shutil.disk_usage(self.path).free
+        if free < needed:
+            raise StoreError(f"not enough free disk space for training in {self.path}: a step needs about "
+                             f"{_gib(needed)} free, there is {_gib(free)}. Free some space or move the store.")
+
+    def _unit_numel(self, unit: str) -> int:
+        config = self.config
+        if unit.startswith("block."):
+            return config.block_param_count()
+        return config.dim if unit == "norm" else config.vocab_size * config.dim
+
     # ------------------------------------------------------------------ reading
     def read(self, unit: str, part: str) -> dict[str, torch.Tensor]:
         """Load one part of one unit, checking its size and checksum."""
@@ -231,6 +271,7 @@ class BlockStore:
             raise StoreError(f"store {self.path} has no {part!r} part for unit {unit!r}")
         file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
         try:
+            fault_point("read")
             with open(file_path, "rb") as handle:
                 # A private mapping: no copy out of the page cache, and in-place updates stay in this process.
                 data = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -267,7 +308,17 @@ class BlockStore:
         self._check_writable()
         header, buffers = encode_safetensors(tensors)
         name = f"{unit}.{part}.s{step:08d}.safetensors"
-        size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers)
+        try:
+            size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"disk full while writing {unit} {part} in {self.path}: a training step writes a new version of "
+                    f"every unit before deleting the old one and needs about {_gib(self.step_write_bytes())} free "
+                    f"there (free now: {_gib(shutil.disk_usage(self.path).free)}). Free some space and run the same "
+                    f"command again; the store is still at step {self.step}.") from error
+            raise StoreError(f"cannot write {unit} {part} in {self.path}: {error.strerror or error}. The store is "
+                             f"still at step {self.step}; fix the disk and run the same command again.") from error
         with self._lock:
             self.bytes_written += size
             self._working.setdefault(unit, {})[part] = {"file": name, "bytes": size, "crc32c": crc}
@@ -285,9 +336,18 @@ class BlockStore:
         if extra is not None:
             manifest["extra"] = extra
         _fsync_dir(os.path.join(self.path, UNITS_DIR))
-        write_file_atomic(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        manifest_path = os.path.join(self.path, MANIFEST)
+        data = json.dumps(manifest, indent=1).encode()
+        tmp = manifest_path + ".commit.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point("commit.rename")
+        os.replace(tmp, manifest_path)
         _fsync_dir(self.path)
         self.manifest = manifest
+        fault_point("commit.cleanup")
         for stale in old_files - self._referenced_files(files):
             try:
                 os.remove(os.path.join(self.path, UNITS_DIR, stale))
@@ -308,6 +368,8 @@ class BlockStore:
             if name.endswith(".tmp"):
                 os.remove(os.path.join(self.path, name))
                 removed += 1
+        if os.path.isdir(os.path.join(self.path, "scratch")):  # activations spilled by a crashed run
+            shutil.rmtree(os.path.join(self.path, "scratch"))
         with self._lock:
             self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
         return removed

@@ -24,6 +24,15 @@ def is_store(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
+def is_complete_store(path: str) -> bool:
+    """A store whose creation or import finished (its first commit happened)."""
+    if not is_store(path):
+        return False
+    from ..store import BlockStore
+
+    return BlockStore(path).step >= 0
+
+
 def detect_format(path: str) -> str:
     """``store``, ``hf``, ``meta`` or ``gguf``; raises ValueError saying what was found otherwise."""
     if not os.path.exists(path):
@@ -55,6 +64,7 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
     from ..store import BlockStore
 
     store = BlockStore(store_path)
+    requested_source = format == "source"
     if format == "source":
         format = store.extra.get("source", {}).get("format", "hf")
     module_name = {"hf": "hf", "hf-bitnet": "hf", "meta": "meta", "gguf": "gguf"}.get(format)
@@ -63,6 +73,8 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
     module = importlib.import_module(f".{module_name}", __name__)
     if format == "hf-bitnet":
         options.setdefault("bitnet", True)
+    elif format == "hf" and module_name == "hf" and not requested_source:
+        options.setdefault("source", False)  # "hf" means the generic LlamaForCausalLM, whatever the origin
     return module.export_from_store(store, out_dir, **options)
 
 
@@ -79,7 +91,7 @@ def ensure_store(path: str, settings: StoreSettings | None = None, progress: boo
     if detect_format(path) == "store":
         return path
     target = default_store_dir(path)
-    if is_store(target):
+    if is_complete_store(target):
         return target
     if os.path.isdir(target):  # an import that was interrupted
         import shutil

@@ -1,0 +1,746 @@
+"""The fine-tuning loop behind ``finetune.py``: prepare a store, load data, step the streaming engine,
+evaluate, report, stop cleanly and resume exactly.
+
+Run folder ``RUNS_DIR/EXPERIMENT/``::
+
+    store/          the model being trained (created or imported here; a MODEL that is a store trains in place)
+    run.json        what the run was made from (checked when re-running the same experiment)
+    metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
+
+Resuming: each optimizer step commits, atomically with the weights, ``manifest["extra"]["train_state"]``:
+the run it belongs to, the step, the data position (examples consumed), the lr and weight decay used and
+the settings that determine the result. Everything random is a function of (seed, step): batches come from
+seeded per-epoch shuffles (``data.BatchOrder``) and dropout masks from (seed, step, micro-batch, layer), so
+re-running the same command continues from the last committed step bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+import traceback
+
+import torch
+
+from . import data as datalib
+from .config import ConfigError, config_for_size
+from .engine import EngineOptions, StreamingEngine
+from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
+from .optim import AdamWConfig
+from .progress import format_seconds
+from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
+from .schedule import make_schedule
+from .store import BlockStore, StoreError, StoreSettings
+
+STATE_KEY = "train_state"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Settings a resumed run may change without changing what the finished run computes... except its length,
+# which re-plans the schedule from the current step on (said so when it happens).
+LENGTH_KEYS = ("num_epochs", "num_train_iters")
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+def say(message: str = ""):
+    print(message, flush=True)
+
+
+def mib(count: float) -> str:
+    return f"{count / 2**20:.1f}MiB"
+
+
+def human_bytes(count: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+@dataclasses.dataclass
+class RunPaths:
+    """Where a run keeps its files."""
+
+    run_dir: str
+    store_dir: str
+    origin: str            # "demo" (created here), "import" (imported here) or "store" (trained in place)
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    @property
+    def status(self) -> str:
+        return os.path.join(self.run_dir, "status.json")
+
+    @property
+    def plot(self) -> str:
+        return os.path.join(self.run_dir, "loss.png")
+
+    @property
+    def run_json(self) -> str:
+        return os.path.join(self.run_dir, "run.json")
+
+
+def resolve_paths(config: RunConfig) -> RunPaths:
+    """The run folder and the store a run trains."""
+    run_dir = os.path.abspath(config.run_dir)
+    if config.is_demo:
+        return RunPaths(run_dir, os.path.join(run_dir, "store"), "demo")
+    from .formats import detect_format
+
+    if detect_format(config.model) == "store":  # raises a clear ValueError for anything unreadable
+        return RunPaths(run_dir, os.path.abspath(config.model), "store")
+    return RunPaths(run_dir, os.path.join(run_dir, "store"), "import")
+
+
+def store_is_complete(path: str) -> bool:
+    """A store whose creation or import finished (its first commit made step 0)."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as handle:
+            return json.load(handle).get("step", -1) >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def source_label(config: RunConfig) -> str:
+    return f"new {config.size} BitNet model (seed {config.seed})" if config.is_demo else os.path.abspath(config.model)
+
+
+def clear_run(paths: RunPaths):
+    """Remove what a previous run left in the run folder (and a store made there, never one trained in place)."""
+    for path in (paths.metrics, paths.status, paths.plot, paths.run_json):
+        if os.path.exists(path):
+            os.remove(path)
+    if paths.origin != "store" and os.path.isdir(paths.store_dir):
+        shutil.rmtree(paths.store_dir)
+
+
+def prepare_store(config: RunConfig, paths: RunPaths) -> None:
+    """Create (demo) or import the store into the run folder unless a finished one is already there."""
+    os.makedirs(paths.run_dir, exist_ok=True)
+    if config.restart:
+        if paths.origin == "store":
+            say(f"--restart: training already written into {paths.store_dir} cannot be undone; "
+                "a new run starts from its current weights")
+        else:
+            say(f"--restart: removing the previous run in {paths.run_dir}")
+        clear_run(paths)
+    recorded = read_json(paths.run_json)
+    if recorded and recorded.get("source") != source_label(config):
+        raise TrainError(f"the run folder {paths.run_dir} belongs to a run of {recorded.get('source')}, not "
+                         f"{source_label(config)}. Choose another name with --experiment NAME, or pass --restart "
+                         "to replace that run.")
+    if paths.origin != "store" and not store_is_complete(paths.store_dir):
+        if os.path.exists(paths.store_dir):
+            say(f"removing the unfinished store {paths.store_dir} (its creation or import was interrupted)")
+            shutil.rmtree(paths.store_dir)
+        if paths.origin == "demo":
+            say(f"creating a {config.size} BitNet model in {paths.store_dir} (random init, seed {config.seed}); "
+                "re-running the same command resumes this run, --restart starts it over")
+            from .create import create_model
+
+            create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.mode,
+                         state_dtype=config.state_dtype or "fp32", seed=config.seed)
+        else:
+            say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
+            from .formats import import_model
+
+            import_model(config.model, paths.store_dir, import_settings(config), progress=True)
+    if not recorded or config.restart:
+        write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,
+                                    "created": datetime.datetime.now().isoformat(timespec="seconds")})
+
+
+def import_settings(config: RunConfig) -> StoreSettings | None:
+    """Store settings for an import: the importer's defaults unless --mode or --state-dtype asks otherwise."""
+    if config.mode is None and config.state_dtype is None:
+        return None
+    mode = config.mode or guess_mode(config.model)
+    return StoreSettings(mode=mode, state_dtype=config.state_dtype or "fp32")
+
+
+def guess_mode(model_path: str) -> str:
+    """qat for a BitNet Hugging Face folder, full otherwise (the importers' own default)."""
+    config_path = os.path.join(model_path, "config.json")
+    text = open(config_path).read().lower() if os.path.isfile(config_path) else ""
+    return "qat" if "bitnet" in text else "full"
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, value: dict):
+    from .store import write_file_atomic
+
+    write_file_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def check_store_settings(config: RunConfig, store: BlockStore):
+    """Mode and optimizer-state dtype are fixed when a store is made; refuse a request to change them."""
+    for name, wanted, actual in (("mode", config.mode, store.settings.mode),
+                                 ("state_dtype", config.state_dtype, store.settings.state_dtype)):
+        if wanted is not None and wanted != actual:
+            raise TrainError(f"{config.describe(name)} differs from the store's {name} {actual!r} "
+                             f"({store.path}); it is fixed when a store is created or imported. Drop the option, "
+                             "or train a fresh import under a new --experiment NAME.")
+
+
+def default_lr(config: RunConfig, store: BlockStore) -> float:
+    if config.lr is not None:
+        return config.lr
+    return 1e-4 if store.settings.mode == "qat" else 2e-5
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+class Stopper:
+    """Turns SIGINT/SIGTERM and the time limits into a request to stop at the next step boundary."""
+
+    def __init__(self, config: RunConfig):
+        self.requested: str | None = None
+        self.signal_number: int | None = None
+        self.deadline = None
+        now = time.time()
+        if config.max_hours is not None:
+            self.deadline = now + config.max_hours * 3600
+        if config.until is not None:
+            hour, minute = map(int, config.until.split(":"))
+            target = datetime.datetime.now().replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if target.timestamp() <= now:
+                target += datetime.timedelta(days=1)
+            self.deadline = min(self.deadline or math.inf, target.timestamp())
+        self._previous = {}
+
+    def install(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def restore(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now; the store stays at its last committed step
+        self.signal_number = number
+        self.requested = signal.Signals(number).name
+        print(f"\n{self.requested} received: finishing the current step, then stopping "
+              "(Ctrl-C again to abort at once; the store keeps its last committed step)", flush=True)
+
+    def reason(self, next_step_seconds: float) -> str | None:
+        """Why to stop before the next step, or None."""
+        if self.requested:
+            return self.requested
+        if self.deadline is not None and time.time() + next_step_seconds > self.deadline:
+            return "time limit"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One fine-tuning run over an open engine."""
+
+    def __init__(self, config: RunConfig, engine: StreamingEngine, paths: RunPaths, resume_command: str):
+        self.config = config
+        self.engine = engine
+        self.store = engine.store
+        self.paths = paths
+        self.resume_command = resume_command
+        self.metrics = MetricsLog(paths.metrics)
+        from .tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.store.path, self.store.extra.get("tokenizer"))
+        self.pad_id = datalib.pad_value(self.tokenizer)
+        self.dataset = load_data(config, self.tokenizer, self.store.config.vocab_size)
+        self.lr = default_lr(config, self.store)
+        self.total_steps = total_steps(config, self.dataset)
+        self.schedule = make_schedule(config.schedule, self.lr, self.total_steps, config.warmup_fraction,
+                                      config.eta_min, config.weight_decay, config.stage2_lr_fraction)
+        self.order = datalib.BatchOrder(len(self.dataset.train), config.batch_size, config.seed)
+        self.fingerprint = dict(resume_fingerprint(config), lr=self.lr,
+                                data_sha256=files_digest(config.data + config.val_data))
+        self.chat = "chat" in self.dataset.stats.kinds  # prompts become user turns, like the training data
+        for prompt in config.prompts:  # fail now, not after hours of training
+            length = len(encode_prompt(self.tokenizer, prompt, self.chat))
+            if length >= self.store.config.max_seq_len:
+                raise TrainError(f"the prompt {prompt[:40]!r}... has {length} tokens; the model's context is "
+                                 f"{self.store.config.max_seq_len}. Shorten it.")
+
+    # ------------------------------------------------------------------ resume state
+    # Where the committed step and its extra live: the store's manifest. (A trainer whose engine commits
+    # elsewhere, as LoRA adapters do, overrides these two.)
+    def committed_step(self) -> int:
+        return self.store.step
+
+    def committed_extra(self) -> dict:
+        return self.store.extra
+
+    def initial_state(self) -> dict:
+        """The saved state of this run (resuming) or a fresh one starting at the store's current step."""
+        saved = self.committed_extra().get(STATE_KEY)
+        step_now = self.committed_step()
+        fresh = {"run_dir": self.paths.run_dir, "base_step": step_now, "step": 0, "examples_seen": 0,
+                 "fingerprint": self.fingerprint}
+        if not saved or self.config.restart:
+            return fresh
+        if saved.get("run_dir") != self.paths.run_dir:
+            say(f"note: {self.store.path} was last trained by the run in {saved.get('run_dir')} "
+                f"(step {step_now}); starting a new run from its current weights")
+            return fresh
+        done = step_now - saved["base_step"]
+        if done != saved.get("step"):
+            raise TrainError(f"the store {self.store.path} is at step {step_now}, but its run state says "
+                             f"{saved['base_step']} + {saved.get('step')}: it was changed outside this run. "
+                             "Pass --restart to start a new run on its current weights.")
+        self.check_fingerprint(saved.get("fingerprint", {}))
+        return dict(saved, fingerprint=self.fingerprint)
+
+    def check_fingerprint(self, saved: dict):
+        changed = [key for key, value in self.fingerprint.items()
+                   if key not in LENGTH_KEYS and saved.get(key, value) != value]
+        if changed:
+            details = "; ".join("the data files' contents changed" if key == "data_sha256" else
+                                f"{key}: was {saved[key]!r}, now {self.fingerprint[key]!r}" for key in changed)
+            raise TrainError(f"this run in {self.paths.run_dir} was started with different settings ({details}), so "
+                             "resuming would not continue the same run. Re-run with the original settings, pass "
+                             "--restart to start over, or use a new --experiment NAME.")
+        if any(saved.get(key) != self.fingerprint[key] for key in LENGTH_KEYS if key in saved):
+            say(f"note: the run length changed; the schedule is re-planned for {self.total_steps} steps from here on")
+
+    def state_after(self, state: dict, step: int, lr: float, weight_decay: float, tokens: int) -> dict:
+        """What ``commit_extra`` records with step ``step`` (atomically with its weights)."""
+        return dict(state, step=step, examples_seen=step * self.config.batch_size,
+                    epoch=round(self.order.epoch_at(step), 6), lr=lr, weight_decay=weight_decay,
+                    total_steps=self.total_steps, tokens_seen=state.get("tokens_seen", 0) + tokens,
+                    optimizer_step=state["base_step"] + step, finished=step >= self.total_steps)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        config, engine = self.config, self.engine
+        state = self.initial_state()
+        start = state["step"]
+        if start >= self.total_steps:
+            return self.already_finished(state)
+        if start == 0:
+            self.metrics.clear()
+        else:
+            dropped = self.metrics.truncate_after(start)
+            say(f"resuming {self.paths.run_dir} at step {start}/{self.total_steps} (store step {self.committed_step()})"
+                + (f"; dropped {dropped} metric records of uncommitted steps" if dropped else ""))
+        self.print_header()
+        # commit_extra replaces the manifest's extra wholesale: carry the rest (source, tokenizer) along.
+        base_extra = {k: v for k, v in self.committed_extra().items() if k != STATE_KEY}
+        stopper = Stopper(config)
+        stopper.install()
+        session_started = time.perf_counter()
+        step_times: list[float] = []
+        stop_reason = None
+        last_eval_step = last_generate_step = None
+        try:
+            for index in range(start, self.total_steps):
+                expected = (sum(step_times[-5:]) / len(step_times[-5:])) if step_times else 0.0
+                stop_reason = stopper.reason(expected)
+                if stop_reason:
+                    break
+                step = index + 1
+                batch = [self.dataset.train[i] for i in self.order.indices(index)]
+                micro = datalib.micro_batches(batch, config.grad_accum, self.pad_id)
+                lr, weight_decay = self.schedule.lr(step), self.schedule.weight_decay_at(step)
+                engine.options.optim.weight_decay = weight_decay  # read by every AdamW update of this step
+                tokens = sum(int((labels[:, 1:] != datalib.IGNORE_INDEX).sum()) for _, labels in micro)
+                began = time.perf_counter()
+                state = self.state_after(state, step, lr, weight_decay, tokens)
+                stats = engine.train_step(micro, lr=lr, commit_extra={**base_extra, STATE_KEY: state})
+                step_times.append(time.perf_counter() - began)
+                if not math.isfinite(stats.loss):
+                    engine.flush()
+                    raise TrainError(f"the loss became {stats.loss} at step {step} (lr {lr:.3g}); lower --lr, or "
+                                     "check the data. The store holds the weights of this step; --restart starts over.")
+                self.record_step(step, stats, lr, weight_decay, step_times, session_started)
+                if config.eval_every and step % config.eval_every == 0 and self.dataset.val:
+                    self.evaluate(step)
+                    last_eval_step = step
+                if config.generate_every and step % config.generate_every == 0 and config.prompts:
+                    self.generate(step)
+                    last_generate_step = step
+            engine.flush()
+        finally:
+            stopper.restore()
+        finished = stop_reason is None
+        last_step = state["step"]
+        if finished:
+            if self.dataset.val and last_eval_step != last_step:
+                self.evaluate(last_step)
+            if config.prompts and last_generate_step != last_step:
+                self.generate(last_step)
+        self.write_status(last_step, "finished" if finished else f"stopped ({stop_reason})")
+        self.draw_plot()
+        if finished and config.export_path:
+            self.export()
+        self.print_summary(finished)
+        if finished:
+            return EXIT_OK
+        say(f"stopped at step {last_step}/{self.total_steps} ({stop_reason}); the store is saved at that step.")
+        say(f"resume with: {self.resume_command}")
+        return EXIT_OK if stop_reason == "time limit" else 128 + (stopper.signal_number or 2)
+
+    # ------------------------------------------------------------------ reporting
+    def print_header(self):
+        config, store = self.config, self.store
+        say(self.dataset.summary())
+        for note in self.dataset.stats.notes(config.max_seq_len):
+            say(f"note: {note}")
+        if not self.dataset.val:
+            say("note: no validation set (--val-fraction 0, --val-data not given, or a single example)")
+        if config.max_seq_len > store.config.max_seq_len:
+            say(f"note: max_seq_len {config.max_seq_len} exceeds the model's trained context "
+                f"({store.config.max_seq_len} tokens)")
+        epochs = self.order.epoch_at(self.total_steps)
+        say(f"model: {store.config.arch}, {store.config.param_count():,} parameters, mode {store.settings.mode}, "
+            f"store {store.path}")
+        say(f"training: {self.total_steps} steps ({epochs:.2f} epochs) of {config.batch_size} sequences "
+            f"({config.grad_accum} micro-batch(es) of {config.micro_batch_size}), lr {self.lr:g} {config.schedule}"
+            f", warmup {self.schedule.warmup_steps} steps, weight decay {config.weight_decay:g}")
+
+    def record_step(self, step: int, stats, lr: float, weight_decay: float, step_times: list, session_started: float):
+        """metrics.jsonl, status.json and (every ``log_every`` steps) the progress line."""
+        elapsed = time.perf_counter() - session_started
+        recent = step_times[-10:]
+        eta = (sum(recent) / len(recent)) * (self.total_steps - step)
+        tokens_per_s = stats.tokens / stats.wall_s if stats.wall_s > 0 else 0.0
+        record = {"type": "train", "step": step, "store_step": stats.step, "loss": stats.loss, "lr": lr,
+                  "weight_decay": weight_decay, "tokens": stats.tokens, "wall_s": round(stats.wall_s, 4),
+                  "compute_s": round(stats.compute_s, 4), "io_wait_s": round(stats.io_wait_s, 4),
+                  "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
+                  "spilled_bytes": stats.spilled_bytes, "epoch": round(self.order.epoch_at(step), 4),
+                  "time": round(time.time(), 3)}
+        self.metrics.append(record)
+        if step % self.config.log_every == 0 or step == self.total_steps or step == 1:
+            say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e} | {stats.tokens} tok "
+                f"{tokens_per_s:,.0f} tok/s | {stats.wall_s:.2f}s (compute {stats.compute_s:.2f}s, io wait "
+                f"{stats.io_wait_s:.2f}s) | read {mib(stats.bytes_read)} written {mib(stats.bytes_written)} | "
+                f"peak RSS {mib(stats.peak_rss)} | ETA {format_seconds(eta)}")
+        self.write_status(step, "training", loss=stats.loss, lr=lr, eta_s=round(eta, 1), elapsed_s=round(elapsed, 1))
+
+    def write_status(self, step: int, phase: str, **values):
+        write_status(self.paths.status, {"phase": phase, "step": step, "total_steps": self.total_steps,
+                                         "store": self.store.path, "store_step": self.store.step,
+                                         "updated": datetime.datetime.now().isoformat(timespec="seconds"), **values})
+
+    def evaluate(self, step: int) -> float:
+        """Token-weighted validation loss over the validation batches; logged with its perplexity."""
+        total, count = 0.0, 0
+        began = time.perf_counter()
+        for ids, labels in datalib.eval_batches(self.dataset.val, self.config.eval_batch_size, self.pad_id,
+                                                self.config.eval_max_batches):
+            targets = int((labels[:, 1:] != datalib.IGNORE_INDEX).sum())
+            total += self.engine.loss(ids, labels) * targets
+            count += targets
+        loss = total / count
+        self.metrics.append({"type": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss),
+                             "tokens": count, "seconds": round(time.perf_counter() - began, 3)})
+        say(f"validation at step {step}: loss {loss:.4f} perplexity {perplexity(loss):.2f} "
+            f"({count} tokens, {time.perf_counter() - began:.1f}s)")
+        return loss
+
+    def generate(self, step: int):
+        """Generate from each prompt with offload_bitnet.generate (when this version has it)."""
+        texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
+                                 self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
+        if texts is None:
+            return
+        for prompt, text in zip(self.config.prompts, texts):
+            self.metrics.append({"type": "sample", "step": step, "prompt": prompt, "text": text})
+            say(f"sample at step {step}: {prompt!r} -> {text!r}")
+
+    def draw_plot(self):
+        if not self.config.plot:
+            return
+        try:
+            say(f"loss plot: {plot_losses(self.paths.metrics, self.paths.plot, self.config.experiment_name)}")
+        except PlotUnavailable as error:
+            say(f"note: {error}")
+        except ValueError as error:
+            say(f"note: no loss plot: {error}")
+
+    def export(self):
+        from .formats import export_model
+
+        say(f"exporting to {self.config.export_path} (format {self.config.export_format})")
+        export_model(self.store.path, self.config.export_path, self.config.export_format)
+
+    def print_summary(self, finished: bool):
+        summary = summarize(self.metrics.read())
+        say("")
+        say("summary: " + ("finished" if finished else "stopped early"))
+        say(f"  steps {summary['steps']}/{self.total_steps}, {summary['tokens']:,} trained tokens, "
+            f"{format_seconds(summary['train_seconds'])} of training")
+        if summary["best_val_loss"] is not None:
+            say(f"  best validation loss {summary['best_val_loss']:.4f} (perplexity "
+                f"{perplexity(summary['best_val_loss']):.2f}) at step {summary['best_val_step']}")
+        say(f"  model store: {self.store.path}")
+        plot = f"; plot: {self.paths.plot}" if os.path.exists(self.paths.plot) else ""
+        say(f"  metrics: {self.paths.metrics}{plot}")
+        if finished and self.config.export_path:
+            say(f"  export: {self.config.export_path}")
+        if summary["first_loss"] is not None:
+            say(f"first loss {summary['first_loss']:.2f} -> last loss {summary['last_loss']:.2f}")
+
+    def already_finished(self, state: dict) -> int:
+        say(f"{self.paths.run_dir} already holds a finished run ({state['step']}/{self.total_steps} steps); "
+            "nothing to train.")
+        self.print_summary(True)
+        demo = " " if self.config.is_demo else " MODEL ... "
+        say(f"to train it from scratch again: python finetune.py{demo}--restart; to train longer: add "
+            f"--num-train-iters N (N > {self.total_steps}) or --num-epochs E")
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def load_data(config: RunConfig, tokenizer, vocab_size: int) -> datalib.Dataset:
+    """The run's dataset, checked against the model's vocabulary."""
+    options = datalib.DataOptions(max_seq_len=config.max_seq_len, data_format=config.data_format,
+                                  completion_only=not config.train_on_prompt,
+                                  skip_bad_records=config.skip_bad_records, packing=config.packing)
+    dataset = datalib.load_dataset(config.data, config.val_data, tokenizer, options, config.val_fraction, config.seed)
+    top = dataset.max_token_id()
+    if top >= vocab_size:
+        raise TrainError(f"the tokenizer produced token id {top}, but the model's vocabulary has only {vocab_size} "
+                         "entries: the store's tokenizer does not match its model")
+    return dataset
+
+
+def files_digest(paths: list[str]) -> str:
+    """SHA-256 over the data files' bytes: a resumed run must read the same data, not just the same names."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def total_steps(config: RunConfig, dataset: datalib.Dataset) -> int:
+    if config.num_train_iters is not None:
+        return config.num_train_iters
+    return dataset.steps_for_epochs(config.num_epochs if config.num_epochs is not None else 1.0, config.batch_size)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """A prompt as the model saw its training data: a user turn when it trains on chats, else plain text."""
+    if chat:
+        return datalib.chat_prompt_ids(tokenizer, prompt)
+    return tokenizer.encode(prompt, bos=getattr(tokenizer, "add_bos", True))
+
+
+def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                     memory_budget: int, chat: bool = False) -> list[str] | None:
+    """Greedy continuations of ``prompts`` from the weights committed so far; None (said why) when this
+    version has no ``offload_bitnet.generate``."""
+    try:
+        from .generate import GenerationError, Generator, SamplingOptions, decode_continuation
+    except ImportError:
+        say("note: generation skipped: this version has no offload_bitnet/generate.py")
+        return None
+    engine.flush()  # the generator reads the store: let every update of the last step reach it
+    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget)
+    try:
+        encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+        result = generator.generate(encoded, SamplingOptions(max_new_tokens=max_new_tokens, seed=seed),
+                                    stop_ids=getattr(tokenizer, "stop_ids", None), pad_id=tokenizer.pad_id)
+    except GenerationError as error:
+        say(f"note: generation skipped: {error}")
+        return None
+    finally:
+        generator.close()
+    return [decode_continuation(tokenizer, p, t) for p, t in zip(encoded, result.tokens)]
+
+
+def engine_options(config: RunConfig, store: BlockStore) -> EngineOptions:
+    return EngineOptions(device=config.device, dropout=config.dropout, seed=config.seed,
+                         activation_budget_bytes=config.memory_budget_bytes,
+                         optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
+                                           beta2=config.adam_beta2, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay))
+
+
+def check_device(device: str):
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise TrainError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def resume_command(argv: list[str], prog: str) -> str:
+    """The command that continues this run: the same arguments, without --restart."""
+    kept = [a for a in argv if a not in ("--restart", "--dry-run", "--plot-only")]
+    return f"{prog} {shlex.join(kept)}".strip()
+
+
+# ---------------------------------------------------------------------------------------------- dry run
+def measure_gflops(device: str) -> float:
+    """fp32 matmul throughput of ``device`` in GFLOP/s (a short measurement)."""
+    size, repeats = 512, 8
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / max(time.perf_counter() - began, 1e-9) / 1e9
+
+
+def plan_lines(config: RunConfig, model_config, settings: StoreSettings, disk: dict | None,
+               dataset: datalib.Dataset | None) -> list[str]:
+    """The dry-run plan: parameters, bytes on disk, bytes moved per step, peak memory and time estimates."""
+    from .engine import peak_rss_bytes
+    from .sizing import human, step_io, store_bytes
+
+    dtypes = dict(mode=settings.mode, shadow_dtype=settings.shadow_dtype, state_dtype=settings.state_dtype)
+    sizes = store_bytes(model_config, **dtypes)
+    io = step_io(model_config, **dtypes)
+    now = sum(disk.values()) if disk else sizes["total"] - sizes["optim"]
+    steps = total_steps(config, dataset) if dataset else config.num_train_iters
+    dim, layers = model_config.dim, model_config.n_layers
+    tokens = config.batch_size * config.max_seq_len
+    micro_tokens = config.micro_batch_size * config.max_seq_len
+    # Memory: every block input of the step (fp32) up to the activation budget, one block's replay graph
+    # (with T x T attention scores), the unit being updated (masters, grads, two moments, compute copy) plus
+    # the next one prefetched, and the chunked cross-entropy logits.
+    stash = layers * tokens * dim * 4
+    in_ram = min(stash, config.memory_budget_bytes)
+    replay = micro_tokens * (12 * dim + 4 * model_config.hidden_dim) * 4 + \
+        config.micro_batch_size * model_config.n_heads * config.max_seq_len ** 2 * 4 * 2
+    working = max(model_config.block_param_count(), model_config.vocab_size * dim) * 4 * 6
+    logits = min(1024, tokens) * model_config.vocab_size * 4 * 3
+    base = peak_rss_bytes()
+    peak = base + in_ram + replay + working + logits
+    # Time: forward, replayed forward and backward of every matrix (8 FLOPs per parameter per token) plus
+    # attention; I/O runs on background threads and overlaps compute when the disk keeps up.
+    matrices = layers * model_config.block_param_count() + model_config.vocab_size * dim
+    flops = tokens * (8 * matrices + 16 * layers * config.max_seq_len * dim)
+    gflops = measure_gflops(config.device)
+    seconds = flops / gflops / 1e9
+    lines = [
+        f"plan for {config.experiment_name}:",
+        f"  model: {model_config.arch}, {model_config.param_count():,} parameters, {layers} blocks, dim {dim}, "
+        f"vocab {model_config.vocab_size}; mode {settings.mode}, shadow {settings.shadow_dtype}, "
+        f"optimizer state {settings.state_dtype}",
+        f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
+        + f", {human(sizes['total'])} once optimizer moments exist (weights {human(sizes['weights'])}, "
+        f"shadow {human(sizes['shadow'])}, optimizer {human(sizes['optim'])})",
+        f"  per step: {config.batch_size} x {config.max_seq_len} tokens in {config.grad_accum} micro-batch(es); "
+        f"reads {human(io['read'])}, writes {human(io['written'])}",
+        f"  peak memory: ~{human(peak)} (process now {human(base)}; activations {human(in_ram)} in RAM"
+        + (f", {human(stash - in_ram)} spilled to disk" if stash > in_ram else "")
+        + f"; block replay ~{human(replay)}; units in flight ~{human(working)})",
+        f"  time per step: ~{seconds:.2f}s of compute at the measured {gflops:.0f} GFLOP/s on {config.device}; "
+        f"I/O overlaps it (at 500 MB/s it would take {(io['read'] + io['written']) / 5e8:.2f}s)",
+    ]
+    if steps:
+        lines.append(f"  run: {steps} steps, ~{format_seconds(steps * seconds)} of compute")
+    return lines
+
+
+def dry_run(config: RunConfig, paths: RunPaths) -> int:
+    """Print the plan without creating, importing or training anything."""
+    from .tokenizer import ByteTokenizer, load_tokenizer
+
+    if store_is_complete(paths.store_dir):
+        store = BlockStore(paths.store_dir)
+        model_config, settings, disk = store.config, store.settings, store.disk_bytes()
+        tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
+    elif paths.origin == "demo":
+        model_config = config_for_size(config.size, "bitnet")
+        settings = StoreSettings(mode=config.mode or "qat", state_dtype=config.state_dtype or "fp32")
+        disk, tokenizer = None, ByteTokenizer()
+    else:
+        say(f"dry run: {config.model} is not imported yet, so its shapes are unknown here. Run without --dry-run "
+            f"to import it into {paths.store_dir} (the first step can be stopped with Ctrl-C), then --dry-run again.")
+        return EXIT_OK
+    dataset = load_data(config, tokenizer, model_config.vocab_size) if config.data else None
+    if dataset:
+        say(dataset.summary())
+        for note in dataset.stats.notes(config.max_seq_len):
+            say(f"note: {note}")
+    for line in plan_lines(config, model_config, settings, disk, dataset):
+        say(line)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") -> int:
+    """Run (or resume) the fine-tuning described by ``config``; returns the exit status."""
+    paths = resolve_paths(config)
+    if config.plot_only:
+        say(f"loss plot: {plot_losses(paths.metrics, paths.plot, config.experiment_name)}")
+        return EXIT_OK
+    if config.dry_run:
+        return dry_run(config, paths)
+    check_device(config.device)
+    prepare_store(config, paths)
+    store = BlockStore(paths.store_dir, writable=True)  # takes the write lock: one run per store
+    try:
+        check_store_settings(config, store)
+        engine = StreamingEngine(store, engine_options(config, store))
+    except BaseException:
+        store.close()
+        raise
+    try:
+        return Trainer(config, engine, paths, resume_command(argv, prog)).run()
+    finally:
+        engine.close()
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``finetune.py``: parse the command line, run, and turn errors into one clear paragraph."""
+    if argv is None:
+        argv = sys.argv[1:]
+        prog = prog or f"python {sys.argv[0]}"
+    prog = prog or "python finetune.py"
+    config = None
+    try:
+        config = parse_args(argv)
+        return run(config, argv, prog)
+    except SystemExit as exit_:  # argparse: usage errors and --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\naborted; the store keeps its last committed step. Re-run the same command to resume.",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - every failure becomes one readable paragraph
+        if config is not None and config.debug:
+            traceback.print_exc()
+        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE if isinstance(error, RunConfigError) else EXIT_ERROR
+
+
+def describe_error(error: BaseException) -> str:
+    """The message of an expected failure; the type too, and a hint, for an unexpected one."""
+    expected = (RunConfigError, TrainError, StoreError, ConfigError, datalib.DataError, PlotUnavailable)
+    ours = type(error).__module__.startswith("offload_bitnet")  # the package's own error classes explain themselves
+    if isinstance(error, expected) or type(error) is ValueError or ours:
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"

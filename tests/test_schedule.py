@@ -1,0 +1,67 @@
+import math
+
+import pytest
+
+from offload_bitnet.schedule import Schedule, cosine, make_schedule
+
+
+def test_warmup_is_linear_to_the_peak():
+    schedule = make_schedule("cosine", 1e-3, total_steps=100, warmup_fraction=0.1)
+    assert schedule.warmup_steps == 10
+    assert [schedule.lr(s) for s in (1, 5, 10)] == pytest.approx([1e-4, 5e-4, 1e-3])
+
+
+def test_cosine_decays_from_peak_to_eta_min():
+    schedule = make_schedule("cosine", 1e-3, total_steps=110, warmup_fraction=10 / 110, eta_min=1e-5)
+    assert schedule.lr(10) == pytest.approx(1e-3)
+    assert schedule.lr(60) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway through the decay
+    assert schedule.lr(110) == pytest.approx(1e-5)
+    decay = [schedule.lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_constant_after_warmup():
+    schedule = make_schedule("constant", 2e-4, total_steps=50, warmup_fraction=0.2)
+    assert schedule.lr(5) == pytest.approx(1e-4)
+    assert {schedule.lr(s) for s in range(10, 51)} == {2e-4}
+    assert schedule.weight_decay_at(50) == 0.0
+
+
+def test_two_stage_drops_sharply_at_the_midpoint_and_disables_weight_decay():
+    schedule = make_schedule("two-stage", 1e-3, total_steps=100, warmup_fraction=0.0, weight_decay=0.1,
+                             stage2_lr_fraction=0.1)
+    assert schedule.stage2_start == 51
+    before, after = schedule.lr(50), schedule.lr(51)
+    assert before == pytest.approx(cosine(1e-3, 0.0, 50, 100))  # stage 1 follows the whole-run cosine
+    assert after == pytest.approx(1e-4)                           # stage 2 starts at 10% of the peak
+    assert before > 4 * after
+    assert schedule.lr(100) == pytest.approx(0.0)
+    assert schedule.weight_decay_at(50) == 0.1
+    assert schedule.weight_decay_at(51) == 0.0 and schedule.weight_decay_at(100) == 0.0
+
+
+def test_cosine_helper_endpoints_and_clamping():
+    assert cosine(1.0, 0.0, 0, 10) == 1.0
+    assert cosine(1.0, 0.0, 10, 10) == pytest.approx(0.0)
+    assert cosine(1.0, 0.0, 20, 10) == pytest.approx(0.0)
+    assert cosine(1.0, 0.5, 5, 0) == 0.5
+    assert cosine(2.0, 0.0, 5, 10) == pytest.approx(1.0)
+
+
+def test_warmup_never_takes_every_step():
+    schedule = make_schedule("cosine", 1e-3, total_steps=3, warmup_fraction=0.99)
+    assert schedule.warmup_steps == 2
+    assert math.isfinite(schedule.lr(3))
+
+
+def test_schedule_is_a_pure_function_of_the_step():
+    a = make_schedule("two-stage", 3e-3, 40, 0.1, 1e-5, 0.05)
+    b = make_schedule("two-stage", 3e-3, 40, 0.1, 1e-5, 0.05)
+    assert [a.lr(s) for s in range(1, 41)] == [b.lr(s) for s in reversed(range(1, 41))][::-1]
+
+
+def test_invalid_schedules_are_refused():
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        Schedule("linear", 1e-3, 10)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        Schedule("cosine", 1e-3, 0)

@@ -6,8 +6,14 @@ from .store import BlockStore
 
 
 def open_model(path: str, device: str = "cpu", **engine_options) -> StreamingEngine:
-    """Open a store read-only for streamed evaluation: ``.logits(input_ids)`` and ``.loss(input_ids, labels)``."""
-    store = BlockStore(path, writable=False)
+    """Open a model read-only for streamed evaluation: ``.logits(input_ids)`` and ``.loss(input_ids, labels)``.
+
+    ``path`` is a store, or any importable model (HF folder, Meta folder, .gguf), which is imported into a
+    cache folder on first use (see ``formats.ensure_store``).
+    """
+    from .formats import ensure_store
+
+    store = BlockStore(ensure_store(path), writable=False)
     return StreamingEngine(store, EngineOptions(device=device, **engine_options))
 
 

@@ -12,6 +12,8 @@ commit run behind on another. The engine knows scheduling, prefetch and RNG repl
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import resource
 import time
@@ -75,6 +77,37 @@ def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targe
     return total.item(), (grad_hidden.reshape(shape) if backward else None)
 
 
+class NonFiniteStep(ArithmeticError):
+    """A step produced a non-finite loss or gradient and was skipped."""
+
+
+def _check_finite(unit: str, name: str, *tensors):
+    for tensor in tensors:
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise NonFiniteStep(f"non-finite gradient in {unit} {name}")
+
+
+class _StepContext:
+    """What one training step's passes share."""
+
+    def __init__(self, engine: "StreamingEngine", micro_batches, step: int, lr: float | None):
+        self.step, self.lr = step, lr
+        self.ids = [batch[0].to(engine.device) for batch in micro_batches]
+        self.targets = [shift_labels(batch[0], batch[1]).to(engine.device) for batch in micro_batches]
+        self.n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in self.targets)
+        if self.n_tokens == 0:
+            raise ValueError("no token in this batch has a target")
+        self.quantize = engine.quantize * engine.quant_mix
+        self.tables = {}  # rope tables per sequence length: micro-batches may differ in length
+        for ids in self.ids:
+            if ids.shape[1] not in self.tables:
+                positions = torch.arange(ids.shape[1], device=engine.device)
+                self.tables[ids.shape[1]] = rope_tables(engine.config, positions, engine.dtype)
+        self.micro_range = range(len(self.ids))
+        self.rng_states: dict = {}
+        self.loss = 0.0
+
+
 @dataclass
 class StepStats:
     """What one optimizer step did and cost."""
@@ -88,6 +121,7 @@ class StepStats:
     bytes_written: int   # the size of the files this step writes (the writes finish in the background)
     peak_rss: int
     spilled_bytes: int = 0
+    skipped: str | None = None   # why the step was skipped (non-finite loss or gradient), else None
 
     @property
     def compute_s(self) -> float:
@@ -247,60 +281,71 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor | None]], lr: float | None = None,
-                   commit_extra: dict | None = None, quant_mix: float | None = None) -> StepStats:
+                   commit_extra: dict | None = None, quant_mix: float | None = None,
+                   weight_decay: float | None = None) -> StepStats:
         """One AdamW step over ``micro_batches`` [(input_ids, labels or None)], streamed layer-major.
 
+        ``lr`` and ``weight_decay`` override the configured AdamW values for this step (schedules).
         ``quant_mix`` (qat only) in [0, 1]: the weights and activations the step sees are
         ``W + quant_mix * (Q(W) - W)``; 1 (the default) is plain ternary training.
+
+        A non-finite loss or gradient skips the step as a whole: nothing is updated or committed, the step
+        counter stays, and ``StepStats.skipped`` says why.
         """
-        lora = self.adapters is not None
-        if self.writer is None and not lora:
+        if self.writer is None and self.adapters is None:
             raise RuntimeError("the store was opened read-only; open it writable to train")
         if quant_mix is not None:
             if not 0 <= quant_mix <= 1:
                 raise ValueError(f"quant_mix must be in [0, 1], got {quant_mix}")
             self.quant_mix = float(quant_mix)
+        self._step_optim = self.options.optim
+        if weight_decay is not None:
+            self._step_optim = dataclasses.replace(self.options.optim, weight_decay=weight_decay)
         started = time.perf_counter()
         read_before = self.store.bytes_read
         self._submitted_bytes = 0
         wait_before = self._wait_seconds()
-        step = self.step + 1
-        ids = [batch[0].to(self.device) for batch in micro_batches]
-        targets = [shift_labels(batch[0], batch[1]).to(self.device) for batch in micro_batches]
-        n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
-        if n_tokens == 0:
-            raise ValueError("no token in this batch has a target")
-        cfg, opts = self.config, self.options
-        quantize = self.quantize * self.quant_mix
-        tables = {}  # rope tables per sequence length: micro-batches may differ in length
-        for batch_ids in ids:
-            length = batch_ids.shape[1]
-            if length not in tables:
-                tables[length] = rope_tables(cfg, torch.arange(length, device=self.device), self.dtype)
-        micro_range = range(len(ids))
+        ctx = _StepContext(self, micro_batches, self.step + 1, lr)
+        skipped = None
+        try:
+            hidden = self._forward_pass(ctx)
+            loss = self._backward_pass(ctx, hidden, commit_extra)
+            self.step = ctx.step
+        except NonFiniteStep as reason:
+            loss, skipped = ctx.loss, str(reason)
+            self._discard_step()
+        finally:
+            self.stash.clear()
+        return StepStats(step=self.step, loss=loss, tokens=ctx.n_tokens, wall_s=time.perf_counter() - started,
+                         io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
+                         bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
+                         spilled_bytes=self.stash.spilled_bytes, skipped=skipped)
 
-        # Forward: embed, then every block for all micro-batches while it is loaded.
-        units = ["embed"] + [block_unit(i) for i in range(cfg.n_layers)]
-        rng_states = {}
+    def _forward_pass(self, ctx: "_StepContext") -> list[torch.Tensor]:
+        """Embed, then every block for all micro-batches while it is loaded; stash each block's input."""
+        units = ["embed"] + [block_unit(i) for i in range(self.config.n_layers)]
         hidden = []
         with torch.no_grad():
             for unit, tensors in zip(units, self.prefetcher.stream(self._forward_job(u) for u in units)):
                 if unit == "embed":
-                    hidden = [F.embedding(i, tensors["weight"]) for i in ids]
+                    hidden = [F.embedding(i, tensors["weight"]) for i in ctx.ids]
                     continue
                 layer = int(unit.split(".")[1])
                 params = self._block_params(layer, tensors)
-                for m in micro_range:
+                for m in ctx.micro_range:
                     self.stash.put((layer, m), hidden[m])
-                    generator = self._block_generator(step, m, layer)
+                    generator = self._block_generator(ctx.step, m, layer)
                     if generator is not None:
-                        rng_states[(layer, m)] = generator.get_state()
-                    cos, sin = tables[ids[m].shape[1]]
-                    hidden[m] = block_forward(params, hidden[m], cfg, cos, sin, quantize=quantize,
-                                              dropout_p=opts.dropout, generator=generator)
+                        ctx.rng_states[(layer, m)] = generator.get_state()
+                    cos, sin = ctx.tables[ctx.ids[m].shape[1]]
+                    hidden[m] = block_forward(params, hidden[m], self.config, cos, sin, quantize=ctx.quantize,
+                                              dropout_p=self.options.dropout, generator=generator)
                 del tensors, params
+        return hidden
 
-        # Head: loss and dL/dh for each micro-batch, then update the final norm (and an untied head).
+    def _backward_pass(self, ctx: "_StepContext", hidden: list[torch.Tensor], commit_extra) -> float:
+        """Loss and head update, then each block replayed and updated last to first, then the embedding."""
+        cfg, lora = self.config, self.adapters is not None
         load = self._frozen_job if lora else self._update_job
         backward_units = ["norm", self._head_unit()] + [block_unit(i) for i in reversed(range(cfg.n_layers))]
         if self._head_unit() == "head" and not lora:
@@ -310,28 +355,28 @@ class StreamingEngine:
         head_unit, head_masters, head_moments = next(loads)
         norm_w = norm_masters["weight"].requires_grad_(not lora)
         head_w = head_masters["weight"].to(self.dtype).requires_grad_(not lora)
-        loss_sum = 0.0
         grads = []
-        for m in micro_range:
+        for m in ctx.micro_range:
             h = hidden[m].detach().requires_grad_()
             with torch.enable_grad():
                 normed = rms_norm(h, norm_w, cfg.norm_eps)
-            part, grad_normed = chunked_cross_entropy(normed, head_w, targets[m], opts.ce_chunk_tokens,
-                                                      1.0 / n_tokens, backward=True)
-            loss_sum += part
+            part, grad_normed = chunked_cross_entropy(normed, head_w, ctx.targets[m], self.options.ce_chunk_tokens,
+                                                      1.0 / ctx.n_tokens, backward=True)
+            ctx.loss += part
             normed.backward(grad_normed)
             grads.append(h.grad)
         del hidden
+        if not math.isfinite(ctx.loss):
+            raise NonFiniteStep(f"non-finite loss ({ctx.loss})")
         head_grad = None
         if not lora:
-            self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, step, lr)
+            self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, ctx)
             head_grad = head_w.grad.float()
             if head_unit == "head":
-                self._apply_update("head", head_masters, {"weight": head_grad}, head_moments, step, lr)
+                self._apply_update("head", head_masters, {"weight": head_grad}, head_moments, ctx)
                 head_grad = None
         del head_w
 
-        # Blocks, last to first: replay from the stashed input with the saved RNG state, backprop, update.
         for _ in range(cfg.n_layers):
             unit, masters, moments = next(loads)
             layer = int(unit.split(".")[1])
@@ -341,61 +386,73 @@ class StreamingEngine:
             else:
                 leaves = {n: t.requires_grad_() for n, t in self._compute_weights(unit, masters).items()}
                 params = leaves
-            for m in micro_range:
+            for m in ctx.micro_range:
+                # Replay from the stashed input with the RNG state saved before the forward pass.
                 x = self.stash.pop((layer, m)).requires_grad_()
                 generator = None
-                if (layer, m) in rng_states:
+                if (layer, m) in ctx.rng_states:
                     generator = torch.Generator(device=self.device)
-                    generator.set_state(rng_states.pop((layer, m)))
-                cos, sin = tables[ids[m].shape[1]]
+                    generator.set_state(ctx.rng_states.pop((layer, m)))
+                cos, sin = ctx.tables[ctx.ids[m].shape[1]]
                 with torch.enable_grad():
-                    out = block_forward(params, x, cfg, cos, sin, quantize=quantize,
-                                        dropout_p=opts.dropout, generator=generator)
+                    out = block_forward(params, x, cfg, cos, sin, quantize=ctx.quantize,
+                                        dropout_p=self.options.dropout, generator=generator)
                 out.backward(grads[m])
                 grads[m] = x.grad
                 del out, x
             if lora:
-                self.adapters.update(layer, {k: v for k, v in params.items() if k.endswith(".lora")},
-                                     step, opts.optim, lr)
+                adapters = {k: v for k, v in params.items() if k.endswith(".lora")}
+                for key, adapter in adapters.items():
+                    _check_finite(unit, key, adapter.lora_a.grad, adapter.lora_b.grad)
+                self.adapters.update(layer, adapters, ctx.step, self._step_optim, ctx.lr)
             else:
                 # Straight-through: dL/dW_q is the gradient of the shadow weight.
                 grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}
-                self._apply_update(unit, masters, grads_by_name, moments, step, lr)
+                self._apply_update(unit, masters, grads_by_name, moments, ctx)
             del leaves, params
 
+        if lora:
+            self.adapters.save(self.options.adapter_dir, ctx.step, commit_extra, base_model=self.store.path)
+            return ctx.loss
         # Embedding: scatter the token gradients (plus the tied head's gradient) and update.
-        if not lora:
-            if head_unit == "head":
-                _, embed_masters, embed_moments = next(loads)
-            else:
-                embed_masters, embed_moments = head_masters, head_moments
-            embed_grad = torch.zeros_like(embed_masters["weight"]) if head_grad is None else head_grad
-            for m in micro_range:
-                embed_grad.index_add_(0, ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
-            self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, step, lr)
-            self.writer.commit(step, commit_extra)
+        if head_unit == "head":
+            _, embed_masters, embed_moments = next(loads)
         else:
-            self.adapters.save(self.options.adapter_dir, step, commit_extra, base_model=self.store.path)
+            embed_masters, embed_moments = head_masters, head_moments
+        embed_grad = torch.zeros_like(embed_masters["weight"]) if head_grad is None else head_grad
+        for m in ctx.micro_range:
+            embed_grad.index_add_(0, ctx.ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
+        self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, ctx)
+        self.writer.commit(ctx.step, commit_extra)
+        return ctx.loss
 
-        self.step = step
-        self.stash.clear()
-        return StepStats(step=step, loss=loss_sum, tokens=n_tokens, wall_s=time.perf_counter() - started,
-                         io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
-                         bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
-                         spilled_bytes=self.stash.spilled_bytes)
+    def _discard_step(self):
+        """Undo a step abandoned half-way: drop its written files (the store stays at its committed step) or
+        reload the adapters from their last checkpoint."""
+        if self.adapters is not None:
+            directory = self.options.adapter_dir
+            if os.path.exists(os.path.join(directory, ADAPTER_PROGRESS)):
+                self.adapters = AdapterSet.load(directory, self.config)
+            else:
+                self.adapters = AdapterSet(self.config, self.options.lora)
+            return
+        self.writer.flush()
+        self.store.remove_uncommitted_files()
 
     def _wait_seconds(self) -> float:
         return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)
 
-    def _apply_update(self, unit, masters, grads, moments, step, lr):
+    def _apply_update(self, unit, masters, grads, moments, ctx: "_StepContext"):
         fault_point("update")
+        for name, grad in grads.items():
+            _check_finite(unit, name, grad)
         for name, master in masters.items():
             exp_avg, exp_avg_sq = moments[name]
-            adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, step, self.options.optim, lr)
+            adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, ctx.step, self._step_optim, ctx.lr)
         parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
         parts["optim"] = self.layout.encode_moments(moments)
         self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
-        self.writer.write(unit, parts, step)
+        self.writer.write(unit, parts, ctx.step)
 
     def flush(self):
         """Wait until every update is on disk and committed."""

@@ -164,14 +164,93 @@ class AdapterSet:
         suffix = progress["files"]
         weights = _read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS + suffix))
         moments = _read_safetensors(os.path.join(directory, ADAPTER_STATE + suffix))
-        for (layer, name), mats in adapters.weights.items():
+        adapters._fill(weights, os.path.join(directory, ADAPTER_WEIGHTS + suffix))
+        for (layer, name), mats in adapters.moments.items():
             for matrix in mats:
                 key = peft_name(layer, name, matrix)
-                mats[matrix] = weights[key].clone()
-                adapters.moments[(layer, name)][matrix] = (moments[key + ".exp_avg"].clone(),
-                                                            moments[key + ".exp_avg_sq"].clone())
+                mats[matrix] = (moments[key + ".exp_avg"].clone(), moments[key + ".exp_avg_sq"].clone())
         adapters.step, adapters.extra = progress["step"], progress["extra"]
         return adapters
+
+    @classmethod
+    def from_peft(cls, directory: str, config: ModelConfig) -> "AdapterSet":
+        """Read a plain PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``), e.g. one
+        written by ``PeftModel.save_pretrained``, for merging. Moments start at zero and the step at 0.
+
+        Options this module cannot represent (DoRA, per-module ranks, biases, partial layers, extra trained
+        modules) raise ValueError naming the field; rsLoRA is kept by rescaling alpha (alpha/sqrt(r) = alpha'/r).
+        """
+        config_path = os.path.join(directory, ADAPTER_CONFIG)
+        weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"{directory} is not a LoRA adapter folder: {ADAPTER_CONFIG} is missing")
+        if not os.path.isfile(weights_path):
+            hint = " (adapter_model.bin is not read: re-save it with safe_serialization=True)" \
+                if os.path.isfile(os.path.join(directory, "adapter_model.bin")) else ""
+            raise ValueError(f"{directory} has no {ADAPTER_WEIGHTS}{hint}")
+        try:
+            with open(config_path) as handle:
+                peft_config = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {config_path}: {error}") from error
+        adapters = cls(config, lora_config_from_peft(peft_config, config_path))
+        adapters._fill(_read_safetensors(weights_path), weights_path)
+        return adapters
+
+    def _fill(self, weights: dict[str, torch.Tensor], origin: str):
+        """Take every adapter matrix from PEFT-named ``weights``, checking names and shapes against the model."""
+        for (layer, name), mats in self.weights.items():
+            for matrix, initial in mats.items():
+                key = peft_name(layer, name, matrix)
+                if key not in weights:
+                    raise ValueError(f"{origin} has no tensor {key}: the adapter does not match this model "
+                                     f"({self.config.n_layers} layers, targets {', '.join(self.lora.targets)})")
+                if tuple(weights[key].shape) != tuple(initial.shape):
+                    raise ValueError(f"{origin} tensor {key} has shape {tuple(weights[key].shape)}, this model and "
+                                     f"rank {self.lora.rank} need {tuple(initial.shape)}: the adapter was trained "
+                                     "on another base model")
+                mats[matrix] = weights[key].float().clone()
+        expected = {peft_name(layer, name, m) for (layer, name), mats in self.weights.items() for m in mats}
+        extra = sorted(set(weights) - expected)
+        if extra:
+            raise ValueError(f"{origin} has {len(extra)} tensors this model has no place for (first: {extra[0]}): "
+                             f"the adapter was trained on another base model or targets other projections")
+
+
+# PEFT LoraConfig fields whose non-default values change the math in ways an AdapterSet cannot express.
+_UNSUPPORTED_PEFT = {
+    "use_dora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "bias": ("none", None),
+    "lora_bias": (False, None), "fan_in_fan_out": (False, None), "layers_to_transform": (None,),
+    "layer_replication": (None,), "modules_to_save": (None, []), "trainable_token_indices": (None,),
+    "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+    "kasa_config": (None,), "monteclora_config": (None,), "arrow_config": (None,), "use_bdlora": (None,),
+}
+
+
+def lora_config_from_peft(peft_config: dict, origin: str = ADAPTER_CONFIG) -> LoRAConfig:
+    """The LoRAConfig of a PEFT ``adapter_config.json`` dict; ValueError naming the field it cannot honour."""
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{origin}: peft_type is {peft_config.get('peft_type')!r}; only LORA adapters are supported")
+    for key, allowed in _UNSUPPORTED_PEFT.items():
+        if key in peft_config and peft_config[key] not in allowed:
+            raise ValueError(f"{origin}: {key}={peft_config[key]!r} is not supported (only plain LoRA on "
+                             f"{', '.join(ALL_TARGETS)}); merge this adapter with peft's merge_and_unload instead")
+    targets = peft_config.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(f"{origin}: target_modules must be a list of projection names, got {targets!r}")
+    unknown = sorted(set(targets) - set(ALL_TARGETS))
+    if unknown:
+        raise ValueError(f"{origin}: target_modules {unknown} are not supported; choose from {', '.join(ALL_TARGETS)}")
+    try:
+        rank = int(peft_config["r"])
+        alpha = float(peft_config.get("lora_alpha", 8))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{origin}: r and lora_alpha must be numbers ({error})") from error
+    if peft_config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r); an AdapterSet scales by alpha/r
+    # Keep the configured order of the projections (PEFT may write them as an unordered set).
+    ordered = tuple(name for name in ALL_TARGETS if name in targets)
+    return LoRAConfig(rank=rank, alpha=alpha, dropout=float(peft_config.get("lora_dropout") or 0.0), targets=ordered)
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

@@ -362,11 +362,11 @@ class Trainer:
                 batch = [self.dataset.train[i] for i in self.order.indices(index)]
                 micro = datalib.micro_batches(batch, config.grad_accum, self.pad_id)
                 lr, weight_decay = self.schedule.lr(step), self.schedule.weight_decay_at(step)
-                engine.options.optim.weight_decay = weight_decay  # read by every AdamW update of this step
                 tokens = sum(int((labels[:, 1:] != datalib.IGNORE_INDEX).sum()) for _, labels in micro)
                 began = time.perf_counter()
                 state = self.state_after(state, step, lr, weight_decay, tokens)
-                stats = engine.train_step(micro, lr=lr, commit_extra={**base_extra, STATE_KEY: state})
+                stats = engine.train_step(micro, lr=lr, weight_decay=weight_decay,
+                                          commit_extra={**base_extra, STATE_KEY: state})
                 step_times.append(time.perf_counter() - began)
                 if not math.isfinite(stats.loss):
                     engine.flush()

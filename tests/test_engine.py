@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,50 @@ def test_quant_warmup_mix_spans_full_precision_to_ternary(tmp_path):
     with pytest.raises(ValueError, match="quant_mix"):
         engine.train_step([(ids, None)], quant_mix=1.5)
     engine.close()
+
+
+def test_non_finite_loss_skips_the_whole_step(tmp_path):
+    path = create_model(str(tmp_path / "m"), size="demo", arch="llama", n_layers=2)
+    store = BlockStore(path, writable=True)
+    weights = dict(store.read("block.001", "weights"))
+    weights["up_proj"] = weights["up_proj"].clone()
+    weights["up_proj"][0, 0] = float("nan")
+    store.write("block.001", "weights", weights, step=0)
+    store.commit(0)
+    before = {unit: dict(parts) for unit, parts in store.manifest["files"].items()}
+    engine = StreamingEngine(store)
+    stats = engine.train_step([(torch.randint(0, 256, (1, 16)), None)])
+    assert stats.skipped and "non-finite loss" in stats.skipped
+    assert engine.step == 0 and stats.step == 0
+    engine.flush()
+    assert store.manifest["files"] == before and store.step == 0
+    committed = {e["file"] for parts in before.values() for e in parts.values()}
+    assert set(os.listdir(os.path.join(path, "units"))) == committed
+    engine.close()
+
+
+def test_step_abandoned_after_some_units_were_written_leaves_the_store_as_committed(tmp_path, monkeypatch):
+    from offload_bitnet import engine as engine_module
+
+    path = create_model(str(tmp_path / "m"), size="demo", arch="bitnet", n_layers=3)
+    store = BlockStore(path, writable=True)
+    before = {unit: dict(parts) for unit, parts in store.manifest["files"].items()}
+    engine = StreamingEngine(store)
+    original = StreamingEngine._apply_update
+
+    def failing(self, unit, *args):
+        if unit == "block.000":  # head, norm and blocks 2..1 are already on their way to disk
+            raise engine_module.NonFiniteStep("non-finite gradient in block.000 q_proj")
+        return original(self, unit, *args)
+
+    monkeypatch.setattr(StreamingEngine, "_apply_update", failing)
+    batch = [(torch.randint(0, 256, (1, 16)), None)]
+    stats = engine.train_step(batch)
+    assert stats.skipped == "non-finite gradient in block.000 q_proj" and engine.step == 0
+    assert store.manifest["files"] == before
+    committed = {e["file"] for parts in before.values() for e in parts.values()}
+    assert set(os.listdir(os.path.join(path, "units"))) == committed
+    monkeypatch.setattr(StreamingEngine, "_apply_update", original)
+    assert engine.train_step(batch).skipped is None and engine.step == 1
+    engine.close()
+    assert BlockStore(path).step == 1

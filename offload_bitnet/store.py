@@ -281,6 +281,9 @@ class BlockStore:
         if len(data) != entry["bytes"]:
             raise StoreError(f"{file_path} ({unit} {part}) is {len(data)} bytes, the manifest says {entry['bytes']}:"
                              " the file is truncated or damaged. Restore it from a backup or re-import the model.")
+        if "crc32c" not in entry:
+            raise StoreError(f"the manifest of {self.path} has no crc32c checksum for {unit} {part}: the store was "
+                             "written by a development version of offload_bitnet. Re-import or re-create it.")
         if self.verify and crc32c(data) != entry["crc32c"]:
             raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
                              "Restore it from a backup or re-import the model.")

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Generate text with a model, streaming its blocks from disk.
+
+    python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"
+    python test_gen.py SmolLM2-135M-Instruct.Q4_1.gguf cpu --chat --prompt "What is the capital of France?"
+
+MODEL is a store, or any model the importers read (Hugging Face folder, Meta folder, .gguf file); a model
+that is not a store is imported once into the cache folder (~/.cache/offload_bitnet, or
+$OFFLOAD_BITNET_CACHE). Several --prompt options run as one batch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def parse_bytes(text: str) -> int:
+    """``2G``, ``512M``, ``1.5GiB`` or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M or a byte count)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
+    parser.add_argument("device", nargs="?", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    parser.add_argument("--chat", action="store_true", help="format each prompt as a user message with the "
+                        "model's chat template and stop at its end-of-turn token")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
+                        help="bytes of weights kept in memory (default 2G); larger models stream from disk every token")
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
+    from offload_bitnet.formats import ensure_store
+    from offload_bitnet.generate import Generator, SamplingOptions, TextStreamer, decode_continuation
+    from offload_bitnet.store import BlockStore
+    from offload_bitnet.tokenizer import load_tokenizer
+
+    if not args.prompt:
+        raise ValueError("give at least one --prompt")
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options.validate()  # before an import that may take minutes
+    store = BlockStore(ensure_store(args.model, progress=True))
+    tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+
+        def messages(text):
+            return system + [{"role": "user", "content": text}]
+        prompts = [tokenizer.encode_chat(messages(text)) for text in args.prompt]
+    else:
+        prompts = [tokenizer.encode(text, bos=tokenizer.add_bos) for text in args.prompt]
+    generator = Generator(store, args.device, memory_budget=args.memory_budget)
+    try:
+        streamer = None
+        if len(prompts) == 1:
+            sys.stdout.write(f"> {args.prompt[0]}\n" if args.chat else args.prompt[0])
+            streamer = TextStreamer(tokenizer, prompts[0])
+        result = generator.generate(prompts, options, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                                    on_token=streamer)
+        if streamer is not None:
+            streamer.finish()
+            print()
+        else:
+            for index, (text, prompt, tokens) in enumerate(zip(args.prompt, prompts, result.tokens)):
+                shown = f"> {text}\n" if args.chat else text
+                print(f"[{index}] {shown}{decode_continuation(tokenizer, prompt, tokens)}")
+        ends = ", ".join(result.stop_reasons)
+        print(f"[{result.summary()}; stopped by: {ends}]", file=sys.stderr)
+    finally:
+        generator.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, ImportError) as error:
+        # One readable paragraph, no traceback: the libraries' messages name the file and the fix.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ setup(
     description="Fine-tune LLaMA-family and BitNet b1.58 models larger than RAM by streaming blocks from SSD",
     packages=find_packages(include=["offload_bitnet", "offload_bitnet.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "safetensors", "sentencepiece", "psutil", "crc32c", "tokenizers", "jinja2", "gguf"],
+    # torch: install torch==2.13.0 first (the CPU build); an unpinned install pulls a multi-GB CUDA build.
+    install_requires=["torch", "numpy", "safetensors", "sentencepiece", "psutil", "crc32c", "tokenizers", "jinja2",
+                      "gguf"],
     extras_require={
         "test": ["pytest", "transformers", "accelerate", "peft", "matplotlib", "tiktoken"],
         "plot": ["matplotlib"],

@@ -83,7 +83,9 @@ class NonFiniteStep(ArithmeticError):
 
 def _check_finite(unit: str, name: str, *tensors):
     for tensor in tensors:
-        if tensor is not None and not torch.isfinite(tensor).all():
+        # A sum is non-finite when any element is (or, harmlessly, when huge gradients overflow it); one
+        # reduction instead of a boolean tensor the size of the weights.
+        if tensor is not None and not torch.isfinite(tensor.sum()):
             raise NonFiniteStep(f"non-finite gradient in {unit} {name}")
 
 

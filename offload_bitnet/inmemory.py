@@ -83,4 +83,4 @@ class InMemoryModel(nn.Module):
         """``torch.optim.AdamW`` with the engine's decay rule (matrices decay, norms do not)."""
         named = dict(self.named_parameters())
         return torch.optim.AdamW(torch_param_groups(named, config), lr=config.lr, betas=(config.beta1, config.beta2),
-                                 eps=config.eps, foreach=False)
+                                 eps=config.eps, fused=True)

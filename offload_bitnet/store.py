@@ -272,9 +272,16 @@ class BlockStore:
         file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
         try:
             fault_point("read")
-            with open(file_path, "rb") as handle:
-                # A private mapping: no copy out of the page cache, and in-place updates stay in this process.
-                data = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            with open(file_path, "rb", buffering=0) as handle:
+                if part == "optim":
+                    # Moments are updated in place right away: read them into memory of our own here (on the
+                    # prefetch thread) rather than paying a copy-on-write fault per page inside the update.
+                    data = bytearray(entry["bytes"])
+                    del data[handle.readinto(data):]
+                else:
+                    # A private mapping: no copy out of the page cache; in-place changes stay in this process.
+                    data = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError) as error:
             raise StoreError(f"cannot read {file_path} ({unit} {part}): {getattr(error, 'strerror', None) or error}")\
                 from error

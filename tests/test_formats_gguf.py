@@ -382,3 +382,17 @@ def test_smollm2_perplexity_matches_transformers(tmp_path_factory, monkeypatch):
         theirs = math.exp(model(ids, labels=ids).loss.item())
     print(f"SmolLM2-135M-Instruct Q4_1 perplexity on 4096 tokens: ours {ours:.4f}, transformers {theirs:.4f}")
     assert abs(ours - theirs) / theirs < 0.005
+
+
+def test_smollm2_hf_export_loads_in_transformers_with_equal_logits(tmp_path_factory, monkeypatch, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from offload_bitnet.formats import export_model
+
+    store_dir = smollm2_store(tmp_path_factory, monkeypatch)
+    exported = export_model(store_dir, str(tmp_path / "hf"), format="hf")
+    reference = LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = reference(ids).logits
+    assert torch.allclose(open_model(store_dir).logits(ids), theirs, atol=1e-4)

@@ -134,9 +134,19 @@ def main(argv=None) -> int:
     except Exception as error:  # noqa: BLE001 - one clear paragraph for the user
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def describe_error(error: Exception) -> str:
+    """The message of an expected failure (the package's errors and ValueErrors name the file and the fix);
+    for an OS error its reason and file; for anything else its type too, and how to see the traceback."""
+    if type(error).__module__.startswith("offload_bitnet") or isinstance(error, ValueError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"
 
 
 if __name__ == "__main__":

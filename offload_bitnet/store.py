@@ -8,14 +8,15 @@ Layout::
 
 A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` (what forward reads),
 ``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments). New versions are
-written beside the old ones under a new step number; ``commit`` switches to them with one atomic rename of the
-manifest and only then deletes what it replaced. A crash at any moment leaves the manifest at step k or k+1,
+written beside the old ones under a new step number (writeback starts at once); ``commit`` fsyncs them, then
+switches to them with one atomic rename of the manifest, and only then deletes what it replaced. A crash at any moment leaves the manifest at step k or k+1,
 and the files that belong to neither are removed the next time the store is opened for writing.
 
 The store knows files, checksums and commits; it knows nothing about training.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -129,7 +130,27 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def _fsync_dir(path: str):
+def _start_writeback(fd: int):
+    """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux); elsewhere a no-op,
+    and the fsync at commit does all the work."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _load_sync_file_range():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def fsync_path(path: str):
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -137,10 +158,11 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def write_file_atomic(path: str, *chunks) -> tuple[int, int]:
-    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename.
+def write_file_atomic(path: str, *chunks, durable: bool = True) -> tuple[int, int]:
+    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file and a rename.
 
-    Returns (size, crc32c) of what was written."""
+    ``durable``: fsync before the rename. Otherwise writeback only starts, and the caller must fsync the file
+    before anything durable refers to it (``BlockStore.commit`` does). Returns (size, crc32c) written."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     size, crc = 0, 0
     try:
@@ -151,7 +173,10 @@ def write_file_atomic(path: str, *chunks) -> tuple[int, int]:
                 crc = crc32c(chunk, crc)
                 fault_point("write.data")
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
+            else:
+                _start_writeback(handle.fileno())
         fault_point("write.rename")
         os.replace(tmp, path)
     except BaseException:
@@ -188,6 +213,7 @@ class BlockStore:
         self.settings = StoreSettings(**self.manifest["settings"])
         # The files the next read should see: committed ones, replaced by newer writes not yet committed.
         self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+        self._unsynced: set[str] = set()  # written since the last commit, not yet fsynced
         if writable:
             self._acquire_lock()
             self.remove_uncommitted_files()
@@ -319,7 +345,8 @@ class BlockStore:
         header, buffers = encode_safetensors(tensors)
         name = f"{unit}.{part}.s{step:08d}.safetensors"
         try:
-            size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers)
+            size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers,
+                                          durable=False)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(
@@ -332,6 +359,7 @@ class BlockStore:
         with self._lock:
             self.bytes_written += size
             self._working.setdefault(unit, {})[part] = {"file": name, "bytes": size, "crc32c": crc}
+            self._unsynced.add(name)
 
     def commit(self, step: int, extra: dict | None = None):
         """Make every write so far the store's state at ``step``, atomically, then delete what it replaced."""
@@ -345,7 +373,13 @@ class BlockStore:
         manifest = dict(self.manifest, step=step, files=files)
         if extra is not None:
             manifest["extra"] = extra
-        _fsync_dir(os.path.join(self.path, UNITS_DIR))
+        # Every file the new manifest names must be on disk before the manifest is (their writeback started
+        # when they were written, so this mostly waits for what is still in flight).
+        for name in sorted(self._unsynced & self._referenced_files(files)):
+            fsync_path(os.path.join(self.path, UNITS_DIR, name))
+        with self._lock:
+            self._unsynced.clear()
+        fsync_path(os.path.join(self.path, UNITS_DIR))
         manifest_path = os.path.join(self.path, MANIFEST)
         data = json.dumps(manifest, indent=1).encode()
         tmp = manifest_path + ".commit.tmp"
@@ -355,7 +389,7 @@ class BlockStore:
             os.fsync(handle.fileno())
         fault_point("commit.rename")
         os.replace(tmp, manifest_path)
-        _fsync_dir(self.path)
+        fsync_path(self.path)
         self.manifest = manifest
         fault_point("commit.cleanup")
         for stale in old_files - self._referenced_files(files):
@@ -382,6 +416,7 @@ class BlockStore:
             shutil.rmtree(os.path.join(self.path, "scratch"))
         with self._lock:
             self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+            self._unsynced.clear()
         return removed
 
     # ------------------------------------------------------------------ locking

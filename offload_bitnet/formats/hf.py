@@ -439,6 +439,45 @@ def describe_tokenizer(folder: str) -> dict | None:
     return description
 
 
+def tokenizer_token_count(folder: str) -> tuple[int, str] | None:
+    """How many token ids the tokenizer of ``folder`` can produce (highest id + 1) and the file that says so;
+    None when there is no tokenizer or its size cannot be read here (its loader reports that later)."""
+    json_path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            # BPE/WordPiece/WordLevel map token -> id; Unigram lists [piece, score] by id.
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+            ids += [token["id"] for token in data.get("added_tokens") or [] if isinstance(token, dict)]
+            ids = [i for i in ids if isinstance(i, int)]
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            return None
+        return (max(ids) + 1, json_path) if ids else None
+    model_path = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(model_path):
+        try:
+            import sentencepiece
+
+            return sentencepiece.SentencePieceProcessor(model_file=model_path).get_piece_size(), model_path
+        except Exception:  # noqa: BLE001 - not a sentencepiece model (or no sentencepiece): checked on load
+            return None
+    return None
+
+
+def check_tokenizer_fits(folder: str, config: ModelConfig):
+    """Refuse a tokenizer that produces ids past the embedding: they would index outside it in training and
+    generation. (A tokenizer smaller than the embedding is normal: vocabularies are often padded.)"""
+    found = tokenizer_token_count(folder)
+    if found and found[0] > config.vocab_size:
+        count, path = found
+        raise HFFormatError(f"{path} has {count} tokens (ids up to {count - 1}), but {CONFIG} in {folder} gives the "
+                            f"model only vocab_size={config.vocab_size} embedding rows: the tokenizer does not belong "
+                            "to these weights. Use the tokenizer files that came with the model, or resize the "
+                            "embedding (model.resize_token_embeddings) and save the model again.")
+
+
 def copy_tokenizer(src_folder: str, dst_folder: str, files: list[str]):
     os.makedirs(dst_folder, exist_ok=True)
     for name in files:
@@ -457,6 +496,7 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
     config_json = read_config_json(src)
     config = config_from_hf(config_json, os.path.join(src, CONFIG))
     quant = bitnet_quantization(config_json) if config.arch == "bitnet" else None
+    check_tokenizer_fits(src, config)
     checkpoint = Checkpoint(src)
     try:
         return _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, config_json, quant)

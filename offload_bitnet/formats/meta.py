@@ -97,9 +97,13 @@ def load_shard(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        raise MetaFormatError(f"{path} contains Python code or objects other than tensors; it was not executed "
-                              f"and cannot be imported. Only plain tensor checkpoints are accepted "
-                              f"(torch said: {str(error).splitlines()[-1][:200]})") from None
+        # torch's message is a page long; the line naming the refused global says what the file tried to call.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")
+        raise MetaFormatError(f"{path} contains Python code or objects other than tensors ({detail[:200]}); it was "
+                              "not executed and cannot be imported. Only plain tensor checkpoints are accepted: "
+                              "re-save it as a dict of tensors in a trusted environment, or use the model's "
+                              "safetensors weights.") from None
     except (RuntimeError, OSError, EOFError) as error:
         raise MetaFormatError(f"cannot read {path}: {error}. The file may be truncated; re-download it.") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -286,6 +290,11 @@ def inspect_checkpoint(src: str) -> dict:
         raise MetaFormatError(f"{files[0]}: tensor {EMBED_KEY} holds {vocab_size} tokens but params.json says "
                               f"vocab_size={params['vocab_size']}")
     config = config_from_params(params, vocab_size, tokenizer)
+    if tokenizer and tokenizer["vocab_size"] > vocab_size:
+        # Ids past the embedding would index outside it in training and generation.
+        raise MetaFormatError(f"{tokenizer_path} has {tokenizer['vocab_size']} tokens, but {EMBED_KEY} in {files[0]} "
+                              f"has only {vocab_size} rows: the tokenizer does not belong to this checkpoint. Use "
+                              "the tokenizer.model that came with it.")
 
     shapes, splits = full_shapes(config), split_dims(config, embed_split)
     extra_keys = [k for k in first if k not in shapes]

@@ -38,6 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
                         help="bytes of weights kept in memory (default 2G); larger models stream from disk every token")
     return parser.parse_args(argv)
@@ -87,15 +88,18 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from offload_bitnet.errors import describe_error
+
     args = parse_args(argv)
     try:
         return run(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, ImportError) as error:
-        # One readable paragraph, no traceback: the libraries' messages name the file and the fix.
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - one readable paragraph; the messages name the file and the fix
+        if args.debug:
+            raise
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         return 1
 
 

@@ -11,6 +11,7 @@ import json
 import sys
 
 from .config import SIZES
+from .errors import describe_error
 from .progress import Progress
 
 
@@ -38,6 +39,13 @@ def _export(args):
 
     path = export_model(args.store, args.out, format=args.format)
     print(f"exported {args.store} to {path} ({args.format})")
+
+
+def _merge(args):
+    from .merge import merge_lora
+
+    path = merge_lora(args.store, args.adapter_dir, args.out, progress=True, shadow_dtype=args.dtype)
+    print(f"merged {args.adapter_dir} into {path}")
 
 
 def _verify(args):
@@ -106,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", default="source", choices=["source", "hf", "hf-bitnet", "meta"])
     exp.set_defaults(run=_export)
 
+    merge = commands.add_parser("merge", help="fold LoRA adapters into a new 16-bit store")
+    merge.add_argument("store")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: the base's 16-bit dtype")
+    merge.set_defaults(run=_merge)
+
     verify = commands.add_parser("verify", help="check every file of a store against its checksum")
     verify.add_argument("store")
     verify.set_defaults(run=_verify)
@@ -137,16 +152,6 @@ def main(argv=None) -> int:
         print(f"error: {describe_error(error)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
-
-
-def describe_error(error: Exception) -> str:
-    """The message of an expected failure (the package's errors and ValueErrors name the file and the fix);
-    for an OS error its reason and file; for anything else its type too, and how to see the traceback."""
-    if type(error).__module__.startswith("offload_bitnet") or isinstance(error, ValueError):
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"
 
 
 if __name__ == "__main__":

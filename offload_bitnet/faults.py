@@ -54,6 +54,12 @@ def configure(spec: str):
         _counts.clear()
 
 
+def pass_counts() -> dict[str, int]:
+    """How many times each fault point has been passed in this process (for calibrating crash tests)."""
+    with _lock:
+        return dict(_counts)
+
+
 def fault_point(point: str):
     """Pass through a named point; performs the planned action when this pass is the chosen one."""
     if not _plan:

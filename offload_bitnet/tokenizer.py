@@ -561,7 +561,7 @@ def _store_defaults(store_path: str) -> dict:
             config = json.load(handle).get("config", {})
     except (OSError, ValueError):
         return {}
-    return {key: config.get(key) for key in ("bos_id", "eos_id", "pad_id")}
+    return {key: config.get(key) for key in ("bos_id", "eos_id", "pad_id", "vocab_size")}
 
 
 def load_tokenizer(store_path: str, description: dict | None):
@@ -578,4 +578,11 @@ def load_tokenizer(store_path: str, description: dict | None):
     if not os.path.isdir(directory):
         raise TokenizerError(f"store {store_path} says it has a {kind} tokenizer, but {directory} is missing; "
                              "re-import the model")
-    return loader(directory, description, _store_defaults(store_path))
+    defaults = _store_defaults(store_path)
+    model_vocab = defaults.pop("vocab_size", None)
+    tokenizer = loader(directory, description, defaults)
+    if model_vocab and tokenizer.vocab_size > model_vocab:
+        raise TokenizerError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model in "
+                             f"{store_path} has only {model_vocab} embedding rows: they do not belong together. "
+                             "Re-import the model with its own tokenizer.")
+    return tokenizer

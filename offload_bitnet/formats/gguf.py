@@ -194,6 +194,9 @@ def read_config(path: str, reader) -> ModelConfig:
         pad_id=field_value(reader, "tokenizer.ggml.padding_token_id"),
     )
     config.rope_scaling = read_rope_scaling(path, reader, config)
+    if tokens is not None and len(tokens) > config.vocab_size:
+        raise GGUFError(f"{path} has {len(tokens)} tokenizer tokens but only {config.vocab_size} embedding rows: "
+                        "the file is inconsistent; re-convert it with llama.cpp")
     return config
 
 

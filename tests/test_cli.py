@@ -1,0 +1,44 @@
+import json
+import os
+
+import torch
+
+from offload_bitnet import BlockStore, EngineOptions, StreamingEngine, open_model
+from offload_bitnet.cli import main
+from offload_bitnet.lora import LoRAConfig
+
+
+def test_create_info_verify_export_merge(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["create", store, "--size", "demo", "--arch", "llama"]) == 0
+    capsys.readouterr()
+    assert main(["info", store]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 0 and info["settings"]["mode"] == "full" and info["parameters"] > 0
+    assert main(["verify", store]) == 0
+    assert "all files match" in capsys.readouterr().out
+
+    engine = StreamingEngine(BlockStore(store), EngineOptions(lora=LoRAConfig(rank=2), adapter_dir=str(tmp_path / "a")))
+    engine.train_step([(torch.randint(0, 256, (1, 12)), None)])
+    assert main(["merge", store, str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    ids = torch.randint(0, 256, (1, 10))
+    assert torch.allclose(open_model(str(tmp_path / "merged")).logits(ids), engine.logits(ids), atol=2e-3)
+
+    assert main(["export", store, str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert os.path.exists(tmp_path / "hf" / "config.json")
+
+
+def test_errors_are_one_paragraph_without_traceback(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["create", store, "--size", "demo"]) == 0
+    capsys.readouterr()
+    assert main(["create", store, "--size", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already holds a store" in err and "Traceback" not in err
+    units = os.path.join(store, "units")
+    victim = os.path.join(units, sorted(os.listdir(units))[0])
+    data = bytearray(open(victim, "rb").read())
+    data[-1] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    assert main(["verify", store]) == 1
+    assert "fails its checksum" in capsys.readouterr().out

@@ -1,15 +1,19 @@
 """Run records: ``metrics.jsonl`` (one JSON object per step and per evaluation), ``status.json`` (the latest
 state, for watching a run from elsewhere) and ``loss.png`` (train and validation loss).
 
-Records carry ``"type"``: ``train`` (one per optimizer step), ``eval`` (validation loss) or ``sample``
-(generated text). A resumed run first drops records past the store's committed step, so the file always
-describes the weights on disk.
+Records carry ``"type"``: ``train`` (one per optimizer step), ``eval`` (validation loss), ``skip`` (a step
+skipped for a non-finite loss or gradient) or ``sample`` (generated text). A resumed run first drops records
+past the store's committed step, so the file always describes the weights on disk.
+
+``offload-bitnet status RUN_DIR`` (``print_status``) and ``offload-bitnet plot RUN_DIR`` (``plot_run``) read
+these files from another terminal while a run goes on.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 
 from .store import write_file_atomic
 
@@ -68,16 +72,21 @@ def summarize(records: list[dict]) -> dict:
     """First and last train loss, steps, tokens and the best validation loss found in ``records``."""
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
+    skips = [r for r in records if r.get("type") == "skip"]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     return {
-        "steps": train[-1]["step"] if train else 0,
+        "steps": max([r["step"] for r in train + skips], default=0),
         "first_loss": train[0]["loss"] if train else None,
         "last_loss": train[-1]["loss"] if train else None,
         "tokens": sum(r.get("tokens", 0) for r in train),
         "train_seconds": sum(r.get("wall_s", 0.0) for r in train),
         "best_val_loss": best["val_loss"] if best else None,
         "best_val_step": best["step"] if best else None,
+        "first_val_loss": evals[0]["val_loss"] if evals else None,
+        "first_val_step": evals[0]["step"] if evals else None,
         "last_val_loss": evals[-1]["val_loss"] if evals else None,
+        "last_val_step": evals[-1]["step"] if evals else None,
+        "skipped": len(skips),
     }
 
 
@@ -135,3 +144,97 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     plt.close(figure)
     os.replace(tmp, png_path)
     return png_path
+
+
+# ---------------------------------------------------------------------------------------------- the CLI side
+def lock_holder(path: str) -> str | None:
+    """Who holds the lock file ``path`` ("pid N on HOST"), if that process is alive; None otherwise.
+
+    The file keeps its last holder's line after release, so liveness is checked with signal 0 rather than by
+    taking the lock (which could make a starting run fail)."""
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    parts = text.split()
+    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
+        return None
+    if parts[3] != socket.gethostname() and parts[3] != os.uname().nodename:
+        return f"{text} (another host: cannot tell whether it still runs)"
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return text
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def status_lines(run_dir: str) -> list[str]:
+    """A run's state for ``offload-bitnet status``: phase, step, loss, ETA, validation and who runs it."""
+    status_path = os.path.join(run_dir, "status.json")
+    try:
+        with open(status_path) as handle:
+            status = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} has no status.json: not a run folder of finetune.py (runs live in "
+                         "RUNS_DIR/EXPERIMENT, runs/demo by default), or its run has not started a step yet") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {status_path}: {error}") from None
+    records = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    summary = summarize(records)
+    step, total = status.get("step", 0), status.get("total_steps") or 0
+    share = f" ({100 * step / total:.0f}%)" if total else ""
+    lines = [f"{run_dir}: {status.get('phase', '?')}, step {step}/{total}{share}, updated {status.get('updated', '?')}"]
+    if summary["last_loss"] is not None:
+        lr = status.get("lr")
+        lines.append(f"  train loss {summary['last_loss']:.4f} (first {summary['first_loss']:.4f})"
+                     + (f", lr {lr:.2e}" if isinstance(lr, (int, float)) else ""))
+    if summary["last_val_loss"] is not None:
+        lines.append(f"  validation loss {summary['last_val_loss']:.4f} (perplexity "
+                     f"{perplexity(summary['last_val_loss']):.2f}) at step {summary['last_val_step']}; best "
+                     f"{summary['best_val_loss']:.4f} at step {summary['best_val_step']}")
+    if summary["skipped"]:
+        lines.append(f"  {summary['skipped']} step(s) skipped for a non-finite loss or gradient")
+    store = status.get("store")
+    holders = [lock_holder(path) for path in (os.path.join(run_dir, "run.lock"),
+                                              os.path.join(store, "lock") if store else "")]
+    holder = next((h for h in holders if h), None)
+    if holder:
+        eta = status.get("eta_s")
+        lines.append(f"  running: {holder}" + (f", ETA {format_duration(eta)}" if isinstance(eta, (int, float))
+                                                and status.get("phase") == "training" else ""))
+    else:
+        lines.append("  not running" + (" (it stopped before finishing: re-run its command to resume)"
+                                        if status.get("phase") == "training" else ""))
+    where = f"  store {store} (step {status.get('store_step')})" if store else ""
+    if status.get("adapter_dir"):
+        where += f"; adapters {status['adapter_dir']} (step {status.get('adapter_step')})"
+    if where:
+        lines.append(where)
+    return lines
+
+
+def print_status(run_dir: str) -> int:
+    """``offload-bitnet status RUN_DIR``."""
+    for line in status_lines(run_dir):
+        print(line)
+    return 0
+
+
+def plot_run(run_dir: str) -> int:
+    """``offload-bitnet plot RUN_DIR``: (re)draw RUN_DIR/loss.png from its metrics."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise ValueError(f"{run_dir} has no metrics.jsonl: not a run folder of finetune.py, or its run has not "
+                         "finished a step yet")
+    path = plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
+                       os.path.basename(os.path.normpath(run_dir)))
+    print(f"loss plot: {path}")
+    return 0

@@ -68,11 +68,20 @@ class RunConfig:
     skip_bad_records: bool = opt(False, "skip malformed records (and count them) instead of stopping",
                                  kind="bool")
     # Optimization.
-    mode: str | None = opt(None, "training mode: qat (ternary BitNet) or full; default: the store's "
-                                 "(qat for BitNet, full for LLaMA). lora: not implemented yet",
-                           choices=MODES, kind="str")
-    lr: float | None = opt(None, "peak learning rate (default: 3e-3 for a new demo model, 1e-4 for qat, "
-                                 "2e-5 for full)", aliases=("--learning-rate",), kind="float")
+    mode: str | None = opt(None, "training mode: qat (ternary BitNet weights), full (full-precision weights) or "
+                                 "lora (adapters on a frozen base that stays unmodified); default: the store's "
+                                 "(qat for BitNet, full for LLaMA)", choices=MODES, kind="str")
+    lora_rank: int = opt(8, "LoRA: rank of the adapter matrices", kind="int")
+    lora_alpha: float = opt(16.0, "LoRA: scale; the adapters' output is multiplied by alpha / rank", kind="float")
+    lora_dropout: float = opt(0.0, "LoRA: dropout on the adapters' input", kind="float")
+    lora_targets: str = opt("all", "LoRA: projections that get adapters, comma-separated from "
+                                   "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or all, attention, mlp",
+                            kind="names")
+    quant_warmup: int = opt(0, "convert a full-precision model to ternary: the quantization mix rises linearly "
+                               "from 0 to 1 over this many steps, then stays 1 (needs a qat store: import with "
+                               "--mode qat)", kind="int")
+    lr: float | None = opt(None, "peak learning rate (default: 3e-3 for a new demo model, 2e-4 for lora, "
+                                 "1e-4 for qat, 2e-5 for full)", aliases=("--learning-rate",), kind="float")
     schedule: str = opt("cosine", "learning-rate schedule", choices=SCHEDULES, kind="str")
     warmup_fraction: float = opt(0.05, "fraction of the steps spent warming the learning rate up", kind="float")
     eta_min: float = opt(0.0, "final learning rate of the cosine decay", kind="float")
@@ -93,8 +102,12 @@ class RunConfig:
     seed: int = opt(0, "seed of data shuffling and dropout", kind="int")
     state_dtype: str | None = opt(None, "optimizer state dtype for new stores: fp32 or bf16 "
                                         "(default fp32; an existing store keeps its own)", kind="str")
+    max_skipped_steps: int = opt(3, "a step with a non-finite loss or gradient is skipped (nothing is updated); "
+                                    "this many in a row stop the run", kind="int")
     # Evaluation and generation.
     eval_batch_size: int = opt(8, "sequences per validation batch", kind="int")
+    eval_at_start: bool = opt(True, "validate before the first step, as a baseline (with --quant-warmup: the "
+                                    "full-precision and the ternary model)", kind="bool")
     eval_every: int = opt(0, "validate every N steps (0: only at the end)", kind="int")
     eval_max_batches: int = opt(0, "validate on at most this many batches (0: all)", kind="int")
     generate_every: int = opt(0, "generate from the prompts every N steps (0: only at the end)", kind="int")
@@ -107,6 +120,8 @@ class RunConfig:
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
     export_format: str = opt("source", "export format (source: the format it was imported from)",
                              choices=EXPORT_FORMATS, kind="str")
+    merge: bool = opt(False, "LoRA: fold the adapters into a new 16-bit store RUN_DIR/merged at the end "
+                             "(--export-path then exports that store)", kind="bool")
     max_hours: float | None = opt(None, "stop cleanly at a step boundary after this many hours", kind="float")
     until: str | None = opt(None, "stop cleanly at a step boundary before this local time (HH:MM)", kind="str")
     log_every: int = opt(1, "print a progress line every N steps", kind="int")
@@ -147,6 +162,24 @@ class RunConfig:
     @property
     def memory_budget_bytes(self) -> int:
         return parse_size(self.memory_budget)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.mode == "lora"
+
+    @property
+    def store_mode(self) -> str | None:
+        """The store mode a new or imported store gets (None: the creator's or importer's default).
+
+        LoRA leaves the base as the importer makes it; a quantization warmup needs the shadow weights of qat."""
+        if self.mode in ("qat", "full"):
+            return self.mode
+        return "qat" if self.quant_warmup > 0 and not self.is_lora else None
+
+    @property
+    def lora_target_list(self) -> tuple:
+        """The projections of ``lora_targets`` in model order; ValueError naming an unknown one."""
+        return parse_targets(self.lora_targets)
 
     def source_of(self, name: str) -> str:
         return self.sources.get(name, "default")
@@ -205,9 +238,14 @@ class RunConfig:
             bad(f"{self.describe('weight_decay')} must be 0 or more")
         if not self.adam_eps > 0:
             bad(f"{self.describe('adam_eps')} must be positive")
-        if self.mode == "lora":
-            bad(f"{self.describe('mode')}: LoRA mode is not implemented yet; use mode 'qat' (BitNet ternary) "
-                "or 'full'")
+        if self.max_skipped_steps < 1:
+            bad(f"{self.describe('max_skipped_steps')} must be at least 1")
+        self._validate_lora(bad)
+        if self.quant_warmup < 0:
+            bad(f"{self.describe('quant_warmup')} must be 0 or more")
+        elif self.quant_warmup > 0 and self.mode == "full":
+            bad(f"{self.describe('quant_warmup')} converts a model to ternary, which needs a qat store, but "
+                f"{self.describe('mode')} asks for full precision: use --mode qat (or leave --mode out)")
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             if str(self.state_dtype).lower() in ("8bit", "int8", "8-bit", "uint8"):
                 bad(f"{self.describe('state_dtype')}: 8-bit blockwise optimizer state is not implemented yet; "
@@ -234,6 +272,31 @@ class RunConfig:
         if problems:
             raise RunConfigError(_join_problems(problems))
         return self
+
+    def _validate_lora(self, bad):
+        """LoRA options: valid values with --mode lora, and only there."""
+        lora_only = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "merge")
+        if not self.is_lora:
+            for name in lora_only:
+                if self.source_of(name) != "default":
+                    bad(f"{self.describe(name)} applies only to --mode lora")
+            return
+        if self.lora_rank < 1:
+            bad(f"{self.describe('lora_rank')} must be a positive integer")
+        if not self.lora_alpha > 0:
+            bad(f"{self.describe('lora_alpha')} must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            bad(f"{self.describe('lora_dropout')} must be in [0, 1)")
+        try:
+            self.lora_target_list
+        except ValueError as error:
+            bad(f"{self.describe('lora_targets')}: {error}")
+        if self.quant_warmup > 0:
+            bad(f"{self.describe('quant_warmup')} converts the model's own weights, which --mode lora keeps "
+                "frozen: convert first (--mode qat --quant-warmup N), then train adapters on the result")
+        if self.export_path and not self.merge:
+            bad(f"{self.describe('export_path')}: a LoRA run's result is its adapters (RUN_DIR/adapter, PEFT "
+                "format); add --merge to fold them into the model and export that")
 
     def apply_demo_defaults(self):
         """Without a MODEL, fill the demo's recipe and data into fields the user left at their defaults."""
@@ -264,6 +327,27 @@ def _join_problems(problems: list[str]) -> str:
 def demo_data_path() -> str:
     """``test_data/demo.txt`` of the source checkout (it does not ship inside the package)."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test_data", "demo.txt")
+
+
+TARGET_GROUPS = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 "attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def parse_targets(text: str) -> tuple:
+    """``"q_proj,v_proj"`` or a group name (all, attention, mlp) -> projection names in model order."""
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    chosen = set()
+    for name in names:
+        if name in TARGET_GROUPS:
+            chosen.update(TARGET_GROUPS[name])
+        elif name in TARGET_GROUPS["all"]:
+            chosen.add(name)
+        else:
+            raise ValueError(f"unknown projection {name!r}; choose from {', '.join(TARGET_GROUPS['all'])} or "
+                             f"{', '.join(TARGET_GROUPS)}")
+    if not chosen:
+        raise ValueError("name at least one projection, e.g. q_proj,v_proj or all")
+    return tuple(name for name in TARGET_GROUPS["all"] if name in chosen)
 
 
 def sanitize_name(name: str) -> str:
@@ -345,13 +429,15 @@ def _check_type(name: str, value, origin: str):
     """Coerce a TOML value to the field's kind, or raise RunConfigError naming the key and the file."""
     kind = FIELDS[name].metadata["kind"]
     expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                "list": "a string or a list of strings", "size": "a size like \"4GiB\" or a number of bytes"}[kind]
+                "list": "a string or a list of strings", "size": "a size like \"4GiB\" or a number of bytes",
+                "names": "a comma-separated string or a list of strings"}[kind]
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "list": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+        "names": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
         "size": isinstance(value, (str, int)) and not isinstance(value, bool),
     }[kind]
     if not ok:
@@ -360,6 +446,8 @@ def _check_type(name: str, value, origin: str):
         return float(value)
     if kind == "list":
         return [value] if isinstance(value, str) else list(value)
+    if kind == "names":
+        return value if isinstance(value, str) else ",".join(value)
     return value
 
 
@@ -417,8 +505,11 @@ def resume_fingerprint(config: RunConfig) -> dict:
     keys = ("data", "val_data", "val_fraction", "data_format", "max_seq_len", "packing", "train_on_prompt",
             "skip_bad_records", "seed", "batch_size", "grad_accum", "lr", "schedule", "warmup_fraction",
             "eta_min", "stage2_lr_fraction", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "dropout",
-            "num_epochs", "num_train_iters")
+            "num_epochs", "num_train_iters", "quant_warmup")
     values = {key: getattr(config, key) for key in keys}
+    if config.is_lora:
+        values["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                          "targets": list(config.lora_target_list)}
     values["data"] = [os.path.abspath(p) for p in config.data]
     values["val_data"] = [os.path.abspath(p) for p in config.val_data]
     return values

@@ -8,6 +8,10 @@ Steps count from 1 (the first optimizer step) to ``total_steps``.
 * ``two-stage`` (the BitNet b1.58 recipe): stage 1 warms up and follows a cosine decay planned over the
   whole run; at the midpoint the rate drops sharply to ``stage2_lr_fraction * peak`` and decays by cosine to
   ``eta_min`` over stage 2. Weight decay is ``weight_decay`` in stage 1 and 0 in stage 2.
+
+``quant_mix`` is the quantization warmup of a full-precision model turned ternary (Hugging Face's
+"Fine-tuning LLMs to 1.58bit"): the mix rises linearly from 0 (full precision) to 1 (ternary) over the first
+``warmup_steps`` optimizer steps, then stays at 1.
 """
 from __future__ import annotations
 
@@ -75,3 +79,11 @@ def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_fraction: 
     warmup = min(int(round(warmup_fraction * total_steps)), max(total_steps - 1, 0))
     return Schedule(kind=kind, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup, eta_min=eta_min,
                     weight_decay=weight_decay, stage2_lr_fraction=stage2_lr_fraction)
+
+
+def quant_mix(step: int, warmup_steps: int) -> float:
+    """Quantization mix of optimizer step ``step`` (1-based): ``step / warmup_steps`` up to 1; step 0 (the
+    model before training) is 0. No warmup (``warmup_steps`` 0) is 1 throughout: plain ternary training."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(max(step, 0) / warmup_steps, 1.0)

@@ -4,19 +4,26 @@ evaluate, report, stop cleanly and resume exactly.
 Run folder ``RUNS_DIR/EXPERIMENT/``::
 
     store/          the model being trained (created or imported here; a MODEL that is a store trains in place)
+    adapter/        --mode lora: the adapters (PEFT format) and their optimizer state; the store stays frozen
+    merged/         --mode lora --merge: the adapters folded into a new 16-bit store
     run.json        what the run was made from (checked when re-running the same experiment)
     metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
 
-Resuming: each optimizer step commits, atomically with the weights, ``manifest["extra"]["train_state"]``:
-the run it belongs to, the step, the data position (examples consumed), the lr and weight decay used and
-the settings that determine the result. Everything random is a function of (seed, step): batches come from
-seeded per-epoch shuffles (``data.BatchOrder``) and dropout masks from (seed, step, micro-batch, layer), so
-re-running the same command continues from the last committed step bit for bit.
+Resuming: each optimizer step commits, atomically with the weights (LoRA: with the adapters, in
+``adapter/adapter_state.json``), a ``train_state``: the run it belongs to, the step, the data position
+(examples consumed), the lr, weight decay and quantization mix used, the steps skipped, and the settings that
+determine the result. Everything random is a function of (seed, step): batches come from seeded per-epoch
+shuffles (``data.BatchOrder``) and dropout masks from (seed, step, micro-batch, layer), so re-running the same
+command continues from the last committed step bit for bit.
+
+A step whose loss or gradient is not finite is skipped by the engine (nothing is updated or committed); the
+trainer records the skip (committing the advanced data position) and stops after ``max_skipped_steps`` in a row.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -33,12 +40,14 @@ import torch
 from . import data as datalib
 from .config import ConfigError, config_for_size
 from .engine import EngineOptions, StreamingEngine
+from .lora import LoRAConfig
 from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
 from .progress import format_seconds
 from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
-from .schedule import make_schedule
+from .schedule import make_schedule, quant_mix
 from .store import BlockStore, StoreError, StoreSettings
+from .streams import ActivationStash
 
 STATE_KEY = "train_state"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -91,6 +100,18 @@ class RunPaths:
     def run_json(self) -> str:
         return os.path.join(self.run_dir, "run.json")
 
+    @property
+    def adapter_dir(self) -> str:
+        return os.path.join(self.run_dir, "adapter")
+
+    @property
+    def merged_dir(self) -> str:
+        return os.path.join(self.run_dir, "merged")
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.run_dir, "run.lock")
+
 
 def resolve_paths(config: RunConfig) -> RunPaths:
     """The run folder and the store a run trains."""
@@ -122,15 +143,48 @@ def clear_run(paths: RunPaths):
     for path in (paths.metrics, paths.status, paths.plot, paths.run_json):
         if os.path.exists(path):
             os.remove(path)
+    for folder in (paths.adapter_dir, paths.merged_dir):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
     if paths.origin != "store" and os.path.isdir(paths.store_dir):
         shutil.rmtree(paths.store_dir)
+
+
+def training_kind(config: RunConfig) -> str:
+    """What a run changes: ``lora`` (adapters beside a frozen store) or ``weights`` (the store itself)."""
+    return "lora" if config.is_lora else "weights"
+
+
+class RunLock:
+    """An exclusive lock on a run folder: a LoRA run opens its store read-only (no store lock), so this keeps
+    two runs from writing the same adapters."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle = open(path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise TrainError(f"the run in {os.path.dirname(path)} is in use by {holder}; wait for it to finish or "
+                             "stop it before starting it again") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        self.handle.flush()
+
+    def release(self):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
 
 
 def prepare_store(config: RunConfig, paths: RunPaths) -> None:
     """Create (demo) or import the store into the run folder unless a finished one is already there."""
     os.makedirs(paths.run_dir, exist_ok=True)
     if config.restart:
-        if paths.origin == "store":
+        if paths.origin == "store" and not config.is_lora:
             say(f"--restart: training already written into {paths.store_dir} cannot be undone; "
                 "a new run starts from its current weights")
         else:
@@ -141,6 +195,11 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
         raise TrainError(f"the run folder {paths.run_dir} belongs to a run of {recorded.get('source')}, not "
                          f"{source_label(config)}. Choose another name with --experiment NAME, or pass --restart "
                          "to replace that run.")
+    if recorded and recorded.get("training", "weights") != training_kind(config):
+        was = "a LoRA run (--mode lora)" if recorded.get("training") == "lora" else "a run that trains the weights"
+        raise TrainError(f"the run folder {paths.run_dir} holds {was}; this command asks for "
+                         f"{'LoRA' if config.is_lora else 'training the weights'}. Choose another name with "
+                         "--experiment NAME, or pass --restart to replace that run.")
     if paths.origin != "store" and not store_is_complete(paths.store_dir):
         if os.path.exists(paths.store_dir):
             say(f"removing the unfinished store {paths.store_dir} (its creation or import was interrupted)")
@@ -150,7 +209,7 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
                 "re-running the same command resumes this run, --restart starts it over")
             from .create import create_model
 
-            create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.mode,
+            create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.store_mode,
                          state_dtype=config.state_dtype or "fp32", seed=config.seed)
         else:
             say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
@@ -159,14 +218,16 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
             import_model(config.model, paths.store_dir, import_settings(config), progress=True)
     if not recorded or config.restart:
         write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,
+                                    "training": training_kind(config),
                                     "created": datetime.datetime.now().isoformat(timespec="seconds")})
 
 
 def import_settings(config: RunConfig) -> StoreSettings | None:
-    """Store settings for an import: the importer's defaults unless --mode or --state-dtype asks otherwise."""
-    if config.mode is None and config.state_dtype is None:
+    """Store settings for an import: the importer's defaults unless --mode (qat/full), --quant-warmup or
+    --state-dtype asks otherwise."""
+    if config.store_mode is None and config.state_dtype is None:
         return None
-    mode = config.mode or guess_mode(config.model)
+    mode = config.store_mode or guess_mode(config.model)
     return StoreSettings(mode=mode, state_dtype=config.state_dtype or "fp32")
 
 
@@ -193,8 +254,15 @@ def write_json(path: str, value: dict):
 
 def check_store_settings(config: RunConfig, store: BlockStore):
     """Mode and optimizer-state dtype are fixed when a store is made; refuse a request to change them."""
-    for name, wanted, actual in (("mode", config.mode, store.settings.mode),
-                                 ("state_dtype", config.state_dtype, store.settings.state_dtype)):
+    if config.quant_warmup > 0 and store.settings.mode != "qat":
+        raise TrainError(f"{config.describe('quant_warmup')} needs a qat store (full-precision shadow weights "
+                         f"with a ternary copy), but {store.path} is a {store.settings.mode} store. Import the "
+                         "model with --mode qat: python finetune.py MODEL --mode qat --quant-warmup N ... (under a "
+                         "new --experiment NAME, or with --restart), or offload-bitnet import MODEL OUT --mode qat.")
+    wanted_mode = None if config.is_lora else config.store_mode
+    for name, wanted, actual in (("mode", wanted_mode, store.settings.mode),
+                                 ("state_dtype", None if config.is_lora else config.state_dtype,
+                                  store.settings.state_dtype)):
         if wanted is not None and wanted != actual:
             raise TrainError(f"{config.describe(name)} differs from the store's {name} {actual!r} "
                              f"({store.path}); it is fixed when a store is created or imported. Drop the option, "
@@ -204,6 +272,8 @@ def check_store_settings(config: RunConfig, store: BlockStore):
 def default_lr(config: RunConfig, store: BlockStore) -> float:
     if config.lr is not None:
         return config.lr
+    if config.is_lora:
+        return 2e-4
     return 1e-4 if store.settings.mode == "qat" else 2e-5
 
 
@@ -262,6 +332,9 @@ class Trainer:
         self.store = engine.store
         self.paths = paths
         self.resume_command = resume_command
+        self.lora = engine.adapters is not None
+        # Quantization warmup: each step says which mix of full-precision and ternary weights it trains.
+        self.warmup = config.quant_warmup if self.store.settings.mode == "qat" and not self.lora else 0
         self.metrics = MetricsLog(paths.metrics)
         from .tokenizer import load_tokenizer
 
@@ -283,20 +356,33 @@ class Trainer:
                                  f"{self.store.config.max_seq_len}. Shorten it.")
 
     # ------------------------------------------------------------------ resume state
-    # Where the committed step and its extra live: the store's manifest. (A trainer whose engine commits
-    # elsewhere, as LoRA adapters do, overrides these two.)
+    # Where the committed step and its extra live: the store's manifest, or for LoRA the adapter checkpoint
+    # (adapter/adapter_state.json), since the base store is never written.
     def committed_step(self) -> int:
-        return self.store.step
+        return self.engine.adapters.step if self.lora else self.store.step
 
     def committed_extra(self) -> dict:
-        return self.store.extra
+        return self.engine.adapters.extra if self.lora else self.store.extra
+
+    def commit_state(self, state: dict):
+        """Commit ``state`` without an optimizer step (after a skipped step), so the data position it advanced
+        survives a restart: the manifest (or the adapter checkpoint) is rewritten at the same step."""
+        extra = {**{k: v for k, v in self.committed_extra().items() if k != STATE_KEY}, STATE_KEY: state}
+        if self.lora:
+            self.engine.adapters.save(self.paths.adapter_dir, self.engine.adapters.step, extra,
+                                      base_model=self.store.path)
+        else:
+            self.engine.flush()  # the writer is idle after this, so the manifest can be replaced here
+            self.store.commit(self.store.step, extra)
 
     def initial_state(self) -> dict:
         """The saved state of this run (resuming) or a fresh one starting at the store's current step."""
         saved = self.committed_extra().get(STATE_KEY)
         step_now = self.committed_step()
         fresh = {"run_dir": self.paths.run_dir, "base_step": step_now, "step": 0, "examples_seen": 0,
-                 "fingerprint": self.fingerprint}
+                 "skipped_steps": 0, "fingerprint": self.fingerprint}
+        if self.lora:
+            fresh["base_store_step"] = self.store.step
         if not saved or self.config.restart:
             return fresh
         if saved.get("run_dir") != self.paths.run_dir:
@@ -304,10 +390,15 @@ class Trainer:
                 f"(step {step_now}); starting a new run from its current weights")
             return fresh
         done = step_now - saved["base_step"]
-        if done != saved.get("step"):
-            raise TrainError(f"the store {self.store.path} is at step {step_now}, but its run state says "
-                             f"{saved['base_step']} + {saved.get('step')}: it was changed outside this run. "
-                             "Pass --restart to start a new run on its current weights.")
+        if done != saved.get("step", 0) - saved.get("skipped_steps", 0):
+            where = self.paths.adapter_dir if self.lora else self.store.path
+            raise TrainError(f"{where} is at step {step_now}, but its run state says {saved['base_step']} + "
+                             f"{saved.get('step')} steps ({saved.get('skipped_steps', 0)} skipped): it was changed "
+                             "outside this run. Pass --restart to start a new run.")
+        if self.lora and saved.get("base_store_step") != self.store.step:
+            raise TrainError(f"the adapters in {self.paths.adapter_dir} were trained on {self.store.path} at step "
+                             f"{saved.get('base_store_step')}, but that store is now at step {self.store.step}: its "
+                             "weights changed under the adapters. Pass --restart to train new adapters on it.")
         self.check_fingerprint(saved.get("fingerprint", {}))
         return dict(saved, fingerprint=self.fingerprint)
 
@@ -323,12 +414,24 @@ class Trainer:
         if any(saved.get(key) != self.fingerprint[key] for key in LENGTH_KEYS if key in saved):
             say(f"note: the run length changed; the schedule is re-planned for {self.total_steps} steps from here on")
 
-    def state_after(self, state: dict, step: int, lr: float, weight_decay: float, tokens: int) -> dict:
-        """What ``commit_extra`` records with step ``step`` (atomically with its weights)."""
-        return dict(state, step=step, examples_seen=step * self.config.batch_size,
-                    epoch=round(self.order.epoch_at(step), 6), lr=lr, weight_decay=weight_decay,
-                    total_steps=self.total_steps, tokens_seen=state.get("tokens_seen", 0) + tokens,
-                    optimizer_step=state["base_step"] + step, finished=step >= self.total_steps)
+    def state_after(self, state: dict, step: int, lr: float, weight_decay: float, tokens: int,
+                    mix: float | None, skipped: bool = False) -> dict:
+        """What is committed with step ``step`` (atomically with its weights or adapters): the data position
+        always advances; a skipped step adds no tokens and no optimizer step."""
+        skipped_steps = state.get("skipped_steps", 0) + int(skipped)
+        values = dict(state, step=step, examples_seen=step * self.config.batch_size,
+                      epoch=round(self.order.epoch_at(step), 6), lr=lr, weight_decay=weight_decay,
+                      total_steps=self.total_steps,
+                      tokens_seen=state.get("tokens_seen", 0) + (0 if skipped else tokens),
+                      skipped_steps=skipped_steps, optimizer_step=state["base_step"] + step - skipped_steps,
+                      finished=step >= self.total_steps)
+        if mix is not None:
+            values["quant_mix"] = mix
+        return values
+
+    def quant_mix_at(self, step: int) -> float | None:
+        """The quantization mix of step ``step`` during a warmup (None otherwise: the engine's default)."""
+        return quant_mix(step, self.warmup) if self.warmup else None
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -341,16 +444,20 @@ class Trainer:
             self.metrics.clear()
         else:
             dropped = self.metrics.truncate_after(start)
-            say(f"resuming {self.paths.run_dir} at step {start}/{self.total_steps} (store step {self.committed_step()})"
-                + (f"; dropped {dropped} metric records of uncommitted steps" if dropped else ""))
+            dropped_note = f"; dropped {dropped} metric records of uncommitted steps" if dropped else ""
+            say(f"resuming {self.paths.run_dir} at step {start}/{self.total_steps} (optimizer step "
+                f"{self.committed_step()}){dropped_note}")
         self.print_header()
-        # commit_extra replaces the manifest's extra wholesale: carry the rest (source, tokenizer) along.
+        if start == 0 and config.eval_at_start and self.dataset.val:
+            self.evaluate_baseline()
+        # commit_extra replaces the extra wholesale: carry the rest (source, tokenizer) along.
         base_extra = {k: v for k, v in self.committed_extra().items() if k != STATE_KEY}
         stopper = Stopper(config)
         stopper.install()
         session_started = time.perf_counter()
         step_times: list[float] = []
         stop_reason = None
+        skipped_in_row = 0
         last_eval_step = last_generate_step = None
         try:
             for index in range(start, self.total_steps):
@@ -362,17 +469,27 @@ class Trainer:
                 batch = [self.dataset.train[i] for i in self.order.indices(index)]
                 micro = datalib.micro_batches(batch, config.grad_accum, self.pad_id)
                 lr, weight_decay = self.schedule.lr(step), self.schedule.weight_decay_at(step)
+                mix = self.quant_mix_at(step)
                 tokens = sum(int((labels[:, 1:] != datalib.IGNORE_INDEX).sum()) for _, labels in micro)
                 began = time.perf_counter()
-                state = self.state_after(state, step, lr, weight_decay, tokens)
-                stats = engine.train_step(micro, lr=lr, weight_decay=weight_decay,
-                                          commit_extra={**base_extra, STATE_KEY: state})
+                done = self.state_after(state, step, lr, weight_decay, tokens, mix)
+                stats = engine.train_step(micro, lr=lr, weight_decay=weight_decay, quant_mix=mix,
+                                          commit_extra={**base_extra, STATE_KEY: done})
                 step_times.append(time.perf_counter() - began)
-                if not math.isfinite(stats.loss):
-                    engine.flush()
-                    raise TrainError(f"the loss became {stats.loss} at step {step} (lr {lr:.3g}); lower --lr, or "
-                                     "check the data. The store holds the weights of this step; --restart starts over.")
-                self.record_step(step, stats, lr, weight_decay, step_times, session_started)
+                if stats.skipped:
+                    skipped_in_row += 1
+                    state = self.state_after(state, step, lr, weight_decay, tokens, mix, skipped=True)
+                    self.commit_state(state)
+                    self.record_skip(step, stats, lr, skipped_in_row)
+                    if skipped_in_row >= config.max_skipped_steps:
+                        self.stop_after_skips(step, stats, lr, skipped_in_row)
+                    continue
+                if not math.isfinite(stats.loss):  # the engine skips such steps; never record one as trained
+                    raise TrainError(f"the engine applied step {step} with loss {stats.loss}; the run cannot trust "
+                                     "its weights. --restart starts over.")
+                skipped_in_row = 0
+                state = done
+                self.record_step(step, stats, lr, weight_decay, mix, step_times, session_started)
                 if config.eval_every and step % config.eval_every == 0 and self.dataset.val:
                     self.evaluate(step)
                     last_eval_step = step
@@ -391,14 +508,37 @@ class Trainer:
                 self.generate(last_step)
         self.write_status(last_step, "finished" if finished else f"stopped ({stop_reason})")
         self.draw_plot()
-        if finished and config.export_path:
-            self.export()
+        if finished:
+            self.finish_outputs()
         self.print_summary(finished)
         if finished:
             return EXIT_OK
-        say(f"stopped at step {last_step}/{self.total_steps} ({stop_reason}); the store is saved at that step.")
+        say(f"stopped at step {last_step}/{self.total_steps} ({stop_reason}); the "
+            f"{'adapters are' if self.lora else 'store is'} saved at that step.")
         say(f"resume with: {self.resume_command}")
         return EXIT_OK if stop_reason == "time limit" else 128 + (stopper.signal_number or 2)
+
+    def record_skip(self, step: int, stats, lr: float, in_row: int):
+        """A skipped step: its batch is consumed, nothing was updated."""
+        where = "adapters stay" if self.lora else "store stays"
+        self.metrics.append({"type": "skip", "step": step, "reason": stats.skipped, "lr": lr,
+                             "loss": stats.loss if math.isfinite(stats.loss) else None, "in_a_row": in_row,
+                             "time": round(time.time(), 3)})
+        say(f"step {step}/{self.total_steps} skipped: {stats.skipped} (lr {lr:.2e}); nothing was updated, the "
+            f"{where} at optimizer step {self.committed_step()} ({in_row} in a row; the run stops at "
+            f"{self.config.max_skipped_steps})")
+        self.write_status(step, "training", skipped_steps_in_a_row=in_row, last_skip=stats.skipped)
+
+    def stop_after_skips(self, step: int, stats, lr: float, in_row: int):
+        """Too many non-finite steps in a row: stop with the last good weights (or adapters) in place."""
+        where = self.paths.adapter_dir if self.lora else self.store.path
+        self.write_status(step, f"stopped ({in_row} non-finite steps in a row)")
+        self.draw_plot()
+        raise TrainError(f"{in_row} steps in a row had a non-finite loss or gradient (the last, step {step}: "
+                         f"{stats.skipped}; lr {lr:.3g}). Nothing of those steps was applied: {where} holds optimizer "
+                         f"step {self.committed_step()}, the last good one. Likely causes: a learning rate too high "
+                         "for this model (lower --lr), or data the model cannot handle. Re-running the same command "
+                         "continues after the skipped batches; to change --lr, use --restart or a new --experiment.")
 
     # ------------------------------------------------------------------ reporting
     def print_header(self):
@@ -413,12 +553,23 @@ class Trainer:
                 f"({store.config.max_seq_len} tokens)")
         epochs = self.order.epoch_at(self.total_steps)
         say(f"model: {store.config.arch}, {store.config.param_count():,} parameters, mode {store.settings.mode}, "
-            f"store {store.path}")
+            f"store {store.path}" + (" (frozen, read-only)" if self.lora else ""))
+        if self.lora:
+            adapters = self.engine.adapters
+            count = adapters.parameter_count()
+            say(f"LoRA: rank {adapters.lora.rank}, alpha {adapters.lora.alpha:g}, dropout {adapters.lora.dropout:g}, "
+                f"targets {','.join(adapters.lora.targets)}: {count:,} trainable parameters "
+                f"({100 * count / store.config.param_count():.2f}% of the model), saved in {self.paths.adapter_dir}")
+        if self.warmup:
+            say(f"quantization warmup: the ternary mix rises linearly from 0 to 1 over {self.warmup} steps"
+                + (f"; note: the run ends at mix {quant_mix(self.total_steps, self.warmup):.2f}, before the "
+                   "model is fully ternary" if self.total_steps < self.warmup else ""))
         say(f"training: {self.total_steps} steps ({epochs:.2f} epochs) of {config.batch_size} sequences "
             f"({config.grad_accum} micro-batch(es) of {config.micro_batch_size}), lr {self.lr:g} {config.schedule}"
             f", warmup {self.schedule.warmup_steps} steps, weight decay {config.weight_decay:g}")
 
-    def record_step(self, step: int, stats, lr: float, weight_decay: float, step_times: list, session_started: float):
+    def record_step(self, step: int, stats, lr: float, weight_decay: float, mix: float | None, step_times: list,
+                    session_started: float):
         """metrics.jsonl, status.json and (every ``log_every`` steps) the progress line."""
         elapsed = time.perf_counter() - session_started
         recent = step_times[-10:]
@@ -430,21 +581,38 @@ class Trainer:
                   "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
                   "spilled_bytes": stats.spilled_bytes, "epoch": round(self.order.epoch_at(step), 4),
                   "time": round(time.time(), 3)}
+        if mix is not None:
+            record["quant_mix"] = mix
         self.metrics.append(record)
         if step % self.config.log_every == 0 or step == self.total_steps or step == 1:
-            say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e} | {stats.tokens} tok "
+            mixed = f" mix {mix:.2f}" if mix is not None else ""
+            say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e}{mixed} | {stats.tokens} tok "
                 f"{tokens_per_s:,.0f} tok/s | {stats.wall_s:.2f}s (compute {stats.compute_s:.2f}s, io wait "
                 f"{stats.io_wait_s:.2f}s) | read {mib(stats.bytes_read)} written {mib(stats.bytes_written)} | "
                 f"peak RSS {mib(stats.peak_rss)} | ETA {format_seconds(eta)}")
         self.write_status(step, "training", loss=stats.loss, lr=lr, eta_s=round(eta, 1), elapsed_s=round(elapsed, 1))
 
     def write_status(self, step: int, phase: str, **values):
+        extra = {"adapter_dir": self.paths.adapter_dir, "adapter_step": self.committed_step()} if self.lora else {}
         write_status(self.paths.status, {"phase": phase, "step": step, "total_steps": self.total_steps,
-                                         "store": self.store.path, "store_step": self.store.step,
+                                         "store": self.store.path, "store_step": self.store.step, **extra,
                                          "updated": datetime.datetime.now().isoformat(timespec="seconds"), **values})
 
-    def evaluate(self, step: int) -> float:
-        """Token-weighted validation loss over the validation batches; logged with its perplexity."""
+    def evaluate_baseline(self):
+        """Validation before the first step; during a quantization warmup both ends of the conversion: the
+        full-precision model (mix 0) and the ternary model before any training (mix 1)."""
+        if self.warmup:
+            self.evaluate(0, mix=0.0, label="full precision, before the conversion")
+            self.evaluate(0, mix=1.0, label="ternary, before any training")
+        else:
+            self.evaluate(0, label="before training")
+
+    def evaluate(self, step: int, mix: float | None = None, label: str = "") -> float:
+        """Token-weighted validation loss over the validation batches; logged with its perplexity. During a
+        quantization warmup the model is evaluated at the mix of ``step`` (or ``mix``)."""
+        if self.warmup:
+            mix = self.quant_mix_at(step) if mix is None else mix
+            self.engine.quant_mix = mix  # what every forward of the engine sees until the next train_step
         total, count = 0.0, 0
         began = time.perf_counter()
         for ids, labels in datalib.eval_batches(self.dataset.val, self.config.eval_batch_size, self.pad_id,
@@ -453,16 +621,25 @@ class Trainer:
             total += self.engine.loss(ids, labels) * targets
             count += targets
         loss = total / count
-        self.metrics.append({"type": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss),
-                             "tokens": count, "seconds": round(time.perf_counter() - began, 3)})
-        say(f"validation at step {step}: loss {loss:.4f} perplexity {perplexity(loss):.2f} "
-            f"({count} tokens, {time.perf_counter() - began:.1f}s)")
+        record = {"type": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss), "tokens": count,
+                  "seconds": round(time.perf_counter() - began, 3)}
+        if mix is not None:
+            record["quant_mix"] = mix
+        self.metrics.append(record)
+        details = ", ".join(filter(None, [label, f"quant mix {mix:g}" if mix is not None else ""]))
+        say(f"validation at step {step}{f' ({details})' if details else ''}: loss {loss:.4f} perplexity "
+            f"{perplexity(loss):.2f} ({count} tokens, {time.perf_counter() - began:.1f}s)")
         return loss
 
     def generate(self, step: int):
-        """Generate from each prompt with offload_bitnet.generate (when this version has it)."""
-        texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
-                                 self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
+        """Greedy samples from each prompt: with offload_bitnet.generate from the store, or through the engine
+        for a LoRA run (the adapters live in the engine, not in the store)."""
+        if self.lora:
+            texts = engine_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
+                                   chat=self.chat)
+        else:
+            texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
+                                     self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
         if texts is None:
             return
         for prompt, text in zip(self.config.prompts, texts):
@@ -479,22 +656,51 @@ class Trainer:
         except ValueError as error:
             say(f"note: no loss plot: {error}")
 
-    def export(self):
-        from .formats import export_model
+    def finish_outputs(self, keep_export: bool = False):
+        """What a finished run leaves besides the store: the merged LoRA store and the export (with
+        ``keep_export``, an export already there is kept)."""
+        source = self.store.path
+        if self.lora and self.config.merge:
+            source = self.merge()
+        if keep_export and self.config.export_path and os.path.exists(self.config.export_path):
+            say(f"note: {self.config.export_path} exists; not exporting again (remove it to re-export)")
+        elif self.config.export_path:
+            from .formats import export_model
 
-        say(f"exporting to {self.config.export_path} (format {self.config.export_format})")
-        export_model(self.store.path, self.config.export_path, self.config.export_format)
+            say(f"exporting {source} to {self.config.export_path} (format {self.config.export_format})")
+            export_model(source, self.config.export_path, self.config.export_format)
+
+    def merge(self) -> str:
+        """Fold the adapters into a new 16-bit store (RUN_DIR/merged), replacing an older merge."""
+        from .merge import merge_lora
+
+        target = self.paths.merged_dir
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        say(f"merging the adapters of step {self.committed_step()} into {target}")
+        return merge_lora(self.store.path, self.paths.adapter_dir, target, progress=True)
 
     def print_summary(self, finished: bool):
         summary = summarize(self.metrics.read())
         say("")
         say("summary: " + ("finished" if finished else "stopped early"))
         say(f"  steps {summary['steps']}/{self.total_steps}, {summary['tokens']:,} trained tokens, "
-            f"{format_seconds(summary['train_seconds'])} of training")
+            f"{format_seconds(summary['train_seconds'])} of training"
+            + (f", {summary['skipped']} step(s) skipped (non-finite)" if summary.get("skipped") else ""))
+        if summary["first_val_loss"] is not None and summary["first_val_step"] == 0:
+            say(f"  validation loss before training {summary['first_val_loss']:.4f} (perplexity "
+                f"{perplexity(summary['first_val_loss']):.2f})")
         if summary["best_val_loss"] is not None:
             say(f"  best validation loss {summary['best_val_loss']:.4f} (perplexity "
                 f"{perplexity(summary['best_val_loss']):.2f}) at step {summary['best_val_step']}")
-        say(f"  model store: {self.store.path}")
+        if summary["last_val_loss"] is not None:
+            say(f"  last validation loss {summary['last_val_loss']:.4f} (perplexity "
+                f"{perplexity(summary['last_val_loss']):.2f}) at step {summary['last_val_step']}")
+        say(f"  model store: {self.store.path}" + (" (unchanged)" if self.lora else ""))
+        if self.lora:
+            say(f"  adapters (PEFT format): {self.paths.adapter_dir}")
+            if finished and self.config.merge:
+                say(f"  merged store: {self.paths.merged_dir}")
         plot = f"; plot: {self.paths.plot}" if os.path.exists(self.paths.plot) else ""
         say(f"  metrics: {self.paths.metrics}{plot}")
         if finished and self.config.export_path:
@@ -505,6 +711,8 @@ class Trainer:
     def already_finished(self, state: dict) -> int:
         say(f"{self.paths.run_dir} already holds a finished run ({state['step']}/{self.total_steps} steps); "
             "nothing to train.")
+        if self.lora and self.config.merge and not store_is_complete(self.paths.merged_dir):
+            self.finish_outputs(keep_export=True)  # --merge added after the run finished: the adapters suffice
         self.print_summary(True)
         demo = " " if self.config.is_demo else " MODEL ... "
         say(f"to train it from scratch again: python finetune.py{demo}--restart; to train longer: add "
@@ -573,12 +781,40 @@ def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int,
     return [decode_continuation(tokenizer, p, t) for p, t in zip(encoded, result.tokens)]
 
 
-def engine_options(config: RunConfig, store: BlockStore) -> EngineOptions:
+@torch.no_grad()
+def engine_samples(engine: StreamingEngine, tokenizer, prompts: list[str], max_new_tokens: int,
+                   chat: bool = False) -> list[str]:
+    """Greedy continuations computed with ``engine.logits`` (so LoRA adapters take part). Each new token
+    re-runs the whole sequence: slow, but only for the few samples of a run."""
+    from .generate import decode_continuation
+
+    stops = set(getattr(tokenizer, "stop_ids", None) or ([engine.config.eos_id] if engine.config.eos_id is not None
+                                                         else []))
+    texts = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat)
+        new: list[int] = []
+        while len(new) < max_new_tokens and len(ids) + len(new) < engine.config.max_seq_len:
+            token = int(engine.logits(torch.tensor([ids + new]))[0, -1].argmax())
+            if token in stops:
+                break
+            new.append(token)
+        texts.append(decode_continuation(tokenizer, ids, new))
+    return texts
+
+
+def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None = None) -> EngineOptions:
+    """The engine's settings for this run; with --mode lora, adapters saved in the run's adapter folder."""
+    lora = None
+    if config.is_lora:
+        lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          targets=config.lora_target_list, init_seed=config.seed)
     return EngineOptions(device=config.device, dropout=config.dropout, seed=config.seed,
                          activation_budget_bytes=config.memory_budget_bytes,
                          optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
                                            beta2=config.adam_beta2, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay))
+                                           weight_decay=config.weight_decay),
+                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None)
 
 
 def check_device(device: str):
@@ -641,14 +877,26 @@ def plan_lines(config: RunConfig, model_config, settings: StoreSettings, disk: d
     flops = tokens * (8 * matrices + 16 * layers * config.max_seq_len * dim)
     gflops = measure_gflops(config.device)
     seconds = flops / gflops / 1e9
+    if config.is_lora:
+        # The frozen base is read twice (forward, and backward's replay) and never written; the adapters and
+        # their two AdamW moments (fp32) are saved each step. No weight gradients: ~6 FLOPs per parameter.
+        shapes = model_config.projection_shapes
+        adapter_params = layers * sum(config.lora_rank * sum(shapes[t]) for t in config.lora_target_list)
+        io = {"read": 2 * io["eval_read"], "written": 12 * adapter_params}
+        seconds *= 6 / 8
+        disk_line = (f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
+                     + f", never written (LoRA); adapters {human(4 * adapter_params)} "
+                     f"({adapter_params:,} parameters) + optimizer {human(8 * adapter_params)} in the run folder")
+    else:
+        disk_line = (f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
+                     + f", {human(sizes['total'])} once optimizer moments exist (weights {human(sizes['weights'])}, "
+                     f"shadow {human(sizes['shadow'])}, optimizer {human(sizes['optim'])})")
     lines = [
         f"plan for {config.experiment_name}:",
         f"  model: {model_config.arch}, {model_config.param_count():,} parameters, {layers} blocks, dim {dim}, "
         f"vocab {model_config.vocab_size}; mode {settings.mode}, shadow {settings.shadow_dtype}, "
-        f"optimizer state {settings.state_dtype}",
-        f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
-        + f", {human(sizes['total'])} once optimizer moments exist (weights {human(sizes['weights'])}, "
-        f"shadow {human(sizes['shadow'])}, optimizer {human(sizes['optim'])})",
+        f"optimizer state {settings.state_dtype}" + (f"; LoRA rank {config.lora_rank}" if config.is_lora else ""),
+        disk_line,
         f"  per step: {config.batch_size} x {config.max_seq_len} tokens in {config.grad_accum} micro-batch(es); "
         f"reads {human(io['read'])}, writes {human(io['written'])}",
         f"  peak memory: ~{human(peak)} (process now {human(base)}; activations {human(in_ram)} in RAM"
@@ -672,7 +920,7 @@ def dry_run(config: RunConfig, paths: RunPaths) -> int:
         tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
     elif paths.origin == "demo":
         model_config = config_for_size(config.size, "bitnet")
-        settings = StoreSettings(mode=config.mode or "qat", state_dtype=config.state_dtype or "fp32")
+        settings = StoreSettings(mode=config.store_mode or "qat", state_dtype=config.state_dtype or "fp32")
         disk, tokenizer = None, ByteTokenizer()
     else:
         say(f"dry run: {config.model} is not imported yet, so its shapes are unknown here. Run without --dry-run "
@@ -698,11 +946,29 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
     if config.dry_run:
         return dry_run(config, paths)
     check_device(config.device)
+    if config.is_lora:
+        os.makedirs(paths.run_dir, exist_ok=True)
+        lock = RunLock(paths.lock)  # the store is opened read-only, without its write lock: one run per folder
+        try:
+            return train(config, paths, argv, prog)
+        finally:
+            lock.release()
+    return train(config, paths, argv, prog)
+
+
+def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int:
+    """Prepare the store, open it (read-only under LoRA, which never writes it) and run the Trainer."""
     prepare_store(config, paths)
-    store = BlockStore(paths.store_dir, writable=True)  # takes the write lock: one run per store
+    # Writable takes the store's write lock: one run per store. A LoRA base is only read.
+    store = BlockStore(paths.store_dir, writable=not config.is_lora)
     try:
         check_store_settings(config, store)
-        engine = StreamingEngine(store, engine_options(config, store))
+        engine = StreamingEngine(store, engine_options(config, store, paths))
+        if config.is_lora:
+            # The engine spills activations beyond the budget into STORE/scratch. A LoRA base must stay untouched
+            # (it may be read-only, or shared by several LoRA runs whose spill files would collide): spill into
+            # the run folder instead. (To be replaced by an engine option for the spill folder.)
+            engine.stash = ActivationStash(config.memory_budget_bytes, os.path.join(paths.run_dir, "scratch"))
     except BaseException:
         store.close()
         raise

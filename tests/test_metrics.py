@@ -1,11 +1,12 @@
 import json
 import math
+import os
 import sys
 
 import pytest
 
-from offload_bitnet.metrics import (MetricsLog, PlotUnavailable, perplexity, plot_losses, smooth, summarize,
-                                    write_status)
+from offload_bitnet.metrics import (MetricsLog, PlotUnavailable, lock_holder, perplexity, plot_losses, plot_run,
+                                    print_status, smooth, status_lines, summarize, write_status)
 
 
 def fill(log, steps=5, eval_every=2):
@@ -24,7 +25,16 @@ def test_append_read_and_summary(tmp_path):
     assert summary["first_loss"] == 5.0 and summary["last_loss"] == 1.0 and summary["steps"] == 5
     assert summary["tokens"] == 500 and summary["train_seconds"] == pytest.approx(2.5)
     assert summary["best_val_loss"] == 4.5 and summary["best_val_step"] == 2  # step 4 got worse
-    assert summary["last_val_loss"] == 4.5
+    assert summary["last_val_loss"] == 4.5 and summary["last_val_step"] == 4
+    assert summary["first_val_loss"] == 4.5 and summary["first_val_step"] == 2 and summary["skipped"] == 0
+
+
+def test_summary_counts_skipped_steps(tmp_path):
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    fill(log, steps=2)
+    log.append({"type": "skip", "step": 3, "reason": "non-finite loss (nan)", "loss": None})
+    summary = summarize(log.read())
+    assert summary["skipped"] == 1 and summary["steps"] == 3 and summary["last_loss"] == 4.0
 
 
 def test_truncate_after_drops_uncommitted_steps_and_torn_lines(tmp_path):
@@ -91,3 +101,58 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(PlotUnavailable, match="pip install matplotlib"):
         plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+
+
+def make_run(tmp_path, phase="training", holder=None):
+    run_dir = tmp_path / "exp"
+    log = MetricsLog(str(run_dir / "metrics.jsonl"))
+    fill(log)
+    store = tmp_path / "store"
+    store.mkdir()
+    if holder:
+        (store / "lock").write_text(holder)
+    write_status(str(run_dir / "status.json"), {"phase": phase, "step": 5, "total_steps": 20, "store": str(store),
+                                                 "store_step": 5, "lr": 1e-4, "eta_s": 90.0, "updated": "now"})
+    return str(run_dir)
+
+
+def test_status_of_a_running_and_of_a_stopped_run(tmp_path, capsys):
+    me = f"pid {os.getpid()} on {os.uname().nodename}"
+    lines = status_lines(make_run(tmp_path, holder=me))
+    assert lines[0].endswith("exp: training, step 5/20 (25%), updated now")
+    assert "train loss 1.0000 (first 5.0000), lr 1.00e-04" in lines[1]
+    assert "validation loss 4.5000" in lines[2] and "best 4.5000 at step 2" in lines[2]
+    assert f"  running: {me}, ETA 1m30s" in lines
+    assert print_status(make_run(tmp_path / "b", holder=me)) == 0 and "running: pid" in capsys.readouterr().out
+
+    # A lock file left by a process that is gone (pid 2**22 + 1 is above the largest pid_max Linux allows): not running.
+    dead = status_lines(make_run(tmp_path / "c", holder=f"pid {2**22 + 1} on {os.uname().nodename}"))
+    assert "  not running (it stopped before finishing: re-run its command to resume)" in dead
+
+
+def test_lock_holder_reads_only_live_holders(tmp_path):
+    path = tmp_path / "lock"
+    assert lock_holder(str(path)) is None
+    path.write_text("garbage")
+    assert lock_holder(str(path)) is None
+    path.write_text(f"pid {os.getpid()} on {os.uname().nodename}")
+    assert lock_holder(str(path)) == f"pid {os.getpid()} on {os.uname().nodename}"
+    path.write_text(f"pid {os.getpid()} on some-other-host")
+    assert "another host" in lock_holder(str(path))
+
+
+def test_status_and_plot_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(ValueError, match="has no status.json: not a run folder"):
+        status_lines(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="has no metrics.jsonl"):
+        plot_run(str(tmp_path / "nothing"))
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_plot_run_draws_the_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_dir = make_run(tmp_path)
+    assert plot_run(run_dir) == 0
+    assert "loss plot:" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "loss.png"), "rb") as handle:
+        assert handle.read(4) == b"\x89PNG"

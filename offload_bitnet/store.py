@@ -158,20 +158,29 @@ def fsync_path(path: str):
         os.close(fd)
 
 
-def write_file_atomic(path: str, *chunks, durable: bool = True) -> tuple[int, int]:
+def write_file_atomic(path: str, *chunks, durable: bool = True, reuse: str | None = None) -> tuple[int, int]:
     """Write ``chunks`` (bytes-like) to ``path`` through a temporary file and a rename.
 
     ``durable``: fsync before the rename. Otherwise writeback only starts, and the caller must fsync the file
-    before anything durable refers to it (``BlockStore.commit`` does). Returns (size, crc32c) written."""
+    before anything durable refers to it (``BlockStore.commit`` does). ``reuse``: a disposable file to overwrite
+    in place instead of allocating a new one. Returns (size, crc32c) written."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     size, crc = 0, 0
+    mode = "wb"
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+            mode = "r+b"
+        except FileNotFoundError:
+            pass
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, mode) as handle:
             for chunk in chunks:
                 handle.write(chunk)
                 size += len(chunk)
                 crc = crc32c(chunk, crc)
                 fault_point("write.data")
+            handle.truncate()
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
@@ -346,7 +355,7 @@ class BlockStore:
         name = f"{unit}.{part}.s{step:08d}.safetensors"
         try:
             size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers,
-                                          durable=False)
+                                          durable=False, reuse=self._recycle_path(unit, part))
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(
@@ -392,11 +401,24 @@ class BlockStore:
         fsync_path(self.path)
         self.manifest = manifest
         fault_point("commit.cleanup")
+        # A replaced file becomes the next version of its unit and part, overwritten in place: deleting and
+        # allocating every file of the model each step costs more than writing it on some file systems.
         for stale in old_files - self._referenced_files(files):
+            unit, part = stale.rsplit(".", 3)[:2]
             try:
-                os.remove(os.path.join(self.path, UNITS_DIR, stale))
+                os.replace(os.path.join(self.path, UNITS_DIR, stale), self._recycle_path(unit, part))
             except FileNotFoundError:
                 pass
+
+    def _recycle_path(self, unit: str, part: str) -> str:
+        return os.path.join(self.path, UNITS_DIR, f"{unit}.{part}.recycle.tmp")
+
+    def remove_recycled_files(self):
+        """Delete the files kept for reuse (at the end of a run; they are disposable)."""
+        units_dir = os.path.join(self.path, UNITS_DIR)
+        for name in os.listdir(units_dir):
+            if name.endswith(".recycle.tmp"):
+                os.remove(os.path.join(units_dir, name))
 
     def remove_uncommitted_files(self) -> int:
         """Delete files a crashed run left behind (not in the committed manifest). Returns how many."""
@@ -438,8 +460,9 @@ class BlockStore:
         self._lock_handle = handle
 
     def close(self):
-        """Release the write lock (if held)."""
+        """Delete the files kept for reuse and release the write lock (if held)."""
         if self._lock_handle is not None:
+            self.remove_recycled_files()
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
             self._lock_handle = None

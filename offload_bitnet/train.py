@@ -47,6 +47,7 @@ from .progress import format_seconds
 from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
 from .schedule import make_schedule, quant_mix
 from .store import BlockStore, StoreError, StoreSettings
+from .tokenizer import ByteTokenizer
 from .streams import ActivationStash
 
 STATE_KEY = "train_state"
@@ -803,6 +804,14 @@ def engine_samples(engine: StreamingEngine, tokenizer, prompts: list[str], max_n
     return texts
 
 
+def remove_leftover_temporaries(run_dir: str):
+    """Delete ``*.tmp`` files a killed run left in its folder (half-written run.json, status, metrics)."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(run_dir, name))
+
+
 def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None = None) -> EngineOptions:
     """The engine's settings for this run; with --mode lora, adapters saved in the run's adapter folder."""
     lora = None
@@ -912,7 +921,7 @@ def plan_lines(config: RunConfig, model_config, settings: StoreSettings, disk: d
 
 def dry_run(config: RunConfig, paths: RunPaths) -> int:
     """Print the plan without creating, importing or training anything."""
-    from .tokenizer import ByteTokenizer, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     if store_is_complete(paths.store_dir):
         store = BlockStore(paths.store_dir)
@@ -946,6 +955,10 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
     if config.dry_run:
         return dry_run(config, paths)
     check_device(config.device)
+    if config.data:
+        # Malformed, empty or non-UTF-8 data fails here, before anything is written, imported or locked (the
+        # byte tokenizer reads every record; the model's own tokenizer checks again once the store is open).
+        load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)
     if config.is_lora:
         os.makedirs(paths.run_dir, exist_ok=True)
         lock = RunLock(paths.lock)  # the store is opened read-only, without its write lock: one run per folder
@@ -961,6 +974,7 @@ def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int
     prepare_store(config, paths)
     # Writable takes the store's write lock: one run per store. A LoRA base is only read.
     store = BlockStore(paths.store_dir, writable=not config.is_lora)
+    remove_leftover_temporaries(paths.run_dir)  # this run holds the store's or the run folder's lock now
     try:
         check_store_settings(config, store)
         engine = StreamingEngine(store, engine_options(config, store, paths))

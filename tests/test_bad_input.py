@@ -420,8 +420,6 @@ def test_debug_shows_the_traceback(models, tmp_path):
     assert files_under(runs) == []
 
 
-@pytest.mark.xfail(strict=True, reason="train.py writes RUNS_DIR/EXPERIMENT/run.json before it loads the data; "
-                                       "load the data first (see docs/bad-inputs.md)")
 def test_a_failed_run_writes_nothing_in_its_run_folder(models, tmp_path):
     store = copy_store(models, tmp_path)
     data = tmp_path / "empty.jsonl"

@@ -1,4 +1,11 @@
 """offload_bitnet: fine-tune LLaMA-family and BitNet b1.58 models larger than memory, one block at a time."""
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:
+    # Streaming allocates and frees block-sized tensors all the time; torch then backs allocations of 2 MiB and
+    # more with transparent huge pages, which cut page faults (and ~15% of a step's time) where THP is "madvise".
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from .api import open_for_training, open_model
 from .config import ModelConfig, config_for_size
 from .create import create_model, write_store

@@ -84,6 +84,13 @@ def _delegate(module_name: str, function: str):
     return run
 
 
+def _add_storage_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                        help="dtype of the master weights (default fp16)")
+    parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="dtype of the AdamW moments (default fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload-bitnet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -95,17 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--arch", default="bitnet", choices=["bitnet", "llama"])
     create.add_argument("--mode", choices=["qat", "full"], help="default: qat for bitnet, full for llama")
     create.add_argument("--seed", type=int, default=0)
-    for sub in (create,):
-        sub.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-        sub.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"])
+    _add_storage_options(create)
     create.set_defaults(run=_create)
 
     imp = commands.add_parser("import", help="import a HF / Meta / GGUF model into a store")
     imp.add_argument("src")
     imp.add_argument("out")
     imp.add_argument("--mode", choices=["qat", "full"], help="default: qat for BitNet sources, full otherwise")
-    imp.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    imp.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"])
+    _add_storage_options(imp)
     imp.set_defaults(run=_import)
 
     exp = commands.add_parser("export", help="export a store (source format, hf, hf-bitnet, meta)")

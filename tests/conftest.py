@@ -17,3 +17,15 @@ def _deterministic_threads():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavy test, left out of CI (run with -m slow)")
+
+
+@pytest.fixture(scope="module")
+def eager_transformers_quantizers():
+    """transformers wraps its BitNet (un)packing and quantizers in torch.compile (~35 s to compile on CPU);
+    run them eagerly: the same arithmetic (tests/test_ternary.py)."""
+    import torch._dynamo
+
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = previous

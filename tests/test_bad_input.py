@@ -5,7 +5,7 @@ Every case runs ``python finetune.py``, ``python test_gen.py`` or ``python -m of
 subprocess, as a user would. Each command's inputs (model folders, stores, data files) are hashed before and
 after; a store's ``lock`` file is left out, since every writable open records its holder there.
 
-docs/bad-inputs.md lists every case with the first line of what the user sees; each test checks its rows
+README.md lists every case with the first line of what the user sees; each test checks its rows
 against what the command printed (``…`` in the table stands for any text, e.g. a temporary path), and
 ``test_every_documented_case_has_a_test`` checks that the table and the tests name the same cases.
 
@@ -31,7 +31,7 @@ from offload_bitnet.formats import export_model
 from offload_bitnet.store import BlockStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC = os.path.join(ROOT, "docs", "bad-inputs.md")
+DOC = os.path.join(ROOT, "README.md")
 FINETUNE = [sys.executable, os.path.join(ROOT, "finetune.py")]
 TEST_GEN = [sys.executable, os.path.join(ROOT, "test_gen.py")]
 CLI = [sys.executable, "-m", "offload_bitnet.cli"]
@@ -113,7 +113,7 @@ def assert_run_folder_clean(runs_dir):
 
 # ---------------------------------------------------------------------------------------------- the doc
 def doc_rows() -> dict[str, dict]:
-    """Rows of the table in docs/bad-inputs.md by case id: {"input", "command", "message", "exit"}."""
+    """Rows of the table in README.md by case id: {"input", "command", "message", "exit"}."""
     rows = {}
     for line in open(DOC, encoding="utf-8"):
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
@@ -128,7 +128,7 @@ def check_doc(case: str, lines: list[str], rc: int):
     """The documented message of ``case`` (its lines separated by ``<br>``) matches the first lines the
     command printed (``…`` matches any text), and so does the exit status."""
     row = doc_rows().get(case)
-    assert row is not None, f"docs/bad-inputs.md has no row for {case!r}"
+    assert row is not None, f"README.md has no row for {case!r}"
     documented = row["message"].split("<br>")
     for wanted, line in zip(documented, lines + [""] * len(documented)):  # a missing line matches nothing
         pattern = ".*?".join(re.escape(part) for part in wanted.strip().strip("`").split("…"))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-import torch._dynamo  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from offload_bitnet.config import ConfigError  # noqa: E402
@@ -27,12 +26,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _eager_transformers_quantizers():
-    """transformers wraps its BitNet (un)packing and quantizers in torch.compile (~35 s to compile on CPU)."""
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
+def _eager(eager_transformers_quantizers):
     yield
-    torch._dynamo.config.disable = previous
 
 
 # ---------------------------------------------------------------------------------------------- helpers

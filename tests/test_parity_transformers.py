@@ -48,11 +48,8 @@ MEASURED = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _eager_transformers_quantizers():
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
+def _eager_and_report(eager_transformers_quantizers):
     yield
-    torch._dynamo.config.disable = previous
     if MEASURED:
         print("\nmax abs errors vs transformers:", json.dumps(MEASURED, indent=1))
 

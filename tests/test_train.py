@@ -533,7 +533,7 @@ def smollm2_gguf():
 
 @pytest.mark.slow
 def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path, capsys):
-    """The acceptance run of docs/finetuning.md (about 4 minutes on 2 CPU cores)."""
+    """The acceptance run of README.md (about 4 minutes on 2 CPU cores)."""
     from offload_bitnet.formats import import_model
     from offload_bitnet.generate import Generator, SamplingOptions, decode_continuation
     from offload_bitnet.tokenizer import load_tokenizer

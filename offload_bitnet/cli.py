@@ -87,8 +87,8 @@ def _delegate(module_name: str, function: str):
 def _add_storage_options(parser: argparse.ArgumentParser):
     parser.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                         help="dtype of the master weights (default fp16)")
-    parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"],
-                        help="dtype of the AdamW moments (default fp32)")
+    parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                        help="AdamW moments: fp32 (default), bf16, or int8 (8-bit blockwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import blockwise
 from .store import DTYPES, StoreSettings
 from .ternary import pack_weight, unpack_weight
 
@@ -28,7 +29,8 @@ class Layout:
     def __init__(self, settings: StoreSettings):
         self.settings = settings
         self.shadow_dtype = DTYPES[settings.shadow_dtype]
-        self.state_dtype = DTYPES[settings.state_dtype]
+        self.blockwise_state = settings.state_dtype == "int8"
+        self.state_dtype = None if self.blockwise_state else DTYPES[settings.state_dtype]
 
     def is_ternary(self, unit: str, name: str) -> bool:
         return self.settings.mode == "qat" and unit.startswith("block.") and name.endswith("_proj")
@@ -81,6 +83,10 @@ class Layout:
         for name, master in masters.items():
             if optim_part is None:
                 moments[name] = (torch.zeros_like(master), torch.zeros_like(master))
+            elif self.blockwise_state:
+                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), master.shape)
+                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), master.shape)
+                moments[name] = (exp_avg.to(master.device), exp_avg_sq.to(master.device))
             else:
                 moments[name] = (optim_part[f"{name}.exp_avg"].to(master.device, torch.float32),
                                  optim_part[f"{name}.exp_avg_sq"].to(master.device, torch.float32))
@@ -89,6 +95,18 @@ class Layout:
     def encode_moments(self, moments: dict[str, tuple]) -> dict[str, torch.Tensor]:
         part = {}
         for name, (exp_avg, exp_avg_sq) in moments.items():
-            part[f"{name}.exp_avg"] = exp_avg.to("cpu", self.state_dtype)
-            part[f"{name}.exp_avg_sq"] = exp_avg_sq.to("cpu", self.state_dtype)
+            if self.blockwise_state:
+                for key, tensor in blockwise.encode_signed(exp_avg).items():
+                    part[f"{name}.exp_avg.{key}"] = tensor.cpu()
+                for key, tensor in blockwise.encode_log(exp_avg_sq).items():
+                    part[f"{name}.exp_avg_sq.{key}"] = tensor.cpu()
+            else:
+                part[f"{name}.exp_avg"] = exp_avg.to("cpu", self.state_dtype)
+                part[f"{name}.exp_avg_sq"] = exp_avg_sq.to("cpu", self.state_dtype)
         return part
+
+
+def _subpart(part: dict, prefix: str) -> dict:
+    """``{"q": ..., "absmax": ...}`` from keys ``prefix.q``, ``prefix.absmax``."""
+    return {key[len(prefix) + 1:]: tensor for key, tensor in part.items() if key.startswith(prefix + ".")
+            and "." not in key[len(prefix) + 1:]}

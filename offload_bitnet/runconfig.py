@@ -19,7 +19,7 @@ from .schedule import SCHEDULES
 DATA_FORMATS = ("auto", "text", "alpaca", "chat")
 EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
 MODES = ("qat", "full", "lora")
-STATE_DTYPES = ("fp32", "bf16")
+STATE_DTYPES = ("fp32", "bf16", "int8")
 DEMO_EXPERIMENT = "demo"
 # The demo's recipe: a byte-level model from random init learns byte statistics in ~150 steps on 2 CPU cores.
 DEMO_DEFAULTS = {"num_train_iters": 150, "lr": 3e-3, "max_seq_len": 128, "batch_size": 8, "eval_every": 25,
@@ -100,8 +100,8 @@ class RunConfig:
                                       aliases=("--steps",), kind="int")
     dropout: float = opt(0.0, "dropout probability (attention and residual branches)", kind="float")
     seed: int = opt(0, "seed of data shuffling and dropout", kind="int")
-    state_dtype: str | None = opt(None, "optimizer state dtype for new stores: fp32 or bf16 "
-                                        "(default fp32; an existing store keeps its own)", kind="str")
+    state_dtype: str | None = opt(None, "optimizer state dtype for new stores: fp32, bf16 or int8 (8-bit "
+                                        "blockwise) (default fp32; an existing store keeps its own)", kind="str")
     max_skipped_steps: int = opt(3, "a step with a non-finite loss or gradient is skipped (nothing is updated); "
                                     "this many in a row stop the run", kind="int")
     # Evaluation and generation.
@@ -247,11 +247,7 @@ class RunConfig:
             bad(f"{self.describe('quant_warmup')} converts a model to ternary, which needs a qat store, but "
                 f"{self.describe('mode')} asks for full precision: use --mode qat (or leave --mode out)")
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
-            if str(self.state_dtype).lower() in ("8bit", "int8", "8-bit", "uint8"):
-                bad(f"{self.describe('state_dtype')}: 8-bit blockwise optimizer state is not implemented yet; "
-                    "use fp32 or bf16")
-            else:
-                bad(f"{self.describe('state_dtype')} must be fp32 or bf16 (fp16 moments underflow)")
+            bad(f"{self.describe('state_dtype')} must be fp32, bf16 or int8 (8-bit blockwise); fp16 moments underflow")
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             bad(f"{self.describe('device')} must be cpu, cuda, cuda:N or mps")
         try:

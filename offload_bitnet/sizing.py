@@ -8,12 +8,14 @@ their widest). ``tests/test_sizing.py`` checks both against real stores and agai
 from __future__ import annotations
 
 import json
+import math
 
+from .blockwise import BLOCK
 from .config import ModelConfig
 from .store import PARTS, StoreSettings, block_unit, unit_names
 
 # safetensors dtype codes and element sizes of the tensors a store holds.
-SAFETENSORS_DTYPES = {"fp32": ("F32", 4), "fp16": ("F16", 2), "bf16": ("BF16", 2), "u8": ("U8", 1)}
+SAFETENSORS_DTYPES = {"fp32": ("F32", 4), "fp16": ("F16", 2), "bf16": ("BF16", 2), "u8": ("U8", 1), "i8": ("I8", 1)}
 
 TensorSpecs = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype key of SAFETENSORS_DTYPES, shape)
 
@@ -48,6 +50,15 @@ def part_specs(config: ModelConfig, unit: str, part: str, settings: StoreSetting
     """The tensors one part of one unit holds (empty: the part does not exist), as ``Layout`` encodes them."""
     masters = _masters(config, unit)
     if part == "optim":
+        if settings.state_dtype == "int8":  # blockwise.py: codes per block of BLOCK values plus block scales
+            specs = {}
+            for name, shape in masters.items():
+                blocks = -(-math.prod(shape) // BLOCK)
+                specs[f"{name}.exp_avg.q"] = ("i8", (blocks, BLOCK))
+                specs[f"{name}.exp_avg.log2_range"] = ("fp32", (blocks, 2))
+                specs[f"{name}.exp_avg_sq.q"] = ("u8", (blocks, BLOCK))
+                specs[f"{name}.exp_avg_sq.log2_range"] = ("fp32", (blocks, 2))
+            return specs
         return {f"{name}.{moment}": (settings.state_dtype, shape)
                 for name, shape in masters.items() for moment in ("exp_avg", "exp_avg_sq")}
     specs = {}

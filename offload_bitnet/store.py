@@ -40,6 +40,9 @@ UNITS_DIR = "units"
 PARTS = ("weights", "shadow", "optim")
 MODES = ("qat", "full", "lora")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# AdamW moments: bytes per value on disk ("int8": 8-bit blockwise, see blockwise.py; ~1 byte plus block scales;
+# "fp16" only for stores that ask for it explicitly: its range is too small for second moments).
+STATE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 
 class StoreError(RuntimeError):
@@ -52,14 +55,15 @@ class StoreSettings:
 
     mode: str = "qat"            # qat: packed ternary projections + shadow; full: 16-bit projections
     shadow_dtype: str = "fp16"   # master weights (the projections in qat, every matrix in full)
-    state_dtype: str = "fp32"    # AdamW moments
+    state_dtype: str = "fp32"    # AdamW moments: fp32, bf16 or int8 (8-bit blockwise)
 
     def validate(self):
         if self.mode not in ("qat", "full"):
             raise StoreError(f"store mode must be 'qat' or 'full', got {self.mode!r}")
-        for field in ("shadow_dtype", "state_dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise StoreError(f"{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+        if self.shadow_dtype not in DTYPES:
+            raise StoreError(f"shadow_dtype must be one of {sorted(DTYPES)}, got {self.shadow_dtype!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise StoreError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
 
 
 def block_unit(index: int) -> str:
@@ -275,7 +279,7 @@ class BlockStore:
 
     def step_write_bytes(self) -> int:
         """About how many bytes one training step writes (every part of every unit, moments included)."""
-        state_bytes = DTYPES[self.settings.state_dtype].itemsize
+        state_bytes = STATE_DTYPES[self.settings.state_dtype]
         total = 0
         for unit in self.units:
             parts = self.manifest["files"].get(unit, {})

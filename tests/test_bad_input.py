@@ -113,11 +113,11 @@ def assert_run_folder_clean(runs_dir):
 
 # ---------------------------------------------------------------------------------------------- the doc
 def doc_rows() -> dict[str, dict]:
-    """Rows of the table in README.md by case id: {"input", "command", "message", "exit"}."""
+    """Rows of the bad-input table in README.md by case id: {"input", "command", "message", "exit"}."""
     rows = {}
     for line in open(DOC, encoding="utf-8"):
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-        if len(cells) != 5 or not cells[0].startswith("`"):
+        if len(cells) != 5 or not re.fullmatch(r"`[a-z0-9-]+`", cells[0]):  # the README has other tables
             continue
         case, bad_input, command, message, code = cells
         rows[case.strip("`")] = {"input": bad_input, "command": command, "message": message, "exit": code}

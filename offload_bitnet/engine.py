@@ -470,6 +470,12 @@ class StreamingEngine:
         if self.writer is not None:
             self.writer.flush()
 
+    def __enter__(self) -> "StreamingEngine":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         """Flush, stop the background threads and release the store."""
         try:

@@ -51,11 +51,8 @@ def _peft_warnings(caught):
 
 
 def _store_logits(path, ids):
-    engine = open_model(path)
-    try:
+    with open_model(path) as engine:
         return engine.logits(ids)
-    finally:
-        engine.close()
 
 
 def test_peft_loads_our_adapters_exactly(trained):

@@ -40,11 +40,8 @@ def _train(base, adapter_dir, steps=3, lora=LORA):
 
 
 def _logits(path, ids):
-    engine = open_model(path)
-    try:
+    with open_model(path) as engine:
         return engine.logits(ids)
-    finally:
-        engine.close()
 
 
 def _reference(base, adapters, ids, quantize, merged_dtype=None):

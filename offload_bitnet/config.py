@@ -87,6 +87,11 @@ class ModelConfig:
             shapes["ffn_sub_norm"] = self.hidden_dim
         return shapes
 
+    @property
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor of one block: the projections and the norms."""
+        return {**self.projection_shapes, **{name: (size,) for name, size in self.norm_shapes.items()}}
+
     def block_param_count(self) -> int:
         return sum(o * i for o, i in self.projection_shapes.values()) + sum(self.norm_shapes.values())
 

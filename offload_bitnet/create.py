@@ -9,7 +9,7 @@ from .config import ModelConfig, config_for_size
 from .layout import Layout
 from .model import init_block
 from .progress import Progress
-from .store import BlockStore, StoreSettings, block_unit, unit_names
+from .store import BlockStore, StoreSettings, block_unit, unit_names, unit_shapes
 
 
 def default_mode(config: ModelConfig) -> str:
@@ -53,12 +53,7 @@ def write_store(path: str, config: ModelConfig, units: Iterable[tuple[str, dict[
 
 def check_unit_shapes(config: ModelConfig, unit: str, tensors: dict[str, torch.Tensor]):
     """Raise ValueError naming the tensor when a unit's tensors do not match the config."""
-    if unit.startswith("block."):
-        expected = {**config.projection_shapes, **{n: (s,) for n, s in config.norm_shapes.items()}}
-    elif unit == "norm":
-        expected = {"weight": (config.dim,)}
-    else:
-        expected = {"weight": (config.vocab_size, config.dim)}
+    expected = unit_shapes(config, unit)
     if set(tensors) != set(expected):
         raise ValueError(f"unit {unit}: expected tensors {sorted(expected)}, got {sorted(tensors)}")
     for name, shape in expected.items():

@@ -410,9 +410,10 @@ class StreamingEngine:
                 for key, adapter in adapters.items():
                     _check_finite(unit, key, adapter.lora_a.grad, adapter.lora_b.grad)
                 self.adapters.update(layer, adapters, ctx.step, self._step_optim, ctx.lr)
-                for (_, name), mats in ((key, self.adapters.weights[key]) for key in self.adapters.weights
-                                        if key[0] == layer):
-                    _check_finite(unit, name, *mats.values(), what="adapter weight after the update")
+                for key in adapters:
+                    name = key[: -len(".lora")]
+                    _check_finite(unit, name, *self.adapters.weights[(layer, name)].values(),
+                                  what="adapter weight after the update")
             else:
                 # Straight-through: dL/dW_q is the gradient of the shadow weight.
                 grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}

@@ -12,7 +12,7 @@ import math
 
 from .blockwise import BLOCK
 from .config import ModelConfig
-from .store import PARTS, StoreSettings, block_unit, unit_names
+from .store import PARTS, StoreSettings, block_unit, unit_names, unit_shapes
 
 # safetensors dtype codes and element sizes of the tensors a store holds.
 SAFETENSORS_DTYPES = {"fp32": ("F32", 4), "fp16": ("F16", 2), "bf16": ("BF16", 2), "u8": ("U8", 1), "i8": ("I8", 1)}
@@ -37,18 +37,9 @@ def safetensors_bytes(specs: TensorSpecs) -> int:
     return 8 + len(text) + (-len(text) % 8) + offset
 
 
-def _masters(config: ModelConfig, unit: str) -> dict[str, tuple[int, ...]]:
-    """Shape of every trainable tensor of a unit."""
-    if unit.startswith("block."):
-        return {**config.projection_shapes, **{name: (size,) for name, size in config.norm_shapes.items()}}
-    if unit == "norm":
-        return {"weight": (config.dim,)}
-    return {"weight": (config.vocab_size, config.dim)}
-
-
 def part_specs(config: ModelConfig, unit: str, part: str, settings: StoreSettings) -> TensorSpecs:
     """The tensors one part of one unit holds (empty: the part does not exist), as ``Layout`` encodes them."""
-    masters = _masters(config, unit)
+    masters = unit_shapes(config, unit)
     if part == "optim":
         if settings.state_dtype == "int8":  # blockwise.py: codes per block of BLOCK values plus block scales
             specs = {}

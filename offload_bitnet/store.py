@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import math
 import mmap
 import os
 import shutil
@@ -68,6 +69,15 @@ class StoreSettings:
 
 def block_unit(index: int) -> str:
     return f"block.{index:03d}"
+
+
+def unit_shapes(config: ModelConfig, unit: str) -> dict[str, tuple[int, ...]]:
+    """Shape of every (trainable, fp32 master) tensor of a unit."""
+    if unit.startswith("block."):
+        return config.block_shapes
+    if unit == "norm":
+        return {"weight": (config.dim,)}
+    return {"weight": (config.vocab_size, config.dim)}
 
 
 def unit_names(config: ModelConfig) -> list[str]:
@@ -285,7 +295,8 @@ class BlockStore:
             parts = self.manifest["files"].get(unit, {})
             total += sum(entry["bytes"] for entry in parts.values())
             if "optim" not in parts:
-                total += 2 * state_bytes * self._unit_numel(unit)
+                numel = sum(math.prod(shape) for shape in unit_shapes(self.config, unit).values())
+                total += 2 * state_bytes * numel
         return total
 
     def check_free_space(self):
@@ -294,12 +305,6 @@ class BlockStore:
         if free < needed:
             raise StoreError(f"not enough free disk space for training in {self.path}: a step needs about "
                              f"{_gib(needed)} free, there is {_gib(free)}. Free some space or move the store.")
-
-    def _unit_numel(self, unit: str) -> int:
-        config = self.config
-        if unit.startswith("block."):
-            return config.block_param_count()
-        return config.dim if unit == "norm" else config.vocab_size * config.dim
 
     # ------------------------------------------------------------------ reading
     def read(self, unit: str, part: str) -> dict[str, torch.Tensor]:

@@ -404,9 +404,8 @@ def _export_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Tensor names and numpy shapes in the order ``export_from_store`` writes them (store unit order)."""
     shapes = {"token_embd.weight": (config.vocab_size, config.dim)}
     for index in range(config.n_layers):
-        block = {**config.projection_shapes, **{n: (s,) for n, s in config.norm_shapes.items()}}
         for gguf_name, short in BLOCK_TENSORS.items():
-            shapes[f"blk.{index}.{gguf_name}.weight"] = tuple(block[short])
+            shapes[f"blk.{index}.{gguf_name}.weight"] = tuple(config.block_shapes[short])
     shapes["output_norm.weight"] = (config.dim,)
     if not config.tie_embeddings:
         shapes["output.weight"] = (config.vocab_size, config.dim)

@@ -350,8 +350,7 @@ def plan_import(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None)
     if unknown:
         raise HFFormatError(f"tensor {unknown[0]} in {checkpoint.where(unknown[0])} is not part of the model "
                             f"{CONFIG} describes ({len(unknown)} such tensors); it cannot be imported")
-    shapes = {**{n: s for n, s in config.projection_shapes.items()},
-              **{n: (s,) for n, s in config.norm_shapes.items()}}
+    shapes = config.block_shapes
     float_dtypes = Counter()
     for key, (unit, name) in needed.items():
         if not checkpoint.has(key):
@@ -659,7 +658,7 @@ def write_index(out_dir: str, files: dict[str, list[TensorSpec]], metadata: dict
 def generic_specs(config: ModelConfig, dtype: torch.dtype, packed: bool) -> list[TensorSpec]:
     """Every tensor of a transformers Llama/BitNet state dict, in transformers' order."""
     specs = []
-    shapes = {**config.projection_shapes, **{n: (s,) for n, s in config.norm_shapes.items()}}
+    shapes = config.block_shapes
     for unit in unit_names(config):
         for name, key in unit_keys(config, unit).items():
             if unit.startswith("block."):
@@ -683,7 +682,7 @@ def source_specs(store: BlockStore, dtype: torch.dtype | None) -> list[TensorSpe
     main = dtype or parse_dtype(source["dtype"])
     overrides = {} if dtype else source.get("dtype_overrides", {})
     packed = source.get("weights") == "packed"
-    shapes = {**store.config.projection_shapes, **{n: (s,) for n, s in store.config.norm_shapes.items()}}
+    shapes = store.config.block_shapes
     specs = []
     for keys in source["shard_layout"].values():
         for key in keys:

@@ -206,7 +206,7 @@ def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Unsplit shape of every Meta key."""
     shapes = {EMBED_KEY: (config.vocab_size, config.dim), NORM_KEY: (config.dim,),
               OUTPUT_KEY: (config.vocab_size, config.dim)}
-    block = {**config.projection_shapes, **{n: (s,) for n, s in config.norm_shapes.items()}}
+    block = config.block_shapes
     for layer in range(config.n_layers):
         for name, (suffix, _) in BLOCK_KEYS.items():
             shapes[f"layers.{layer}.{suffix}"] = tuple(block[name])

@@ -106,6 +106,30 @@ def filesystem_of(path: str) -> str:
     return fstype
 
 
+class StealMeter:
+    """Share of the machine's CPU time the hypervisor gave to other guests (``steal`` in /proc/stat) while the
+    meter ran. On a shared VM it comes and goes, and wall times measured under it are slow by about that share
+    (more for multi-threaded work). None where /proc/stat is missing."""
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return fields[7], sum(fields)  # steal, total
+
+    def fraction(self) -> float | None:
+        now = self._read()
+        if now is None or self._start is None or now[1] == self._start[1]:
+            return None
+        return (now[0] - self._start[0]) / (now[1] - self._start[1])
+
+
 def check(label: str, value: float, limit: float, detail: str = "") -> bool:
     """Print ``PASS``/``FAIL`` for ``value <= limit`` and remember a failure for ``finish``.
 

@@ -3,8 +3,8 @@
 The engine's ``StepStats`` gives a step's total; to split it, the bench opens the store through a subclass of
 ``BlockStore`` that records every read and write with the phase it belongs to. The phase comes from the
 engine's two kinds of load job (``_forward_job``: what forward streams; ``_update_job``: what a backward
-update loads), which a subclass of ``StreamingEngine`` wraps; the jobs run on the prefetch thread, so a
-thread-local tag is exact. Nothing in the engine or store is changed.
+update loads) and from the optimizer updates (which read the moments), which a subclass of
+``StreamingEngine`` wraps; the tag is thread-local, so it is exact whichever thread does the reading. Nothing in the engine or store is changed.
 
 Target (``qat``): forward reads <= 2.1 bits per ternary projection weight plus the bytes of the
 non-projection tensors the same pass reads (embedding and norms at their stored dtypes; for the evaluation
@@ -36,11 +36,11 @@ class RecordingStore(BlockStore):
         super().__init__(*args, **kwargs)
         self.log: list[tuple[str, str, str, int]] = []
 
-    def read(self, unit, part):
-        before = self.bytes_read
-        tensors = super().read(unit, part)
-        # Only the prefetch thread reads, one job at a time, so the delta is this read's size.
-        self.log.append((getattr(_phase, "name", "other"), unit, part, self.bytes_read - before))
+    def read(self, unit, part, pool=None):
+        with self._lock:  # reads run on several threads: count this one's bytes, not another's
+            size = self._working[unit][part]["bytes"]
+        tensors = super().read(unit, part, pool)
+        self.log.append((getattr(_phase, "name", "other"), unit, part, size))
         return tensors
 
     def write(self, unit, part, tensors, step):
@@ -50,7 +50,8 @@ class RecordingStore(BlockStore):
 
 
 class PhaseEngine(StreamingEngine):
-    """Tags the reads of forward load jobs as ``forward`` and of update load jobs as ``backward``."""
+    """Tags the reads of forward load jobs as ``forward``, and of update load jobs and of the optimizer updates
+    (which read the moments, on the writer or the main thread) as ``backward``."""
 
     def _forward_job(self, unit):
         job = super()._forward_job(unit)
@@ -59,6 +60,12 @@ class PhaseEngine(StreamingEngine):
     def _update_job(self, unit):
         job = super()._update_job(unit)
         return lambda: _tagged("backward", job)
+
+    def _stored_moments(self, unit, masters):
+        return _tagged("backward", lambda: super(PhaseEngine, self)._stored_moments(unit, masters))
+
+    def _apply_update(self, *args, **kwargs):
+        return _tagged("backward", lambda: super(PhaseEngine, self)._apply_update(*args, **kwargs))
 
 
 def _tagged(name, job):

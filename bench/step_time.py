@@ -261,6 +261,7 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
             if model is not None:
                 inmemory_step(model, optimizer, batch)
         # Alternate blocks, so a change in machine load hits both sides.
+        steal = c.StealMeter()
         streamed, walls, flushes, inmem, inmem_fb, inmem_opt = [], [], [], [], [], []
         faults, inmem_faults, cpus, inmem_cpus = [], [], [], []
         for _ in range(args.repeats):
@@ -298,6 +299,10 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
         print(f"  minor page faults per step: streamed {c.median(faults):,.0f} (~{c.gib(c.median(faults) * 4096)} "
               f"of pages mapped)" + (f", in-memory {c.median(inmem_faults):,.0f} "
                                      f"(~{c.gib(c.median(inmem_faults) * 4096)})" if model is not None else ""))
+        stolen = steal.fraction()
+        if stolen is not None:
+            print(f"  CPU time taken by the hypervisor (steal) during these runs: {100 * stolen:.1f}% "
+                  + ("(quiet)" if stolen < 0.02 else "(wall times above are inflated by other guests: rerun)"))
         reference = SLOWLLAMA_S_PER_STEP.get((dim, layers))
         if reference:
             print(f"  for orientation: slowllama SGD block offload ~{reference} s/step on this shape "

@@ -13,6 +13,7 @@ commit run behind on another. The engine knows scheduling, prefetch and RNG repl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import resource
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .buffers import BufferPool
 from .faults import fault_point
 from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
@@ -83,9 +85,12 @@ class NonFiniteStep(ArithmeticError):
 
 def _check_finite(unit: str, name: str, *tensors, what: str = "gradient"):
     for tensor in tensors:
-        # A sum is non-finite when any element is (or, harmlessly, when huge values overflow it); one
-        # reduction instead of a boolean tensor the size of the weights.
-        if tensor is not None and not torch.isfinite(tensor.float().sum()):
+        if tensor is None or tensor.numel() == 0:
+            continue
+        # The extremes are non-finite exactly when some element is: one pass, no boolean tensor the size of the
+        # weights, no conversion of 16-bit tensors, and no false alarm from a sum that overflows.
+        low, high = torch.aminmax(tensor)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise NonFiniteStep(f"non-finite {what} in {unit} {name}")
 
 
@@ -162,7 +167,8 @@ class StreamingEngine:
         self.device = torch.device(self.options.device)
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
         self.config = store.config
-        self.layout = Layout(store.settings)
+        self.pool = BufferPool()
+        self.layout = Layout(store.settings, self.pool)
         self.quantize = 1.0 if store.settings.mode == "qat" else 0.0
         self.quant_mix = 1.0
         self.adapters = None
@@ -190,10 +196,10 @@ class StreamingEngine:
             pending = self.writer.pending_part(unit, part)
             if pending is not None:
                 # A copy: the caller may update it in place while the writer still serializes the original.
-                return {name: tensor.clone() for name, tensor in pending.items()}
+                return {name: self.pool.copy(tensor) for name, tensor in pending.items()}
         if part == "optim" and not self.store.has_part(unit, part):
             return None
-        return self.store.read(unit, part)
+        return self.store.read(unit, part, self.pool)
 
     def _needs_shadow(self, unit: str) -> bool:
         return self.store.settings.mode == "qat" and unit.startswith("block.")
@@ -204,7 +210,7 @@ class StreamingEngine:
         for name, master in masters.items():
             weight = master
             if self.layout.is_ternary(unit, name):
-                quantized = quantize_weight(master)
+                quantized = quantize_weight(master, out=self.layout.empty(master.shape, master.dtype, master.device))
                 weight = quantized if self.quant_mix == 1 else master + self.quant_mix * (quantized - master)
             tensors[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32)
         return tensors
@@ -221,13 +227,21 @@ class StreamingEngine:
         return job
 
     def _update_job(self, unit: str):
-        """Load what an update needs: fp32 masters and moments."""
+        """Load what the backward pass needs of a unit: its fp32 masters. The moments only for the embedding,
+        whose update ends the step on the main thread; the writer thread reads the others' itself, so they stay
+        off the compute's path."""
         def job():
             weights = self._read(unit, "weights")
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
             masters = self.layout.masters(unit, weights, shadow, self.device)
-            return unit, masters, self.layout.moments(self._read(unit, "optim"), masters)
+            moments = self.layout.moments(self._read(unit, "optim"), masters) if unit == "embed" else None
+            return unit, masters, moments
         return job
+
+    def _stored_moments(self, unit: str, masters: dict) -> dict:
+        """A unit's moments as the store has them (not as a pending write has them)."""
+        part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
+        return self.layout.moments(part, masters)
 
     def _frozen_job(self, unit: str):
         """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
@@ -313,8 +327,13 @@ class StreamingEngine:
         ctx = _StepContext(self, micro_batches, self.step + 1, lr)
         skipped = None
         try:
-            hidden = self._forward_pass(ctx)
-            loss = self._backward_pass(ctx, hidden, commit_extra)
+            # One stream of loads for both passes: the first backward units load while the last blocks run forward.
+            forward_units, backward_units = self._step_units()
+            load = self._frozen_job if self.adapters is not None else self._update_job
+            loads = self.prefetcher.stream(itertools.chain((self._forward_job(u) for u in forward_units),
+                                                           (load(u) for u in backward_units)))
+            hidden = self._forward_pass(ctx, forward_units, loads)
+            loss = self._backward_pass(ctx, hidden, commit_extra, loads)
             self.step = ctx.step
         except NonFiniteStep as reason:
             loss, skipped = ctx.loss, str(reason)
@@ -326,12 +345,20 @@ class StreamingEngine:
                          bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
                          spilled_bytes=self.stash.spilled_bytes, skipped=skipped)
 
-    def _forward_pass(self, ctx: "_StepContext") -> list[torch.Tensor]:
-        """Embed, then every block for all micro-batches while it is loaded; stash each block's input."""
-        units = ["embed"] + [block_unit(i) for i in range(self.config.n_layers)]
+    def _step_units(self) -> tuple[list[str], list[str]]:
+        """The units a training step loads in its forward pass and in its backward pass, in order."""
+        blocks = [block_unit(i) for i in range(self.config.n_layers)]
+        backward = ["norm", self._head_unit()] + blocks[::-1]
+        if self._head_unit() == "head" and self.adapters is None:
+            backward.append("embed")
+        return ["embed"] + blocks, backward
+
+    def _forward_pass(self, ctx: "_StepContext", units: list[str], loads) -> list[torch.Tensor]:
+        """Embed, then every block for all micro-batches while it is loaded; stash each block's input. Takes
+        one item of ``loads`` per unit."""
         hidden = []
         with torch.no_grad():
-            for unit, tensors in zip(units, self.prefetcher.stream(self._forward_job(u) for u in units)):
+            for unit, tensors in zip(units, loads):  # units first: zip stops before taking an extra load
                 if unit == "embed":
                     hidden = [F.embedding(i, tensors["weight"]) for i in ctx.ids]
                     continue
@@ -348,14 +375,9 @@ class StreamingEngine:
                 del tensors, params
         return hidden
 
-    def _backward_pass(self, ctx: "_StepContext", hidden: list[torch.Tensor], commit_extra) -> float:
+    def _backward_pass(self, ctx: "_StepContext", hidden: list[torch.Tensor], commit_extra, loads) -> float:
         """Loss and head update, then each block replayed and updated last to first, then the embedding."""
         cfg, lora = self.config, self.adapters is not None
-        load = self._frozen_job if lora else self._update_job
-        backward_units = ["norm", self._head_unit()] + [block_unit(i) for i in reversed(range(cfg.n_layers))]
-        if self._head_unit() == "head" and not lora:
-            backward_units.append("embed")
-        loads = self.prefetcher.stream(load(u) for u in backward_units)
         _, norm_masters, norm_moments = next(loads)
         head_unit, head_masters, head_moments = next(loads)
         norm_w = norm_masters["weight"].requires_grad_(not lora)
@@ -428,10 +450,16 @@ class StreamingEngine:
             _, embed_masters, embed_moments = next(loads)
         else:
             embed_masters, embed_moments = head_masters, head_moments
-        embed_grad = torch.zeros_like(embed_masters["weight"]) if head_grad is None else head_grad
+        embed_weight = embed_masters["weight"]
+        embed_grad = head_grad
+        if embed_grad is None:
+            embed_grad = self.layout.empty(embed_weight.shape, torch.float32, embed_weight.device).zero_()
         for m in ctx.micro_range:
             embed_grad.index_add_(0, ctx.ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
-        self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, ctx)
+        # The last update runs here (nothing else is left to compute); the others ran on the writer thread, and the
+        # step is complete (or found non-finite) once they all have.
+        self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, ctx, inline=True)
+        self.writer.wait_for_updates()
         self.writer.commit(ctx.step, commit_extra)
         return ctx.loss
 
@@ -445,26 +473,47 @@ class StreamingEngine:
             else:
                 self.adapters = AdapterSet(self.config, self.options.lora)
             return
-        self.writer.flush()
+        error = self.writer.discard()
+        if error is not None and not isinstance(error, NonFiniteStep):
+            raise error
         self.store.remove_uncommitted_files()
 
     def _wait_seconds(self) -> float:
         return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)
 
-    def _apply_update(self, unit, masters, grads, moments, ctx: "_StepContext"):
-        fault_point("update")
-        for name, grad in grads.items():
-            _check_finite(unit, name, grad)
-        for name, master in masters.items():
-            exp_avg, exp_avg_sq = moments[name]
-            adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, ctx.step, self._step_optim, ctx.lr)
-        parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
-        for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
-            if stored.is_floating_point():  # e.g. an lr so large the 16-bit weights overflow
-                _check_finite(unit, name, stored, what="weight after the update")
-        parts["optim"] = self.layout.encode_moments(moments)
-        self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
-        self.writer.write(unit, parts, ctx.step)
+    def _apply_update(self, unit, masters, grads, moments, ctx: "_StepContext", inline: bool = False):
+        """AdamW on ``masters`` and the write of the result, so the caller must not touch these tensors again.
+
+        The update runs on the writer thread, beside the compute of the next unit; here instead with ``inline``,
+        or when the writer is behind (both cores then share the work instead of one waiting for the other).
+        ``moments`` None: read them first."""
+        step, optim, lr = ctx.step, self._step_optim, ctx.lr
+
+        def update(moments) -> dict[str, dict[str, torch.Tensor]]:
+            fault_point("update")
+            for name, master in masters.items():
+                exp_avg, exp_avg_sq = moments[name]
+                adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, step, optim, lr)
+            parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
+            # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
+            # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
+            # large that the 16-bit weights overflow.
+            for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
+                if stored.is_floating_point():
+                    _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
+                                                           "gradient or learning rate)")
+            parts["optim"] = self.layout.encode_moments(moments)
+            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+            return parts
+
+        if inline or self.writer.backed_up():
+            if moments is None:
+                moments = self.layout.moments(self._read(unit, "optim"), masters)
+            self.writer.write(unit, update(moments), step)
+        else:
+            # On the writer thread every earlier write is in the store: the stored moments are the newest.
+            self.writer.update(unit, lambda: update(self._stored_moments(unit, masters) if moments is None
+                                                    else moments), step)
 
     def flush(self):
         """Wait until every update is on disk and committed."""
@@ -487,3 +536,4 @@ class StreamingEngine:
             self.prefetcher.close()
             self.stash.clear()
             self.store.close()
+            self.pool.release()

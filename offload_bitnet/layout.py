@@ -19,18 +19,33 @@ from __future__ import annotations
 import torch
 
 from . import blockwise
+from .buffers import BufferPool
 from .store import DTYPES, StoreSettings
 from .ternary import pack_weight, unpack_weight
 
 
 class Layout:
-    """Encode and decode one unit's tensors for a store's settings."""
+    """Encode and decode one unit's tensors for a store's settings. With a ``pool``, the CPU tensors it makes
+    live in the pool's reusable memory."""
 
-    def __init__(self, settings: StoreSettings):
+    def __init__(self, settings: StoreSettings, pool: BufferPool | None = None):
         self.settings = settings
+        self.pool = pool
         self.shadow_dtype = DTYPES[settings.shadow_dtype]
         self.blockwise_state = settings.state_dtype == "int8"
         self.state_dtype = None if self.blockwise_state else DTYPES[settings.state_dtype]
+
+    def empty(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialized tensor (from the pool when it is for the CPU)."""
+        if self.pool is not None and torch.device(device).type == "cpu":
+            return self.pool.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def _as(self, tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+        """``tensor`` as ``dtype`` on ``device`` (itself when it already is)."""
+        if self.pool is not None and torch.device(device).type == "cpu":
+            return self.pool.convert(tensor, dtype)
+        return tensor.to(device, dtype)
 
     def is_ternary(self, unit: str, name: str) -> bool:
         return self.settings.mode == "qat" and unit.startswith("block.") and name.endswith("_proj")
@@ -42,9 +57,9 @@ class Layout:
         """fp32 master tensors to the ``weights`` and (qat) ``shadow`` parts."""
         weights, shadow = {}, {}
         for name, master in masters.items():
-            stored = master.detach().to("cpu", self.storage_dtype(master))
+            stored = self._as(master.detach(), self.storage_dtype(master), "cpu")
             if self.is_ternary(unit, name):
-                packed, scale = pack_weight(stored.float())
+                packed, scale = pack_weight(stored, scratch=self.empty(stored.shape, torch.float32, "cpu"))
                 weights[f"{name}.packed"], weights[f"{name}.scale"] = packed, scale
                 shadow[name] = stored
             else:
@@ -62,11 +77,12 @@ class Layout:
         tensors = {}
         for name in self.param_names(weights_part):
             if f"{name}.packed" in weights_part:
-                tensors[name] = unpack_weight(weights_part[f"{name}.packed"].to(device),
-                                              weights_part[f"{name}.scale"].to(device), dtype)
+                packed = weights_part[f"{name}.packed"].to(device)
+                tensors[name] = unpack_weight(packed, weights_part[f"{name}.scale"].to(device), dtype,
+                                              out=self.empty((packed.shape[0] * 4, *packed.shape[1:]), dtype, device))
             else:
                 value = weights_part[name]
-                tensors[name] = value.to(device, torch.float32 if value.dim() < 2 else dtype)
+                tensors[name] = self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
         return tensors
 
     def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device) -> dict[str, torch.Tensor]:
@@ -74,7 +90,7 @@ class Layout:
         masters = {}
         for name in self.param_names(weights_part):
             source = shadow_part[name] if f"{name}.packed" in weights_part else weights_part[name]
-            masters[name] = source.to(device, torch.float32)
+            masters[name] = self._as(source, torch.float32, device)
         return masters
 
     def moments(self, optim_part: dict | None, masters: dict[str, torch.Tensor]) -> dict[str, tuple]:
@@ -82,14 +98,14 @@ class Layout:
         moments = {}
         for name, master in masters.items():
             if optim_part is None:
-                moments[name] = (torch.zeros_like(master), torch.zeros_like(master))
+                moments[name] = tuple(self.empty(master.shape, torch.float32, master.device).zero_() for _ in "mv")
             elif self.blockwise_state:
                 exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), master.shape)
                 exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), master.shape)
                 moments[name] = (exp_avg.to(master.device), exp_avg_sq.to(master.device))
             else:
-                moments[name] = (optim_part[f"{name}.exp_avg"].to(master.device, torch.float32),
-                                 optim_part[f"{name}.exp_avg_sq"].to(master.device, torch.float32))
+                moments[name] = (self._as(optim_part[f"{name}.exp_avg"], torch.float32, master.device),
+                                 self._as(optim_part[f"{name}.exp_avg_sq"], torch.float32, master.device))
         return moments
 
     def encode_moments(self, moments: dict[str, tuple]) -> dict[str, torch.Tensor]:
@@ -101,8 +117,8 @@ class Layout:
                 for key, tensor in blockwise.encode_log(exp_avg_sq).items():
                     part[f"{name}.exp_avg_sq.{key}"] = tensor.cpu()
             else:
-                part[f"{name}.exp_avg"] = exp_avg.to("cpu", self.state_dtype)
-                part[f"{name}.exp_avg_sq"] = exp_avg_sq.to("cpu", self.state_dtype)
+                part[f"{name}.exp_avg"] = self._as(exp_avg, self.state_dtype, "cpu")
+                part[f"{name}.exp_avg_sq"] = self._as(exp_avg_sq, self.state_dtype, "cpu")
         return part
 
 

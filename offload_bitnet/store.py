@@ -21,7 +21,6 @@ import errno
 import fcntl
 import json
 import math
-import mmap
 import os
 import shutil
 import threading
@@ -32,6 +31,7 @@ import struct
 import torch
 from crc32c import crc32c
 
+from .buffers import BufferPool
 from .config import ModelConfig
 from .faults import fault_point
 
@@ -118,11 +118,13 @@ def encoded_size(tensors: dict[str, torch.Tensor]) -> int:
     return len(header) + sum(len(buffer) for buffer in buffers)
 
 
-def decode_safetensors(data, origin: str) -> dict[str, torch.Tensor]:
-    """Tensors viewing ``data`` in place (no copy)."""
+def decode_safetensors(data: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
+    """Tensors viewing the file bytes ``data`` (a uint8 tensor, or a writable bytes-like object) in place."""
     try:
-        (length,) = struct.unpack_from("<Q", data, 0)
-        header = json.loads(bytes(data[8:8 + length]))
+        if not isinstance(data, torch.Tensor):
+            data = torch.frombuffer(data, dtype=torch.uint8)
+        (length,) = struct.unpack_from("<Q", data[:8].numpy(), 0)
+        header = json.loads(data[8:8 + length].numpy().tobytes())
         start = 8 + length
         tensors = {}
         for name, info in header.items():
@@ -130,11 +132,10 @@ def decode_safetensors(data, origin: str) -> dict[str, torch.Tensor]:
                 continue
             begin, end = info["data_offsets"]
             dtype = _TORCH_DTYPES[info["dtype"]]
-            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-            if count == 0:
+            if begin == end:
                 tensors[name] = torch.empty(info["shape"], dtype=dtype)
             else:
-                tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
+                tensors[name] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
         return tensors
     except (struct.error, ValueError, KeyError, RuntimeError) as error:
         raise StoreError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
@@ -307,8 +308,8 @@ class BlockStore:
                              f"{_gib(needed)} free, there is {_gib(free)}. Free some space or move the store.")
 
     # ------------------------------------------------------------------ reading
-    def read(self, unit: str, part: str) -> dict[str, torch.Tensor]:
-        """Load one part of one unit, checking its size and checksum."""
+    def read(self, unit: str, part: str, pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+        """Load one part of one unit, checking its size and checksum; into ``pool``'s memory when given."""
         with self._lock:
             entry = self._working.get(unit, {}).get(part)
         if entry is None:
@@ -317,29 +318,32 @@ class BlockStore:
         try:
             fault_point("read")
             with open(file_path, "rb", buffering=0) as handle:
-                if part == "optim":
-                    # Moments are updated in place right away: read them into memory of our own here (on the
-                    # prefetch thread) rather than paying a copy-on-write fault per page inside the update.
-                    data = bytearray(entry["bytes"])
-                    del data[handle.readinto(data):]
-                else:
-                    # A private mapping: no copy out of the page cache; in-place changes stay in this process.
-                    data = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                size = os.fstat(handle.fileno()).st_size
+                if size != entry["bytes"]:
+                    raise StoreError(f"{file_path} ({unit} {part}) is {size} bytes, the manifest says "
+                                     f"{entry['bytes']}: the file is truncated or damaged. Restore it from a backup "
+                                     "or re-import the model.")
+                # Read into memory of our own (reused across units when a pool is given) rather than mapping the
+                # file: the caller may update the tensors in place, and a private mapping pays a copy-on-write
+                # fault per page for that.
+                data = pool.empty((size,), torch.uint8) if pool is not None else torch.empty(size, dtype=torch.uint8)
+                view, done = memoryview(data.numpy()), 0
+                while done < size:
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise StoreError(f"{file_path} ({unit} {part}) shrank while it was read")
+                    done += count
         except (OSError, ValueError) as error:
             raise StoreError(f"cannot read {file_path} ({unit} {part}): {getattr(error, 'strerror', None) or error}")\
                 from error
-        if len(data) != entry["bytes"]:
-            raise StoreError(f"{file_path} ({unit} {part}) is {len(data)} bytes, the manifest says {entry['bytes']}:"
-                             " the file is truncated or damaged. Restore it from a backup or re-import the model.")
         if "crc32c" not in entry:
             raise StoreError(f"the manifest of {self.path} has no crc32c checksum for {unit} {part}: the store was "
                              "written by a development version of offload_bitnet. Re-import or re-create it.")
-        if self.verify and crc32c(data) != entry["crc32c"]:
+        if self.verify and crc32c(view) != entry["crc32c"]:
             raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
                              "Restore it from a backup or re-import the model.")
         with self._lock:
-            self.bytes_read += len(data)
+            self.bytes_read += size
         return decode_safetensors(data, f"{file_path} ({unit} {part})")
 
     def verify_all(self, progress=None) -> list[str]:

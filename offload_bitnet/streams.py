@@ -4,12 +4,25 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+
+def lower_thread_priority(niceness: int = 10):
+    """Make the calling thread yield the CPU to the compute thread when they compete for a core (Linux: nice
+    is per thread). Background I/O that waits a little costs nothing; a compute thread that waits delays the
+    whole step. Elsewhere, or where it is refused, nothing changes."""
+    get_id = getattr(threading, "get_native_id", None)
+    if sys.platform.startswith("linux") and get_id is not None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, get_id(), niceness)
+        except OSError:
+            pass
 
 
 class Prefetcher:
@@ -17,7 +30,8 @@ class Prefetcher:
 
     def __init__(self, depth: int = 1):
         self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch",
+                                        initializer=lower_thread_priority)
         self.wait_seconds = 0.0
 
     def stream(self, jobs):
@@ -44,33 +58,66 @@ class Prefetcher:
 
 
 class WriteBehind:
-    """Writes units and commits on one background thread, in submission order.
+    """Runs unit updates, their writes and commits on one background thread, in submission order.
 
-    Until a unit's write has reached the store, ``pending`` serves it to readers, so a read always sees the
-    newest version. After a failed job nothing more is written or committed, and the error is raised in the
-    caller's thread on the next call.
+    Until a unit's new version is in the store, ``pending_part`` serves it from memory (waiting while its update
+    still runs), so a read always sees the newest version. After a failed job nothing more is run, written or
+    committed, and the error is raised in the caller's thread on its next call; ``discard`` clears it when the
+    caller abandons the step.
     """
 
     def __init__(self, store, max_pending: int = 2):
         self.store = store
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._pending: dict[tuple[str, str], dict] = {}
-        self._pending_lock = threading.Lock()
+        self._updating: Counter = Counter()   # unit -> queued updates that have not made their parts yet
+        self._pending: dict[tuple[str, str], dict] = {}  # (unit, part) -> tensors made, not yet in the store
+        self._changed = threading.Condition()
         self._error: BaseException | None = None
         self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="offload-writer", daemon=True)
         self._thread.start()
 
-    def pending_part(self, unit: str, part: str):
-        with self._pending_lock:
-            return self._pending.get((unit, part))
+    def update(self, unit: str, make_parts, step: int):
+        """Queue ``make_parts()`` (returns ``{part: tensors}``, e.g. by running the optimizer update) and the
+        write of what it returns as the unit's version for ``step``."""
+        self.raise_if_failed()
+        with self._changed:
+            self._updating[unit] += 1
+        try:
+            self._put(("write", unit, make_parts, step))
+        except BaseException:
+            self._made(unit, {})
+            raise
 
     def write(self, unit: str, parts: dict[str, dict], step: int):
+        """Queue the write of ready ``{part: tensors}``."""
+        self._made(unit, parts, count=False)  # before the job can run: the writer drops them once written
+        self.update(unit, lambda: parts, step)
+
+    def backed_up(self) -> bool:
+        """Whether the queue is full: a new job would have to wait for the writer."""
+        return self._queue.full()
+
+    def pending_part(self, unit: str, part: str) -> dict | None:
+        """A unit's part not in the store yet (None when the store has the newest version); waits while an
+        update of the unit is still running. The tensors are the writer's: copy them before changing them."""
+        started = time.perf_counter()
+        with self._changed:
+            while self._error is None and self._updating[unit]:
+                self._changed.wait()
+            self.raise_if_failed()
+            pending = self._pending.get((unit, part))
+        self.wait_seconds += time.perf_counter() - started
+        return pending
+
+    def wait_for_updates(self):
+        """Block until every queued update has made its parts (their writes may still run); raise a failure."""
+        started = time.perf_counter()
+        with self._changed:
+            while self._error is None and self._updating:
+                self._changed.wait()
+        self.wait_seconds += time.perf_counter() - started
         self.raise_if_failed()
-        with self._pending_lock:
-            for part, tensors in parts.items():
-                self._pending[(unit, part)] = tensors
-        self._put(("write", unit, parts, step))
 
     def commit(self, step: int, extra: dict | None):
         self._put(("commit", step, extra))
@@ -81,6 +128,14 @@ class WriteBehind:
         self._queue.join()
         self.wait_seconds += time.perf_counter() - started
         self.raise_if_failed()
+
+    def discard(self) -> BaseException | None:
+        """Wait for the queue to empty (jobs after a failure are skipped), then clear and return the failure."""
+        self._queue.join()
+        with self._changed:
+            error, self._error = self._error, None
+            self._pending.clear()
+        return error
 
     def raise_if_failed(self):
         if self._error is not None:
@@ -96,7 +151,19 @@ class WriteBehind:
         self._queue.put(job)
         self.wait_seconds += time.perf_counter() - started
 
+    def _made(self, unit: str, parts: dict, count: bool = True):
+        """Record a unit's new parts as pending (``count``: and that one of its queued updates ran)."""
+        with self._changed:
+            for part, tensors in parts.items():
+                self._pending[(unit, part)] = tensors
+            if count:
+                self._updating[unit] -= 1
+                if self._updating[unit] <= 0:
+                    del self._updating[unit]
+            self._changed.notify_all()
+
     def _run(self):
+        lower_thread_priority()
         while True:
             job = self._queue.get()
             try:
@@ -104,17 +171,27 @@ class WriteBehind:
                     return
                 if self._error is None:
                     self._do(job)
+                elif job[0] == "write":
+                    self._made(job[1], {})  # skipped after a failure: no longer updating
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
-                self._error = error
+                with self._changed:
+                    self._error = error
+                    self._changed.notify_all()
             finally:
                 self._queue.task_done()
 
     def _do(self, job):
         if job[0] == "write":
-            _, unit, parts, step = job
+            _, unit, make_parts, step = job
+            try:
+                parts = make_parts()
+            except BaseException:
+                self._made(unit, {})
+                raise
+            self._made(unit, parts)
             for part, tensors in parts.items():
                 self.store.write(unit, part, tensors, step)
-                with self._pending_lock:
+                with self._changed:
                     if self._pending.get((unit, part)) is tensors:
                         del self._pending[(unit, part)]
         else:

@@ -14,29 +14,45 @@ import torch
 VALUES_PER_BYTE = 4
 
 
-def weight_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per-tensor scale gamma = max(mean|W|, 1e-5), as a 1-element fp32 tensor."""
-    return weight.float().abs().mean().clamp(min=1e-5).reshape(1)
+def weight_scale(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor scale gamma = max(mean|W|, 1e-5), as a 1-element fp32 tensor. ``scratch``: an fp32 tensor
+    shaped like ``weight`` to compute |W| in (instead of new memory)."""
+    if scratch is None:
+        absolute = weight.float().abs()
+    elif weight.dtype == scratch.dtype:
+        absolute = torch.abs(weight, out=scratch)
+    else:
+        absolute = scratch.copy_(weight).abs_()
+    return absolute.mean().clamp(min=1e-5).reshape(1)
 
 
-def ternary_codes(weight: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a weight matrix to int8 codes in {-1, 0, 1} and its scale gamma."""
+def ternary_codes(weight: torch.Tensor, scale: torch.Tensor | None = None,
+                  scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight matrix to int8 codes in {-1, 0, 1} and its scale gamma (``scratch`` as in
+    ``weight_scale``)."""
     if scale is None:
-        scale = weight_scale(weight)
+        scale = weight_scale(weight, scratch)
     # Multiply by the reciprocal, as transformers' WeightQuant does, so ties round identically.
-    codes = (weight.float() * (1.0 / scale)).round().clamp(-1, 1).to(torch.int8)
-    return codes, scale
+    if scratch is None:
+        scaled = weight.float() * (1.0 / scale)
+    else:
+        scaled = torch.mul(weight, 1.0 / scale, out=scratch)
+    return scaled.round_().clamp_(-1, 1).to(torch.int8), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Ternary codes back to a dense weight: codes * gamma."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ternary codes back to a dense weight: codes * gamma (into ``out`` when given)."""
+    if out is not None:
+        return torch.div(out.copy_(codes), 1.0 / scale.to(out.dtype), out=out)
     return codes.to(dtype) / (1.0 / scale.to(dtype))
 
 
-def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Dense fake-quantized weight (no gradient path); equals transformers' WeightQuant forward."""
-    codes, scale = ternary_codes(weight)
-    return dequantize(codes, scale, weight.dtype if weight.is_floating_point() else torch.float32)
+def quantize_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense fake-quantized weight (no gradient path); equals transformers' WeightQuant forward. ``out``: a
+    tensor shaped like ``weight`` (of its dtype) to compute in and return."""
+    codes, scale = ternary_codes(weight, scratch=out if out is not None and out.dtype == torch.float32 else None)
+    return dequantize(codes, scale, weight.dtype if weight.is_floating_point() else torch.float32, out=out)
 
 
 def quantize_activation(x: torch.Tensor) -> torch.Tensor:
@@ -81,12 +97,22 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return (fields.to(torch.int8) - 1).reshape(packed.shape[0] * VALUES_PER_BYTE, *packed.shape[1:])
 
 
-def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize and pack a dense weight: returns (uint8 ``[out/4, in]``, fp32 scale ``[1]``)."""
-    codes, scale = ternary_codes(weight)
+def pack_weight(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and pack a dense weight: returns (uint8 ``[out/4, in]``, fp32 scale ``[1]``). ``scratch`` as in
+    ``weight_scale``."""
+    codes, scale = ternary_codes(weight, scratch=scratch)
     return pack_codes(codes), scale
 
 
-def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense fake-quantized weight from its packed form; equals ``quantize_weight`` of the source."""
-    return dequantize(unpack_codes(packed), scale, dtype)
+def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense fake-quantized weight from its packed form; equals ``quantize_weight`` of the source. ``out``: a
+    ``[out, in]`` tensor of ``dtype`` to unpack into (no temporaries the size of the weight)."""
+    if out is None:
+        return dequantize(unpack_codes(packed), scale, dtype)
+    rows = out.view(VALUES_PER_BYTE, *packed.shape)
+    field = torch.empty_like(packed)
+    for i in range(VALUES_PER_BYTE):
+        rows[i].copy_(torch.bitwise_and(torch.bitwise_right_shift(packed, 2 * i, out=field), 3, out=field))
+    # The fields hold code + 1; exact small integers in any float dtype, so this is codes * gamma exactly.
+    return torch.div(out.sub_(1), 1.0 / scale.to(out.dtype), out=out)

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -165,3 +166,56 @@ def test_step_abandoned_after_some_units_were_written_leaves_the_store_as_commit
     assert engine.train_step(batch).skipped is None and engine.step == 1
     engine.close()
     assert BlockStore(path).step == 1
+
+
+def _store_tensors(path):
+    store = BlockStore(path)
+    return {(unit, part): store.read(unit, part) for unit, parts in store.manifest["files"].items() for part in parts}
+
+
+def test_updates_give_the_same_store_on_either_thread_and_with_a_slow_writer(tmp_path, monkeypatch):
+    """The optimizer update of a unit runs on the writer thread, or on the main thread when the writer is behind;
+    reads of units whose writes are still queued are served from memory. None of that may change a bit."""
+    from offload_bitnet import store as store_module
+
+    results = {}
+    for variant in ("writer", "main", "slow-writer"):
+        path = create_model(str(tmp_path / variant), size="demo", arch="bitnet", n_layers=3)
+        engine = StreamingEngine(BlockStore(path, writable=True),
+                                 EngineOptions(dropout=0.1, optim=AdamWConfig(lr=1e-3, weight_decay=0.1)))
+        engine.writer.backed_up = lambda: variant == "main"
+        if variant == "slow-writer":
+            original = store_module.BlockStore.write
+
+            def slow_write(self, *args, **kwargs):
+                time.sleep(0.02)
+                return original(self, *args, **kwargs)
+
+            monkeypatch.setattr(store_module.BlockStore, "write", slow_write)
+        generator = torch.Generator().manual_seed(5)
+        losses = [engine.train_step([(torch.randint(0, 256, (1, 16), generator=generator), None)]).loss
+                  for _ in range(3)]
+        engine.close()
+        monkeypatch.undo()
+        results[variant] = (losses, _store_tensors(path))
+    reference_losses, reference = results["writer"]
+    for variant in ("main", "slow-writer"):
+        losses, tensors = results[variant]
+        assert losses == reference_losses, variant
+        assert tensors.keys() == reference.keys()
+        for key, part in reference.items():
+            for name, tensor in part.items():
+                assert torch.equal(tensor, tensors[key][name]), (variant, key, name)
+
+
+@pytest.mark.parametrize("arch", ["bitnet", "llama"])
+def test_a_learning_rate_that_overflows_the_16_bit_weights_skips_the_step(tmp_path, arch):
+    path = create_model(str(tmp_path / "m"), size="demo", arch=arch, n_layers=2)
+    before = _store_tensors(path)
+    engine = StreamingEngine(BlockStore(path, writable=True), EngineOptions(optim=AdamWConfig(lr=1e6)))
+    stats = engine.train_step([(torch.randint(0, 256, (1, 16)), None)])
+    assert stats.skipped and "non-finite weight after the update" in stats.skipped and engine.step == 0
+    engine.close()
+    after = _store_tensors(path)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key][name], tensor) for key, part in before.items() for name, tensor in part.items())

@@ -27,7 +27,7 @@ from .buffers import BufferPool
 from .faults import fault_point
 from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
-from .model import block_forward, dropout_generator, rms_norm, rope_tables
+from .model import ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
 from .store import BlockStore, block_unit, encoded_size
 from .streams import ActivationStash, Prefetcher, WriteBehind
@@ -191,11 +191,15 @@ class StreamingEngine:
         self.stash = ActivationStash(self.options.activation_budget_bytes, scratch)
 
     # ------------------------------------------------------------------ loading
-    def _read(self, unit: str, part: str):
+    def _read(self, unit: str, part: str, will_modify: bool = True):
+        """A part's newest version. ``will_modify``: the caller may change the tensors in place (updates do; the
+        forward pass does not, and may use a pending write's tensors as they are)."""
         if self.writer is not None:
             pending = self.writer.pending_part(unit, part)
+            if pending is not None and not will_modify:
+                return pending
             if pending is not None:
-                # A copy: the caller may update it in place while the writer still serializes the original.
+                # A copy: the caller updates it in place while the writer may still serialize the original.
                 return {name: self.pool.copy(tensor) for name, tensor in pending.items()}
         if part == "optim" and not self.store.has_part(unit, part):
             return None
@@ -219,12 +223,20 @@ class StreamingEngine:
         """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up)."""
         def job():
             fault_point("prefetch")
-            weights = self._read(unit, "weights")
+            weights = self._read(unit, "weights", will_modify=False)
+            if unit == "embed":
+                # As stored: a lookup converts only the rows it gathers (``_embed``), not the whole table.
+                return {"weight": weights["weight"].to(self.device)}
             if self.quant_mix != 1 and self._needs_shadow(unit):
-                masters = self.layout.masters(unit, weights, self._read(unit, "shadow"), self.device)
+                masters = self.layout.masters(unit, weights, self._read(unit, "shadow", will_modify=False),
+                                              self.device)
                 return self._compute_weights(unit, masters)
             return self.layout.forward_tensors(unit, weights, self.dtype, self.device)
         return job
+
+    def _embed(self, input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup in the compute dtype (the same values as converting the table first)."""
+        return F.embedding(input_ids, table).to(self.dtype)
 
     def _update_job(self, unit: str):
         """Load what the backward pass needs of a unit: its fp32 masters. The moments only for the embedding,
@@ -271,7 +283,7 @@ class StreamingEngine:
         x = None
         for unit, tensors in zip(units, self.prefetcher.stream(self._forward_job(u) for u in units)):
             if unit == "embed":
-                x = F.embedding(input_ids, tensors["weight"])
+                x = self._embed(input_ids, tensors["weight"])
             elif unit == "norm":
                 x = rms_norm(x, tensors["weight"], self.config.norm_eps)
             else:
@@ -279,12 +291,14 @@ class StreamingEngine:
                 x = block_forward(params, x, self.config, cos, sin, quantize=self.quantize * self.quant_mix)
         return x
 
+    def _head_weight(self) -> torch.Tensor:
+        return self._forward_job(self._head_unit())()["weight"].to(self.dtype)
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[B, T, vocab]``."""
         hidden = self.hidden_states(input_ids)
-        head = self._forward_job(self._head_unit())()["weight"]
-        return F.linear(hidden, head).float()
+        return F.linear(hidden, self._head_weight()).float()
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
@@ -294,8 +308,8 @@ class StreamingEngine:
         if count == 0:
             raise ValueError("no token has a target: sequences need at least 2 tokens and labels other than -100")
         hidden = self.hidden_states(input_ids)
-        head = self._forward_job(self._head_unit())()["weight"]
-        total, _ = chunked_cross_entropy(hidden, head, targets, self.options.ce_chunk_tokens, 1.0, backward=False)
+        total, _ = chunked_cross_entropy(hidden, self._head_weight(), targets, self.options.ce_chunk_tokens, 1.0,
+                                         backward=False)
         return total / count
 
     # ------------------------------------------------------------------ training
@@ -360,7 +374,9 @@ class StreamingEngine:
         with torch.no_grad():
             for unit, tensors in zip(units, loads):  # units first: zip stops before taking an extra load
                 if unit == "embed":
-                    hidden = [F.embedding(i, tensors["weight"]) for i in ctx.ids]
+                    hidden = [self._embed(i, tensors["weight"]) for i in ctx.ids]
+                    # Block inputs come first in the activation budget; projection memos get what is left.
+                    self.stash.reserve(self.config.n_layers * sum(h.numel() * h.element_size() for h in hidden))
                     continue
                 layer = int(unit.split(".")[1])
                 params = self._block_params(layer, tensors)
@@ -370,8 +386,11 @@ class StreamingEngine:
                     if generator is not None:
                         ctx.rng_states[(layer, m)] = generator.get_state()
                     cos, sin = ctx.tables[ctx.ids[m].shape[1]]
+                    memo = ProjectionMemo()
                     hidden[m] = block_forward(params, hidden[m], self.config, cos, sin, quantize=ctx.quantize,
-                                              dropout_p=self.options.dropout, generator=generator)
+                                              dropout_p=self.options.dropout, generator=generator, memo=memo)
+                    memo.replaying = True
+                    self.stash.keep(("memo", layer, m), memo, memo.nbytes)
                 del tensors, params
         return hidden
 
@@ -422,8 +441,8 @@ class StreamingEngine:
                     generator.set_state(ctx.rng_states.pop((layer, m)))
                 cos, sin = ctx.tables[ctx.ids[m].shape[1]]
                 with torch.enable_grad():
-                    out = block_forward(params, x, cfg, cos, sin, quantize=ctx.quantize,
-                                        dropout_p=self.options.dropout, generator=generator)
+                    out = block_forward(params, x, cfg, cos, sin, quantize=ctx.quantize, dropout_p=self.options.dropout,
+                                        generator=generator, memo=self.stash.take(("memo", layer, m)))
                 out.backward(grads[m])
                 grads[m] = x.grad
                 del out, x

@@ -87,19 +87,63 @@ def dropout_generator(seed: int, step: int, micro: int, layer: int, device) -> t
     return generator
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, quantize: float) -> torch.Tensor:
+class ProjectionMemo:
+    """The outputs of one block call's projections, kept from the forward pass for its replay in backward.
+
+    The replay recomputes the block from its saved input to rebuild the autograd graph; with a memo, each
+    projection reuses the output the forward pass computed instead of redoing the matmul (the replay's inputs
+    and weights are bit-identical to the forward's, so is the output), and its backward is the one autograd
+    gives ``F.linear``. The replay then costs the elementwise work and attention, not the matmuls.
+    """
+
+    def __init__(self):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.replaying = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.outputs.values())
+
+
+class _LinearFromOutput(torch.autograd.Function):
+    """``F.linear(x, weight)`` whose output is already known: forward returns it, backward is linear's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, output):
+        ctx.save_for_backward(x, weight)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        # The same matrix products, in the same orientation, as autograd's backward of F.linear: bit-identical.
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, quantize: float, memo: ProjectionMemo | None = None,
+           name: str = "") -> torch.Tensor:
     """``x W^T``; with ``quantize`` the input is fake-quantized to 8 bits (BitLinear). A fraction below 1 mixes
-    x + quantize * (Q(x) - x), for a gradual switch to quantization."""
+    x + quantize * (Q(x) - x), for a gradual switch to quantization. ``memo``: record the output under
+    ``name``, or (replaying) reuse the recorded one."""
     if quantize == 1:
         x = ste_quantize_activation(x)
     elif quantize:
         x = x + quantize * (ste_quantize_activation(x) - x)
-    return F.linear(x, weight)
+    if memo is None:
+        return F.linear(x, weight)
+    if memo.replaying:
+        return _LinearFromOutput.apply(x, weight, memo.outputs.pop(name))
+    memo.outputs[name] = output = F.linear(x, weight)
+    return output
 
 
-def project(params: dict, name: str, x: torch.Tensor, quantize: float, generator=None) -> torch.Tensor:
+def project(params: dict, name: str, x: torch.Tensor, quantize: float, generator=None,
+            memo: ProjectionMemo | None = None) -> torch.Tensor:
     """One projection of a block, plus its LoRA adapter when ``params`` holds one under ``name + ".lora"``."""
-    y = linear(x, params[name], quantize)
+    y = linear(x, params[name], quantize, memo, name)
     adapter = params.get(name + ".lora")
     if adapter is not None:
         y = y + adapter(x, generator)
@@ -107,12 +151,15 @@ def project(params: dict, name: str, x: torch.Tensor, quantize: float, generator
 
 
 def attention(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: float,
-              attn_dropout: float = 0.0, generator=None, kv_cache=None, attn_mask=None) -> torch.Tensor:
+              attn_dropout: float = 0.0, generator=None, kv_cache=None, attn_mask=None, memo=None) -> torch.Tensor:
     """Grouped-query causal self-attention. ``kv_cache`` (a dict) is extended in place when given."""
     batch, seq, _ = x.shape
-    q = project(params, "q_proj", x, quantize, generator).view(batch, seq, config.n_heads, config.head_dim).transpose(1, 2)
-    k = project(params, "k_proj", x, quantize, generator).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
-    v = project(params, "v_proj", x, quantize, generator).view(batch, seq, config.n_kv_heads, config.head_dim).transpose(1, 2)
+
+    def heads(name: str, count: int) -> torch.Tensor:
+        y = project(params, name, x, quantize, generator, memo)
+        return y.view(batch, seq, count, config.head_dim).transpose(1, 2)
+
+    q, k, v = heads("q_proj", config.n_heads), heads("k_proj", config.n_kv_heads), heads("v_proj", config.n_kv_heads)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
         if "k" in kv_cache:
@@ -136,31 +183,32 @@ def attention(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, q
     out = out.transpose(1, 2).reshape(batch, seq, config.n_heads * config.head_dim)
     if config.arch == "bitnet":
         out = rms_norm(out, params["attn_sub_norm"], config.norm_eps)
-    return project(params, "o_proj", out, quantize, generator)
+    return project(params, "o_proj", out, quantize, generator, memo)
 
 
-def mlp(params: dict, x: torch.Tensor, config: ModelConfig, *, quantize: float, generator=None) -> torch.Tensor:
-    gate = project(params, "gate_proj", x, quantize, generator)
-    up = project(params, "up_proj", x, quantize, generator)
+def mlp(params: dict, x: torch.Tensor, config: ModelConfig, *, quantize: float, generator=None,
+        memo=None) -> torch.Tensor:
+    gate = project(params, "gate_proj", x, quantize, generator, memo)
+    up = project(params, "up_proj", x, quantize, generator, memo)
     if config.arch == "bitnet":
         hidden = rms_norm(F.relu(gate).square() * up, params["ffn_sub_norm"], config.norm_eps)
     else:
         hidden = F.silu(gate) * up
-    return project(params, "down_proj", hidden, quantize, generator)
+    return project(params, "down_proj", hidden, quantize, generator, memo)
 
 
 def block_forward(params: dict, x: torch.Tensor, config: ModelConfig, cos, sin, *, quantize: float,
                   dropout_p: float = 0.0, generator: torch.Generator | None = None,
-                  kv_cache=None, attn_mask=None) -> torch.Tensor:
+                  kv_cache=None, attn_mask=None, memo: ProjectionMemo | None = None) -> torch.Tensor:
     """One pre-norm decoder block. ``quantize``: 1 (or True) for BitLinear projections, 0 for plain ones.
     Dropout (attention probabilities, both residual branches, LoRA inputs) is active only when a
-    ``generator`` is given, i.e. in training."""
+    ``generator`` is given, i.e. in training. ``memo``: see ``ProjectionMemo``."""
     h = rms_norm(x, params["input_layernorm"], config.norm_eps)
     h = attention(params, h, config, cos, sin, quantize=quantize, attn_dropout=dropout_p, generator=generator,
-                  kv_cache=kv_cache, attn_mask=attn_mask)
+                  kv_cache=kv_cache, attn_mask=attn_mask, memo=memo)
     x = x + dropout(h, dropout_p, generator)
     h = mlp(params, rms_norm(x, params["post_attention_layernorm"], config.norm_eps), config, quantize=quantize,
-            generator=generator)
+            generator=generator, memo=memo)
     return x + dropout(h, dropout_p, generator)
 
 

@@ -200,18 +200,42 @@ class WriteBehind:
 
 
 class ActivationStash:
-    """Saved block inputs: kept in RAM up to ``budget_bytes``, spilled to files in ``spill_dir`` beyond it."""
+    """Saved block inputs: kept in RAM up to ``budget_bytes``, spilled to files in ``spill_dir`` beyond it.
+
+    Optional extras that save recomputation (``keep``) use what the budget has left after the inputs still to
+    come (``reserve``); they never spill and never crowd out an input."""
 
     def __init__(self, budget_bytes: int, spill_dir: str):
         self.budget_bytes = budget_bytes
         self.spill_dir = spill_dir
         self._in_ram: dict = {}
         self._on_disk: dict = {}
+        self._kept: dict = {}
         self.ram_bytes = 0
+        self.reserved_bytes = 0
         self.spilled_bytes = 0
+
+    def reserve(self, nbytes: int):
+        """Hold ``nbytes`` of the budget for inputs that ``put`` will bring (each put releases its share)."""
+        self.reserved_bytes = nbytes
+
+    def keep(self, key, value, nbytes: int) -> bool:
+        """Hold ``value`` in RAM if it fits beside the inputs; returns whether it was kept."""
+        if self.ram_bytes + self.reserved_bytes + nbytes > self.budget_bytes:
+            return False
+        self._kept[key] = (value, nbytes)
+        self.ram_bytes += nbytes
+        return True
+
+    def take(self, key):
+        """What ``keep`` held under ``key`` (None if it was not kept)."""
+        value, nbytes = self._kept.pop(key, (None, 0))
+        self.ram_bytes -= nbytes
+        return value
 
     def put(self, key, tensor: torch.Tensor):
         size = tensor.numel() * tensor.element_size()
+        self.reserved_bytes = max(self.reserved_bytes - size, 0)
         if self.ram_bytes + size <= self.budget_bytes:
             self._in_ram[key] = tensor
             self.ram_bytes += size
@@ -235,5 +259,7 @@ class ActivationStash:
     def clear(self):
         self._in_ram.clear()
         self._on_disk.clear()
+        self._kept.clear()
         self.ram_bytes = 0
+        self.reserved_bytes = 0
         shutil.rmtree(self.spill_dir, ignore_errors=True)

@@ -219,3 +219,30 @@ def test_a_learning_rate_that_overflows_the_16_bit_weights_skips_the_step(tmp_pa
     after = _store_tensors(path)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key][name], tensor) for key, part in before.items() for name, tensor in part.items())
+
+
+def test_projection_memos_skip_the_replay_matmuls_without_changing_a_bit(tmp_path, monkeypatch):
+    """With room in the activation budget, the replay reuses the forward's projection outputs (7 matmuls per
+    block fewer); without room it recomputes them. The stores must come out identical."""
+    from offload_bitnet import model as model_module
+
+    calls, results = {}, {}
+    original_linear = model_module.F.linear
+    for name, budget in (("memos", 1 << 30), ("inputs-only", 3 * 2 * 16 * 128 * 4)):  # blocks x micro x tokens x dim
+        path = create_model(str(tmp_path / name), size="demo", arch="bitnet", n_layers=3)
+        count = [0]
+
+        def counting_linear(*args, **kwargs):
+            count[0] += 1
+            return original_linear(*args, **kwargs)
+
+        monkeypatch.setattr(model_module.F, "linear", counting_linear)
+        stats = _train(path, 2, 2, dropout=0.1, activation_budget_bytes=budget)
+        monkeypatch.undo()
+        assert stats[-1].spilled_bytes == 0
+        calls[name] = count[0]
+        results[name] = _store_tensors(path)
+    assert calls["inputs-only"] - calls["memos"] == 2 * 3 * 2 * 7  # steps x blocks x micro-batches x projections
+    for key, part in results["memos"].items():
+        for name, tensor in part.items():
+            assert torch.equal(tensor, results["inputs-only"][key][name]), (key, name)

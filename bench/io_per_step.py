@@ -2,9 +2,9 @@
 
 The engine's ``StepStats`` gives a step's total; to split it, the bench opens the store through a subclass of
 ``BlockStore`` that records every read and write with the phase it belongs to. The phase comes from the
-engine's two kinds of load job (``_forward_job``: what forward streams; ``_update_job``: what a backward
-update loads) and from the optimizer updates (which read the moments), which a subclass of
-``StreamingEngine`` wraps; the tag is thread-local, so it is exact whichever thread does the reading. Nothing in the engine or store is changed.
+engine's load jobs (``_forward_job``: what forward streams; ``_update_job`` and ``_moments_job``: what the
+backward pass loads; ``_load_moments``: the moments an update reads), which a subclass of ``StreamingEngine``
+wraps; the tag is thread-local, so it is exact whichever thread reads. Nothing in the engine or store is changed.
 
 Target (``qat``): forward reads <= 2.1 bits per ternary projection weight plus the bytes of the
 non-projection tensors the same pass reads (embedding and norms at their stored dtypes; for the evaluation
@@ -44,28 +44,29 @@ class RecordingStore(BlockStore):
         return tensors
 
     def write(self, unit, part, tensors, step):
-        before = self.bytes_written
         super().write(unit, part, tensors, step)
-        self.log.append(("write", unit, part, self.bytes_written - before))
+        with self._lock:  # writes run on two threads: this write's size, not a difference of totals
+            size = self._working[unit][part]["bytes"]
+        self.log.append(("write", unit, part, size))
 
 
 class PhaseEngine(StreamingEngine):
-    """Tags the reads of forward load jobs as ``forward``, and of update load jobs and of the optimizer updates
-    (which read the moments, on the writer or the main thread) as ``backward``."""
+    """Tags the reads of forward load jobs as ``forward`` and of the backward pass's load jobs as ``backward``."""
 
     def _forward_job(self, unit):
         job = super()._forward_job(unit)
         return lambda: _tagged("forward", job)
 
-    def _update_job(self, unit):
-        job = super()._update_job(unit)
+    def _update_job(self, unit, with_moments=True):
+        job = super()._update_job(unit, with_moments)
         return lambda: _tagged("backward", job)
 
-    def _stored_moments(self, unit, masters):
-        return _tagged("backward", lambda: super(PhaseEngine, self)._stored_moments(unit, masters))
+    def _moments_job(self, unit):
+        job = super()._moments_job(unit)
+        return lambda: _tagged("backward", job)
 
-    def _apply_update(self, *args, **kwargs):
-        return _tagged("backward", lambda: super(PhaseEngine, self)._apply_update(*args, **kwargs))
+    def _load_moments(self, unit, stored=False):  # also called by the updates, on the writer or main thread
+        return _tagged("backward", lambda: super(PhaseEngine, self)._load_moments(unit, stored))
 
 
 def _tagged(name, job):

@@ -29,7 +29,7 @@ from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
 from .model import ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
-from .store import BlockStore, block_unit, encoded_size
+from .store import BlockStore, block_unit, encoded_size, unit_shapes
 from .streams import ActivationStash, Prefetcher, WriteBehind
 from .ternary import quantize_weight
 
@@ -149,9 +149,13 @@ class EngineOptions:
     dropout: float = 0.0
     seed: int = 0
     activation_budget_bytes: int = 1 << 30
+    # Of that budget, RAM for projection outputs kept from forward so the replay skips their matmuls (see
+    # model.ProjectionMemo); blocks beyond it are replayed in full. None: as much as two blocks' fp32 weights,
+    # a cap that does not grow with depth (peak memory stays a few blocks).
+    memo_budget_bytes: int | None = None
     ce_chunk_tokens: int = 1024
     prefetch_depth: int = 1
-    max_pending_writes: int = 2
+    max_pending_writes: int = 1
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     lora: LoRAConfig | None = None      # train adapters on a frozen, read-only base
     adapter_dir: str | None = None      # where adapters are saved each step (and resumed from)
@@ -188,7 +192,10 @@ class StreamingEngine:
             self.writer = WriteBehind(store, self.options.max_pending_writes)
         # Spilled activations go beside the adapters in LoRA runs: the base store stays untouched and shareable.
         scratch = self.options.scratch_dir or os.path.join(store.path, "scratch")
-        self.stash = ActivationStash(self.options.activation_budget_bytes, scratch)
+        memo_budget = self.options.memo_budget_bytes
+        if memo_budget is None:
+            memo_budget = 2 * 4 * sum(math.prod(shape) for shape in self.config.block_shapes.values())
+        self.stash = ActivationStash(self.options.activation_budget_bytes, scratch, memo_budget)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):
@@ -209,13 +216,14 @@ class StreamingEngine:
         return self.store.settings.mode == "qat" and unit.startswith("block.")
 
     def _compute_weights(self, unit: str, masters: dict) -> dict[str, torch.Tensor]:
-        """Compute tensors from fp32 masters: fake-quantized (mixed by ``quant_mix``) ternary projections."""
+        """Compute tensors from masters (fp32, or 16-bit shadows): fake-quantized (mixed by ``quant_mix``)
+        ternary projections."""
         tensors = {}
         for name, master in masters.items():
             weight = master
             if self.layout.is_ternary(unit, name):
-                quantized = quantize_weight(master, out=self.layout.empty(master.shape, master.dtype, master.device))
-                weight = quantized if self.quant_mix == 1 else master + self.quant_mix * (quantized - master)
+                quantized = quantize_weight(master, out=self.layout.empty(master.shape, torch.float32, master.device))
+                weight = quantized if self.quant_mix == 1 else master.float() + self.quant_mix * (quantized - master)
             tensors[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32)
         return tensors
 
@@ -238,22 +246,28 @@ class StreamingEngine:
         """Embedding lookup in the compute dtype (the same values as converting the table first)."""
         return F.embedding(input_ids, table).to(self.dtype)
 
-    def _update_job(self, unit: str):
-        """Load what the backward pass needs of a unit: its fp32 masters. The moments only for the embedding,
-        whose update ends the step on the main thread; the writer thread reads the others' itself, so they stay
-        off the compute's path."""
+    def _update_job(self, unit: str, with_moments: bool = True):
+        """Load what the backward pass needs of a unit: its masters (ternary blocks: the 16-bit shadows, which
+        the backward pass only quantizes; a queued update then holds half the bytes) and its moments."""
         def job():
             weights = self._read(unit, "weights")
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
-            masters = self.layout.masters(unit, weights, shadow, self.device)
-            moments = self.layout.moments(self._read(unit, "optim"), masters) if unit == "embed" else None
-            return unit, masters, moments
+            masters = self.layout.masters(unit, weights, shadow, self.device,
+                                          None if shadow is not None else torch.float32)
+            return unit, masters, self._load_moments(unit) if with_moments else None
         return job
 
-    def _stored_moments(self, unit: str, masters: dict) -> dict:
-        """A unit's moments as the store has them (not as a pending write has them)."""
-        part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
-        return self.layout.moments(part, masters)
+    def _moments_job(self, unit: str):
+        return lambda: self._load_moments(unit)
+
+    def _load_moments(self, unit: str, stored: bool = False) -> dict:
+        """A unit's fp32 moments. ``stored``: as the store has them, not as a pending write has them (for the
+        writer thread, where every earlier write already is in the store)."""
+        if stored:
+            part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
+        else:
+            part = self._read(unit, "optim")
+        return self.layout.moments(part, unit_shapes(self.config, unit), self.device)
 
     def _frozen_job(self, unit: str):
         """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
@@ -343,9 +357,8 @@ class StreamingEngine:
         try:
             # One stream of loads for both passes: the first backward units load while the last blocks run forward.
             forward_units, backward_units = self._step_units()
-            load = self._frozen_job if self.adapters is not None else self._update_job
             loads = self.prefetcher.stream(itertools.chain((self._forward_job(u) for u in forward_units),
-                                                           (load(u) for u in backward_units)))
+                                                           self._backward_jobs(backward_units)))
             hidden = self._forward_pass(ctx, forward_units, loads)
             loss = self._backward_pass(ctx, hidden, commit_extra, loads)
             self.step = ctx.step
@@ -366,6 +379,20 @@ class StreamingEngine:
         if self._head_unit() == "head" and self.adapters is None:
             backward.append("embed")
         return ["embed"] + blocks, backward
+
+    def _backward_jobs(self, units: list[str]):
+        """Load jobs of the backward pass, in the order it takes them. Blocks' moments are left to their updates
+        on the writer thread (read when the update runs, so queued updates hold no moments). The embedding's
+        update ends the step on this thread: its moments load with it. An untied head's come as a job of their
+        own after its masters: its update is the first, and the cross-entropy overlaps their load."""
+        for unit in units:
+            if self.adapters is not None:
+                yield self._frozen_job(unit)
+            elif unit == "head":
+                yield self._update_job(unit, with_moments=False)
+                yield self._moments_job(unit)
+            else:
+                yield self._update_job(unit, with_moments=unit in ("embed", "norm"))
 
     def _forward_pass(self, ctx: "_StepContext", units: list[str], loads) -> list[torch.Tensor]:
         """Embed, then every block for all micro-batches while it is loaded; stash each block's input. Takes
@@ -419,7 +446,7 @@ class StreamingEngine:
             self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, ctx)
             head_grad = head_w.grad.float()
             if head_unit == "head":
-                self._apply_update("head", head_masters, {"weight": head_grad}, head_moments, ctx)
+                self._apply_update("head", head_masters, {"weight": head_grad}, next(loads), ctx)
                 head_grad = None
         del head_w
 
@@ -503,17 +530,19 @@ class StreamingEngine:
     def _apply_update(self, unit, masters, grads, moments, ctx: "_StepContext", inline: bool = False):
         """AdamW on ``masters`` and the write of the result, so the caller must not touch these tensors again.
 
-        The update runs on the writer thread, beside the compute of the next unit; here instead with ``inline``,
-        or when the writer is behind (both cores then share the work instead of one waiting for the other).
-        ``moments`` None: read them first."""
+        The update runs on the writer thread, beside the compute of the next unit (``inline``: here). ``masters``
+        may be 16-bit (the update makes fp32 copies); ``moments`` None: the update reads them."""
         step, optim, lr = ctx.step, self._step_optim, ctx.lr
 
         def update(moments) -> dict[str, dict[str, torch.Tensor]]:
             fault_point("update")
-            for name, master in masters.items():
+            masters_32 = {name: self.layout.float32(master.detach()) for name, master in masters.items()}
+            if moments is None:
+                moments = self._load_moments(unit, stored=True)
+            for name, master in masters_32.items():
                 exp_avg, exp_avg_sq = moments[name]
-                adamw_update(master.detach(), grads[name], exp_avg, exp_avg_sq, step, optim, lr)
-            parts = self.layout.encode(unit, {n: m.detach() for n, m in masters.items()})
+                adamw_update(master, grads[name], exp_avg, exp_avg_sq, step, optim, lr)
+            parts = self.layout.encode(unit, masters_32)
             # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
             # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
             # large that the 16-bit weights overflow.
@@ -525,14 +554,10 @@ class StreamingEngine:
             self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
             return parts
 
-        if inline or self.writer.backed_up():
-            if moments is None:
-                moments = self.layout.moments(self._read(unit, "optim"), masters)
+        if inline:
             self.writer.write(unit, update(moments), step)
         else:
-            # On the writer thread every earlier write is in the store: the stored moments are the newest.
-            self.writer.update(unit, lambda: update(self._stored_moments(unit, masters) if moments is None
-                                                    else moments), step)
+            self.writer.update(unit, lambda: update(moments), step)
 
     def flush(self):
         """Wait until every update is on disk and committed."""

@@ -47,6 +47,10 @@ class Layout:
             return self.pool.convert(tensor, dtype)
         return tensor.to(device, dtype)
 
+    def float32(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as fp32 on its device (itself when it already is)."""
+        return self._as(tensor, torch.float32, tensor.device)
+
     def is_ternary(self, unit: str, name: str) -> bool:
         return self.settings.mode == "qat" and unit.startswith("block.") and name.endswith("_proj")
 
@@ -85,27 +89,28 @@ class Layout:
                 tensors[name] = self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
         return tensors
 
-    def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device) -> dict[str, torch.Tensor]:
-        """fp32 master tensors (the ones AdamW updates)."""
+    def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device,
+                dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Master tensors (the ones AdamW updates), as ``dtype`` (None: as stored, 16-bit or fp32)."""
         masters = {}
         for name in self.param_names(weights_part):
             source = shadow_part[name] if f"{name}.packed" in weights_part else weights_part[name]
-            masters[name] = self._as(source, torch.float32, device)
+            masters[name] = self._as(source, dtype or source.dtype, device)
         return masters
 
-    def moments(self, optim_part: dict | None, masters: dict[str, torch.Tensor]) -> dict[str, tuple]:
-        """fp32 (exp_avg, exp_avg_sq) per master; zeros before the first update."""
+    def moments(self, optim_part: dict | None, shapes: dict[str, tuple], device) -> dict[str, tuple]:
+        """fp32 (exp_avg, exp_avg_sq) per master (``shapes``: name -> shape); zeros before the first update."""
         moments = {}
-        for name, master in masters.items():
+        for name, shape in shapes.items():
             if optim_part is None:
-                moments[name] = tuple(self.empty(master.shape, torch.float32, master.device).zero_() for _ in "mv")
+                moments[name] = tuple(self.empty(shape, torch.float32, device).zero_() for _ in "mv")
             elif self.blockwise_state:
-                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), master.shape)
-                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), master.shape)
-                moments[name] = (exp_avg.to(master.device), exp_avg_sq.to(master.device))
+                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), shape)
+                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), shape)
+                moments[name] = (exp_avg.to(device), exp_avg_sq.to(device))
             else:
-                moments[name] = (self._as(optim_part[f"{name}.exp_avg"], torch.float32, master.device),
-                                 self._as(optim_part[f"{name}.exp_avg_sq"], torch.float32, master.device))
+                moments[name] = (self._as(optim_part[f"{name}.exp_avg"], torch.float32, device),
+                                 self._as(optim_part[f"{name}.exp_avg_sq"], torch.float32, device))
         return moments
 
     def encode_moments(self, moments: dict[str, tuple]) -> dict[str, torch.Tensor]:

@@ -58,7 +58,8 @@ class Prefetcher:
 
 
 class WriteBehind:
-    """Runs unit updates, their writes and commits on one background thread, in submission order.
+    """Runs unit updates, their writes and commits on a background thread, in submission order (a caller that
+    finds the queue full runs the oldest queued update itself; commits stay behind every earlier write).
 
     Until a unit's new version is in the store, ``pending_part`` serves it from memory (waiting while its update
     still runs), so a read always sees the newest version. After a failed job nothing more is run, written or
@@ -93,10 +94,6 @@ class WriteBehind:
         """Queue the write of ready ``{part: tensors}``."""
         self._made(unit, parts, count=False)  # before the job can run: the writer drops them once written
         self.update(unit, lambda: parts, step)
-
-    def backed_up(self) -> bool:
-        """Whether the queue is full: a new job would have to wait for the writer."""
-        return self._queue.full()
 
     def pending_part(self, unit: str, part: str) -> dict | None:
         """A unit's part not in the store yet (None when the store has the newest version); waits while an
@@ -146,10 +143,38 @@ class WriteBehind:
         self._thread.join()
 
     def _put(self, job):
-        self.raise_if_failed()
-        started = time.perf_counter()
-        self._queue.put(job)
-        self.wait_seconds += time.perf_counter() - started
+        """Queue ``job``. While the queue is full, the caller runs the oldest queued write itself instead of
+        waiting: both threads then work on the backlog, and memory holds no more jobs than the queue allows."""
+        while True:
+            self.raise_if_failed()
+            try:
+                self._queue.put_nowait(job)
+                return
+            except queue.Full:
+                pass
+            stolen = self._steal_write()
+            if stolen is not None:
+                self._run_one(stolen)
+                continue
+            started = time.perf_counter()  # a commit is next: wait for the writer to take it
+            try:
+                self._queue.put(job, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+            finally:
+                self.wait_seconds += time.perf_counter() - started
+
+    def _steal_write(self):
+        """Take the oldest queued job if it is a unit's update and write (never a commit, which must follow
+        every write before it)."""
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            if waiting and waiting[0] is not None and waiting[0][0] == "write":
+                job = waiting.popleft()
+                self._queue.not_full.notify()
+                return job
+        return None
 
     def _made(self, unit: str, parts: dict, count: bool = True):
         """Record a unit's new parts as pending (``count``: and that one of its queued updates ran)."""
@@ -166,19 +191,24 @@ class WriteBehind:
         lower_thread_priority()
         while True:
             job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:
-                    self._do(job)
-                elif job[0] == "write":
-                    self._made(job[1], {})  # skipped after a failure: no longer updating
-            except BaseException as error:  # noqa: BLE001 - handed to the main thread
-                with self._changed:
-                    self._error = error
-                    self._changed.notify_all()
-            finally:
+            if job is None:
                 self._queue.task_done()
+                return
+            self._run_one(job)
+
+    def _run_one(self, job):
+        """Run one queued job (on the writer thread, or on a caller that took it over)."""
+        try:
+            if self._error is None:
+                self._do(job)
+            elif job[0] == "write":
+                self._made(job[1], {})  # skipped after a failure: no longer updating
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            with self._changed:
+                self._error = error
+                self._changed.notify_all()
+        finally:
+            self._queue.task_done()
 
     def _do(self, job):
         if job[0] == "write":
@@ -202,11 +232,14 @@ class WriteBehind:
 class ActivationStash:
     """Saved block inputs: kept in RAM up to ``budget_bytes``, spilled to files in ``spill_dir`` beyond it.
 
-    Optional extras that save recomputation (``keep``) use what the budget has left after the inputs still to
-    come (``reserve``); they never spill and never crowd out an input."""
+    Optional extras that save recomputation (``keep``) get at most ``keep_budget_bytes``, and only what the
+    budget has left after the inputs still to come (``reserve``); they never spill and never crowd out an input.
+    Their cap does not grow with the model's depth, so neither does peak memory."""
 
-    def __init__(self, budget_bytes: int, spill_dir: str):
+    def __init__(self, budget_bytes: int, spill_dir: str, keep_budget_bytes: int = 0):
         self.budget_bytes = budget_bytes
+        self.keep_budget_bytes = keep_budget_bytes
+        self.kept_bytes = 0
         self.spill_dir = spill_dir
         self._in_ram: dict = {}
         self._on_disk: dict = {}
@@ -221,16 +254,19 @@ class ActivationStash:
 
     def keep(self, key, value, nbytes: int) -> bool:
         """Hold ``value`` in RAM if it fits beside the inputs; returns whether it was kept."""
-        if self.ram_bytes + self.reserved_bytes + nbytes > self.budget_bytes:
+        if (self.ram_bytes + self.reserved_bytes + nbytes > self.budget_bytes
+                or self.kept_bytes + nbytes > self.keep_budget_bytes):
             return False
         self._kept[key] = (value, nbytes)
         self.ram_bytes += nbytes
+        self.kept_bytes += nbytes
         return True
 
     def take(self, key):
         """What ``keep`` held under ``key`` (None if it was not kept)."""
         value, nbytes = self._kept.pop(key, (None, 0))
         self.ram_bytes -= nbytes
+        self.kept_bytes -= nbytes
         return value
 
     def put(self, key, tensor: torch.Tensor):
@@ -261,5 +297,6 @@ class ActivationStash:
         self._on_disk.clear()
         self._kept.clear()
         self.ram_bytes = 0
+        self.kept_bytes = 0
         self.reserved_bytes = 0
         shutil.rmtree(self.spill_dir, ignore_errors=True)

@@ -173,17 +173,16 @@ def _store_tensors(path):
     return {(unit, part): store.read(unit, part) for unit, parts in store.manifest["files"].items() for part in parts}
 
 
-def test_updates_give_the_same_store_on_either_thread_and_with_a_slow_writer(tmp_path, monkeypatch):
-    """The optimizer update of a unit runs on the writer thread, or on the main thread when the writer is behind;
-    reads of units whose writes are still queued are served from memory. None of that may change a bit."""
+def test_a_slow_writer_changes_nothing(tmp_path, monkeypatch):
+    """Updates run on the writer thread; while a unit's write is still queued, reads of it are served from
+    memory, and the next update of it waits for the previous one. None of that may change a bit."""
     from offload_bitnet import store as store_module
 
     results = {}
-    for variant in ("writer", "main", "slow-writer"):
+    for variant in ("writer", "slow-writer"):
         path = create_model(str(tmp_path / variant), size="demo", arch="bitnet", n_layers=3)
         engine = StreamingEngine(BlockStore(path, writable=True),
                                  EngineOptions(dropout=0.1, optim=AdamWConfig(lr=1e-3, weight_decay=0.1)))
-        engine.writer.backed_up = lambda: variant == "main"
         if variant == "slow-writer":
             original = store_module.BlockStore.write
 
@@ -199,7 +198,7 @@ def test_updates_give_the_same_store_on_either_thread_and_with_a_slow_writer(tmp
         monkeypatch.undo()
         results[variant] = (losses, _store_tensors(path))
     reference_losses, reference = results["writer"]
-    for variant in ("main", "slow-writer"):
+    for variant in ("slow-writer",):
         losses, tensors = results[variant]
         assert losses == reference_losses, variant
         assert tensors.keys() == reference.keys()

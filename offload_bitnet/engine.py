@@ -7,8 +7,19 @@ One optimizer step over G micro-batches (layer-major)::
     head update <── block L-1 replay+AdamW <── ... <── block 0 replay+AdamW <── embedding update
 
 Each block is read once in forward (the ``weights`` part only) and once in backward (weights, shadow and
-optimizer moments), whatever G is. Loads run one unit ahead on a background thread; writes and the final
-commit run behind on another. The engine knows scheduling, prefetch and RNG replay, nothing about file formats.
+optimizer moments), whatever G is. Three threads share the work:
+
+- main: the compute (forward, replay, backward) and the embedding's update, which ends the step;
+- prefetch: loads one unit ahead, in one stream for both passes, so the head loads while the last blocks
+  run forward;
+- writer: each unit's AdamW update (reading its moments then, so a queued update holds none), the write of
+  the new version, and the commit. When its queue is full, main runs the oldest queued update itself rather
+  than wait. Until a write lands, reads of that unit are served from memory.
+
+Memory stays a few units whatever the depth: the queue holds one update, loads run one unit ahead, buffers
+come from a pool that reuses them (``buffers.py``), and the replay's projection memos (``model.ProjectionMemo``,
+which spare the replay its matmuls) are capped at two blocks' worth. The engine knows scheduling, prefetch
+and RNG replay, nothing about file formats.
 """
 from __future__ import annotations
 

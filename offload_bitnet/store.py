@@ -9,8 +9,10 @@ Layout::
 A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` (what forward reads),
 ``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments). New versions are
 written beside the old ones under a new step number (writeback starts at once); ``commit`` fsyncs them, then
-switches to them with one atomic rename of the manifest, and only then deletes what it replaced. A crash at any moment leaves the manifest at step k or k+1,
-and the files that belong to neither are removed the next time the store is opened for writing.
+switches to them with one atomic rename of the manifest, and only then recycles the files it replaced (they
+are overwritten by the next versions). A crash at any moment leaves the manifest at step k or k+1, and the
+files that belong to neither are removed the next time the store is opened for writing. Reads copy a file
+into memory (a caller's ``BufferPool`` when given) and check its size and crc32c.
 
 The store knows files, checksums and commits; it knows nothing about training.
 """

@@ -72,9 +72,6 @@ class BufferPool:
         buffer = self._take(_granule(nbytes))
         return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
-    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        return self.empty(shape, dtype).zero_()
-
     def convert(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``tensor`` as ``dtype`` on the CPU: itself when it already is, else a pooled copy."""
         if tensor.dtype == dtype and tensor.device.type == "cpu":

@@ -205,7 +205,7 @@ class StreamingEngine:
         scratch = self.options.scratch_dir or os.path.join(store.path, "scratch")
         memo_budget = self.options.memo_budget_bytes
         if memo_budget is None:
-            memo_budget = 2 * 4 * sum(math.prod(shape) for shape in self.config.block_shapes.values())
+            memo_budget = 2 * 4 * self.config.block_param_count()
         self.stash = ActivationStash(self.options.activation_budget_bytes, scratch, memo_budget)
 
     # ------------------------------------------------------------------ loading

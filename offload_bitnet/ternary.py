@@ -109,7 +109,7 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     """Dense fake-quantized weight from its packed form; equals ``quantize_weight`` of the source. ``out``: a
     ``[out, in]`` tensor of ``dtype`` to unpack into (no temporaries the size of the weight)."""
     if out is None:
-        return dequantize(unpack_codes(packed), scale, dtype)
+        out = torch.empty((packed.shape[0] * VALUES_PER_BYTE, *packed.shape[1:]), dtype=dtype, device=packed.device)
     rows = out.view(VALUES_PER_BYTE, *packed.shape)
     field = torch.empty_like(packed)
     for i in range(VALUES_PER_BYTE):

@@ -24,6 +24,7 @@ and RNG replay, nothing about file formats.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -63,30 +64,60 @@ def shift_labels(input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int, scale: float, backward: bool):
-    """Sum of token cross-entropies times ``scale``, computed ``chunk_tokens`` rows of logits at a time.
+                          chunk_tokens: int, scale: float, backward: bool, weight_grad: torch.Tensor | None = None,
+                          accumulate: bool = False, on_weight_rows=None, row_slices: int = 4):
+    """Sum of token cross-entropies times ``scale``, computed ``chunk_tokens`` rows of logits at a time, so that
+    [tokens x vocab] logits never exist at once.
 
-    With ``backward``, gradients accumulate into ``head_weight.grad`` and the gradient w.r.t. ``hidden`` is
-    returned; [tokens x vocab] logits never exist at once.
+    With ``backward``, returns the gradient w.r.t. ``hidden``, and writes the gradient w.r.t. ``head_weight`` into
+    ``weight_grad`` when one is given (``accumulate``: adds it). ``on_weight_rows(rows, loss_so_far)`` is then
+    called for each of ``row_slices`` row ranges of ``weight_grad`` in order, as soon as those rows are final,
+    with the summed loss so far: an update of those rows can start while the rest is computed (it must not
+    change ``head_weight``, which this call reads to the end).
     """
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
     targets = targets.reshape(-1)
+    starts = [start for start in range(0, hidden.shape[0], chunk_tokens)
+              if (targets[start:start + chunk_tokens] != IGNORE_INDEX).any()]
     total = torch.zeros((), dtype=torch.float64)
     grad_hidden = torch.zeros_like(hidden) if backward else None
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    bounds = [0] + [int(rows[-1]) + 1 for rows in torch.arange(head_weight.shape[0]).tensor_split(row_slices)
+                    if len(rows)]
+    row_ranges = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    weight = head_weight.detach()
+    for start in starts:
         stop = start + chunk_tokens
-        chunk_targets = targets[start:stop]
-        if not (chunk_targets != IGNORE_INDEX).any():
-            continue
-        with torch.enable_grad() if backward else torch.no_grad():
-            chunk = hidden[start:stop].detach().requires_grad_(backward)
-            logits = F.linear(chunk, head_weight).float()
-            loss = F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum") * scale
+        chunk = hidden[start:stop].detach()
+        with torch.no_grad():
+            logits = F.linear(chunk, weight).float()
+        with torch.enable_grad():
+            logits.requires_grad_(backward)
+            loss = F.cross_entropy(logits, targets[start:stop], ignore_index=IGNORE_INDEX, reduction="sum") * scale
             if backward:
-                loss.backward()
-                grad_hidden[start:stop] = chunk.grad
+                (grad_logits,) = torch.autograd.grad(loss, logits)
         total += loss.detach().double().cpu()
+        if not backward:
+            continue
+        # The two products of autograd's backward of F.linear, in its orientation (the same bits), written out so
+        # that the weight gradient can be handed on a row range at a time.
+        grad_logits = grad_logits.to(weight.dtype)
+        if weight_grad is not None:
+            split = on_weight_rows is not None and start == starts[-1]
+            for rows in row_ranges if split else [slice(None)]:
+                if accumulate:
+                    weight_grad[rows].add_(grad_logits[:, rows].t().mm(chunk))
+                else:
+                    torch.mm(grad_logits[:, rows].t(), chunk, out=weight_grad[rows])
+                if split:
+                    on_weight_rows(rows, total.item())
+            accumulate = True
+        torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
+    if backward and weight_grad is not None and not starts:
+        if not accumulate:
+            weight_grad.zero_()
+        for rows in row_ranges if on_weight_rows is not None else []:
+            on_weight_rows(rows, 0.0)
     return total.item(), (grad_hidden.reshape(shape) if backward else None)
 
 
@@ -394,8 +425,9 @@ class StreamingEngine:
     def _backward_jobs(self, units: list[str]):
         """Load jobs of the backward pass, in the order it takes them. Blocks' moments are left to their updates
         on the writer thread (read when the update runs, so queued updates hold no moments). The embedding's
-        update ends the step on this thread: its moments load with it. An untied head's come as a job of their
-        own after its masters: its update is the first, and the cross-entropy overlaps their load."""
+        update ends the step on this thread: its moments load with it, and then (untied) its zeroed gradient, into
+        which the token gradients are added. An untied head's moments come as a job of their own after its
+        masters: its update starts during the cross-entropy, which overlaps their load."""
         for unit in units:
             if self.adapters is not None:
                 yield self._frozen_job(unit)
@@ -404,6 +436,9 @@ class StreamingEngine:
                 yield self._moments_job(unit)
             else:
                 yield self._update_job(unit, with_moments=unit in ("embed", "norm"))
+                if unit == "embed" and self._head_unit() == "head":
+                    shape = unit_shapes(self.config, unit)["weight"]
+                    yield lambda: self.layout.empty(shape, torch.float32, self.device).zero_()
 
     def _forward_pass(self, ctx: "_StepContext", units: list[str], loads) -> list[torch.Tensor]:
         """Embed, then every block for all micro-batches while it is loaded; stash each block's input. Takes
@@ -438,27 +473,40 @@ class StreamingEngine:
         _, norm_masters, norm_moments = next(loads)
         head_unit, head_masters, head_moments = next(loads)
         norm_w = norm_masters["weight"].requires_grad_(not lora)
-        head_w = head_masters["weight"].to(self.dtype).requires_grad_(not lora)
+        head_w = head_masters["weight"].to(self.dtype)
+        head_grad = None if lora else self.layout.empty(head_w.shape, head_w.dtype, head_w.device)
+        head_update = None
+
+        def update_head_rows(rows: slice, loss_so_far: float):
+            """An untied head's update starts a row range at a time, while the cross-entropy still computes."""
+            nonlocal head_update
+            if not math.isfinite(ctx.loss + loss_so_far):
+                raise NonFiniteStep(f"non-finite loss ({ctx.loss + loss_so_far})")
+            if head_update is None:  # its moments were loaded during the cross-entropy's forward
+                head_update = self._updater("head", head_masters, {"weight": head_grad}, next(loads), ctx,
+                                            keep_masters=True)
+            final = rows.stop == head_grad.shape[0]
+            # Only the writer runs them, one after another (each range's update is cheap; the last makes the parts).
+            self.writer.update("head", functools.partial(head_update, rows, final), ctx.step, stealable=False)
+
         grads = []
         for m in ctx.micro_range:
             h = hidden[m].detach().requires_grad_()
             with torch.enable_grad():
                 normed = rms_norm(h, norm_w, cfg.norm_eps)
+            last = m == ctx.micro_range[-1] and head_unit == "head" and not lora
             part, grad_normed = chunked_cross_entropy(normed, head_w, ctx.targets[m], self.options.ce_chunk_tokens,
-                                                      1.0 / ctx.n_tokens, backward=True)
+                                                      1.0 / ctx.n_tokens, backward=True, weight_grad=head_grad,
+                                                      accumulate=m > 0, on_weight_rows=update_head_rows if last else None)
             ctx.loss += part
             normed.backward(grad_normed)
             grads.append(h.grad)
         del hidden
         if not math.isfinite(ctx.loss):
             raise NonFiniteStep(f"non-finite loss ({ctx.loss})")
-        head_grad = None
         if not lora:
             self._apply_update("norm", norm_masters, {"weight": norm_w.grad}, norm_moments, ctx)
-            head_grad = head_w.grad.float()
-            if head_unit == "head":
-                self._apply_update("head", head_masters, {"weight": head_grad}, next(loads), ctx)
-                head_grad = None
+        head_grad = head_grad.float() if head_unit == "embed" and not lora else None
         del head_w
 
         for _ in range(cfg.n_layers):
@@ -504,13 +552,9 @@ class StreamingEngine:
             return ctx.loss
         # Embedding: scatter the token gradients (plus the tied head's gradient) and update.
         if head_unit == "head":
-            _, embed_masters, embed_moments = next(loads)
+            (_, embed_masters, embed_moments), embed_grad = next(loads), next(loads)
         else:
-            embed_masters, embed_moments = head_masters, head_moments
-        embed_weight = embed_masters["weight"]
-        embed_grad = head_grad
-        if embed_grad is None:
-            embed_grad = self.layout.empty(embed_weight.shape, torch.float32, embed_weight.device).zero_()
+            embed_masters, embed_moments, embed_grad = head_masters, head_moments, head_grad
         for m in ctx.micro_range:
             embed_grad.index_add_(0, ctx.ids[m].reshape(-1), grads[m].reshape(-1, cfg.dim).float())
         # The last update runs here (nothing else is left to compute); the others ran on the writer thread, and the
@@ -543,16 +587,36 @@ class StreamingEngine:
 
         The update runs on the writer thread, beside the compute of the next unit (``inline``: here). ``masters``
         may be 16-bit (the update makes fp32 copies); ``moments`` None: the update reads them."""
-        step, optim, lr = ctx.step, self._step_optim, ctx.lr
+        update = self._updater(unit, masters, grads, moments, ctx)
+        if inline:
+            self.writer.write(unit, update(), ctx.step)
+        else:
+            self.writer.update(unit, update, ctx.step)
 
-        def update(moments) -> dict[str, dict[str, torch.Tensor]]:
+    def _updater(self, unit, masters, grads, moments, ctx: "_StepContext", keep_masters: bool = False):
+        """The update of ``unit`` as a function ``update(rows=None, final=True)``: AdamW on ``rows`` (a slice of every
+        master's first dimension; None: all of it), and when ``final``, the unit's new parts. Calls on disjoint row
+        ranges in order, the last one final, make the same update as one call (AdamW is elementwise).
+        ``keep_masters``: the caller still reads ``masters``, so the update changes fp32 copies of them."""
+        step, optim, lr = ctx.step, self._step_optim, ctx.lr
+        state = {}
+
+        def update(rows: slice | None = None, final: bool = True) -> dict[str, dict[str, torch.Tensor]]:
             fault_point("update")
-            masters_32 = {name: self.layout.float32(master.detach()) for name, master in masters.items()}
-            if moments is None:
-                moments = self._load_moments(unit, stored=True)
+            index = slice(None) if rows is None else rows
+            if not state:
+                state["moments"] = moments if moments is not None else self._load_moments(unit, stored=True)
+                state["masters"] = {name: self.layout.empty(master.shape, torch.float32, master.device) if keep_masters
+                                    else self.layout.float32(master.detach()) for name, master in masters.items()}
+            masters_32, unit_moments = state["masters"], state["moments"]
             for name, master in masters_32.items():
-                exp_avg, exp_avg_sq = moments[name]
-                adamw_update(master, grads[name], exp_avg, exp_avg_sq, step, optim, lr)
+                if keep_masters:
+                    master[index] = masters[name][index]
+                exp_avg, exp_avg_sq = unit_moments[name]
+                adamw_update(master[index], grads[name][index].float(), exp_avg[index], exp_avg_sq[index], step,
+                             optim, lr)
+            if not final:
+                return {}
             parts = self.layout.encode(unit, masters_32)
             # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
             # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
@@ -561,14 +625,11 @@ class StreamingEngine:
                 if stored.is_floating_point():
                     _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
                                                            "gradient or learning rate)")
-            parts["optim"] = self.layout.encode_moments(moments)
+            parts["optim"] = self.layout.encode_moments(unit_moments)
             self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
             return parts
 
-        if inline:
-            self.writer.write(unit, update(moments), step)
-        else:
-            self.writer.update(unit, lambda: update(moments), step)
+        return update
 
     def flush(self):
         """Wait until every update is on disk and committed."""

@@ -78,14 +78,15 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="offload-writer", daemon=True)
         self._thread.start()
 
-    def update(self, unit: str, make_parts, step: int):
+    def update(self, unit: str, make_parts, step: int, stealable: bool = True):
         """Queue ``make_parts()`` (returns ``{part: tensors}``, e.g. by running the optimizer update) and the
-        write of what it returns as the unit's version for ``step``."""
+        write of what it returns as the unit's version for ``step``. ``stealable=False``: only the writer thread
+        runs it, so it runs after every job queued before it has finished (a caller never takes it over)."""
         self.raise_if_failed()
         with self._changed:
             self._updating[unit] += 1
         try:
-            self._put(("write", unit, make_parts, step))
+            self._put(("write", unit, make_parts, step, stealable))
         except BaseException:
             self._made(unit, {})
             raise
@@ -156,7 +157,7 @@ class WriteBehind:
             if stolen is not None:
                 self._run_one(stolen)
                 continue
-            started = time.perf_counter()  # a commit is next: wait for the writer to take it
+            started = time.perf_counter()  # a commit or a job only the writer runs is next: wait for it to take it
             try:
                 self._queue.put(job, timeout=0.05)
                 return
@@ -166,11 +167,11 @@ class WriteBehind:
                 self.wait_seconds += time.perf_counter() - started
 
     def _steal_write(self):
-        """Take the oldest queued job if it is a unit's update and write (never a commit, which must follow
+        """Take the oldest queued job if it is a stealable update and write (never a commit, which must follow
         every write before it)."""
         with self._queue.mutex:
             waiting = self._queue.queue
-            if waiting and waiting[0] is not None and waiting[0][0] == "write":
+            if waiting and waiting[0] is not None and waiting[0][0] == "write" and waiting[0][4]:
                 job = waiting.popleft()
                 self._queue.not_full.notify()
                 return job
@@ -212,7 +213,7 @@ class WriteBehind:
 
     def _do(self, job):
         if job[0] == "write":
-            _, unit, make_parts, step = job
+            _, unit, make_parts, step, _ = job
             try:
                 parts = make_parts()
             except BaseException:

@@ -36,17 +36,47 @@ def test_streamed_logits_equal_in_memory_logits(tmp_path, arch):
 
 def test_chunked_cross_entropy_equals_full(tmp_path):
     hidden = torch.randn(3, 10, 16)
-    head = torch.randn(50, 16, requires_grad=True)
+    head = torch.randn(50, 16)
     targets = torch.randint(0, 50, (3, 10))
     targets[0, :4] = -100
-    total, grad = chunked_cross_entropy(hidden, head, targets, chunk_tokens=7, scale=0.5, backward=True)
+    weight_grad = torch.full((50, 16), float("nan"))  # overwritten, not added to
+    total, grad = chunked_cross_entropy(hidden, head, targets, chunk_tokens=7, scale=0.5, backward=True,
+                                        weight_grad=weight_grad)
     h = hidden.clone().requires_grad_()
-    head2 = head.detach().clone().requires_grad_()
+    head2 = head.clone().requires_grad_()
     full = F.cross_entropy((h @ head2.T).reshape(-1, 50), targets.reshape(-1), ignore_index=-100, reduction="sum") * 0.5
     full.backward()
     assert total == pytest.approx(full.item(), rel=1e-6)
     assert torch.allclose(grad, h.grad, atol=1e-6)
-    assert torch.allclose(head.grad, head2.grad, atol=1e-6)
+    assert torch.allclose(weight_grad, head2.grad, atol=1e-6)
+    # accumulate adds; all-ignored targets add nothing
+    chunked_cross_entropy(hidden, head, targets, 7, 0.5, True, weight_grad=weight_grad, accumulate=True)
+    assert torch.allclose(weight_grad, 2 * head2.grad, atol=1e-6)
+    ignored = torch.full_like(targets, -100)
+    chunked_cross_entropy(hidden, head, ignored, 7, 0.5, True, weight_grad=weight_grad, accumulate=True)
+    assert torch.allclose(weight_grad, 2 * head2.grad, atol=1e-6)
+    chunked_cross_entropy(hidden, head, ignored, 7, 0.5, True, weight_grad=weight_grad)
+    assert torch.count_nonzero(weight_grad) == 0
+
+
+def test_chunked_cross_entropy_hands_on_final_weight_gradient_rows_in_order():
+    hidden = torch.randn(2, 9, 16)
+    head = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (2, 9))
+    expected = torch.empty(50, 16)
+    expected_total, expected_grad = chunked_cross_entropy(hidden, head, targets, 4, 1.0, True, weight_grad=expected)
+    weight_grad = torch.empty(50, 16)
+    seen = []
+
+    def on_rows(rows, loss_so_far):
+        assert torch.equal(weight_grad[rows], expected[rows])  # final when handed on
+        seen.append((rows.start, rows.stop, loss_so_far))
+
+    total, grad = chunked_cross_entropy(hidden, head, targets, 4, 1.0, True, weight_grad=weight_grad,
+                                        on_weight_rows=on_rows, row_slices=3)
+    assert [(start, stop) for start, stop, _ in seen] == [(0, 17), (17, 34), (34, 50)]
+    assert all(loss == pytest.approx(expected_total) for _, _, loss in seen)
+    assert total == expected_total and torch.equal(grad, expected_grad) and torch.equal(weight_grad, expected)
 
 
 def _train(path, steps, micro, **options):
@@ -245,3 +275,32 @@ def test_projection_memos_skip_the_replay_matmuls_without_changing_a_bit(tmp_pat
     for key, part in results["memos"].items():
         for name, tensor in part.items():
             assert torch.equal(tensor, results["inputs-only"][key][name]), (key, name)
+
+
+def test_the_untied_heads_update_starts_while_the_cross_entropy_still_computes(tmp_path, monkeypatch):
+    """The head's rows are handed to the writer as their gradient is final, before the cross-entropy returns; the
+    result is the same as updating the head after it (the parity tests compare against torch's AdamW)."""
+    import offload_bitnet.engine as engine_module
+
+    path = create_model(str(tmp_path / "m"), size="demo", arch="llama", mode="full", n_layers=2,
+                        tie_embeddings=False)
+    engine = StreamingEngine(BlockStore(path, writable=True), EngineOptions())
+    events = []
+    real_ce, real_update = engine_module.chunked_cross_entropy, engine.writer.update
+
+    def ce(*args, **kwargs):
+        result = real_ce(*args, **kwargs)
+        events.append("cross-entropy returned")
+        return result
+
+    def update(unit, make_parts, step, stealable=True):
+        events.append(f"{unit} update queued" + ("" if stealable else " (writer only)"))
+        return real_update(unit, make_parts, step, stealable)
+
+    monkeypatch.setattr(engine_module, "chunked_cross_entropy", ce)
+    monkeypatch.setattr(engine.writer, "update", update)
+    engine.train_step([(torch.randint(0, 256, (1, 16)), None), (torch.randint(0, 256, (1, 16)), None)])
+    engine.close()
+    assert events[:6] == ["cross-entropy returned"] + ["head update queued (writer only)"] * 4 + \
+        ["cross-entropy returned"]
+    assert events.count("head update queued (writer only)") == 4

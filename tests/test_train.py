@@ -469,8 +469,8 @@ def poison_training_losses(monkeypatch, calls):
     real = engine_module.chunked_cross_entropy
     count = [0]
 
-    def fake(hidden, head_weight, targets, chunk_tokens, scale, backward):
-        total, grad = real(hidden, head_weight, targets, chunk_tokens, scale, backward)
+    def fake(hidden, head_weight, targets, chunk_tokens, scale, backward, **options):
+        total, grad = real(hidden, head_weight, targets, chunk_tokens, scale, backward, **options)
         if backward:
             count[0] += 1
             if count[0] in calls:

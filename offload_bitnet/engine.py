@@ -14,7 +14,9 @@ optimizer moments), whatever G is. Three threads share the work:
   run forward;
 - writer: each unit's AdamW update (reading its moments then, so a queued update holds none), the write of
   the new version, and the commit. When its queue is full, main runs the oldest queued update itself rather
-  than wait. Until a write lands, reads of that unit are served from memory.
+  than wait. Until a write lands, reads of that unit are served from memory. An untied head's update starts
+  inside the cross-entropy, a row range at a time as its gradient rows are final (writer-only jobs, on copies
+  of the rows the cross-entropy still reads), so it is mostly done before the first block's update arrives.
 
 Memory stays a few units whatever the depth: the queue holds one update, loads run one unit ahead, buffers
 come from a pool that reuses them (``buffers.py``), and the replay's projection memos (``model.ProjectionMemo``,

@@ -8,6 +8,9 @@ offloaded), ``step_loss``, ``backward``, ``torch.optim.AdamW.step`` (torch's CPU
 Same store, same batch, one thread. Streamed and in-memory runs alternate (``--repeats`` of each, after
 ``--warmup`` steps of each), so a change in machine load hits both; times are medians over the repeats, and the
 ratio checked against the target is the median of each streamed run's ratio to the in-memory run after it.
+The streamed step keeps both cores busy and the in-memory step one, so CPU time the hypervisor takes for other
+guests (steal) slows only the streamed side: a pair with more than ``--max-steal`` (2%) is set aside and run
+again, up to 3 x ``--repeats`` pairs; with too few quiet pairs the target is reported as not measured (FAIL).
 
 Default shape: dim 512, 8 layers, 8 heads, vocab 32000 untied, seq 128, batch 1, in ``full`` (LLaMA) and
 ``qat`` (BitNet). Target: streamed / in-memory <= 1.3 for ``full``. ``--large`` adds dim 1024 x 16 layers
@@ -240,8 +243,9 @@ def fmt_list(values) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
-def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> float | None:
-    """Time one mode on one shape; returns streamed/in-memory (or None without the in-memory run)."""
+def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> tuple[float | None, bool]:
+    """Time one mode on one shape; returns (streamed/in-memory or None without the in-memory run, whether
+    enough runs had little enough steal to count)."""
     arch = "llama" if mode == "full" else "bitnet"
     config = c.bench_config(arch, dim, layers, heads, args.vocab)
     path = c.make_store(os.path.join(work, f"{mode}-{dim}x{layers}"), config, mode)
@@ -261,11 +265,16 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
             streamed_step(engine, batch)
             if model is not None:
                 inmemory_step(model, optimizer, batch)
-        # Alternate blocks, so a change in machine load hits both sides.
+        # Alternate blocks, so a change in machine load hits both sides. Each streamed run and the in-memory run
+        # after it form a pair, with the hypervisor's steal measured over the pair: the streamed step keeps both
+        # cores busy and the in-memory one a single core, so CPU time the hypervisor gives to other guests lands
+        # on the streamed side. Pairs with more steal than --max-steal are run again, up to 3 x --repeats pairs.
         steal = c.StealMeter()
         streamed, walls, flushes, inmem, inmem_fb, inmem_opt = [], [], [], [], [], []
-        faults, inmem_faults, cpus, inmem_cpus = [], [], [], []
-        for _ in range(args.repeats):
+        faults, inmem_faults, cpus, inmem_cpus, pair_steal = [], [], [], [], []
+        quiet = lambda: sum(share is None or share <= args.max_steal for share in pair_steal)  # noqa: E731
+        while quiet() < args.repeats and len(pair_steal) < 3 * args.repeats:
+            pair = c.StealMeter()
             per_step, block_walls, flush_s, stats, block_faults, cpu = streamed_block(engine, batch, args.steps)
             cpus.append(cpu)
             streamed.append(per_step)
@@ -279,7 +288,17 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
                 inmem_fb += fb
                 inmem_opt += opt
                 inmem_faults.append(block_faults)
-        print(f"  streamed : {c.median(streamed):7.3f} s/step  median over {args.repeats} runs of {args.steps} "
+            pair_steal.append(pair.fraction())
+        kept = [i for i, share in enumerate(pair_steal) if share is None or share <= args.max_steal]
+        enough_quiet = len(kept) >= args.repeats
+        if not enough_quiet:
+            kept = list(range(len(pair_steal)))
+        print(f"  runs (streamed / in-memory pairs): {len(pair_steal)}, steal per run "
+              + ", ".join("n/a" if share is None else f"{100 * share:.1f}%" for share in pair_steal)
+              + (f"; {len(pair_steal) - len(kept)} above {100 * args.max_steal:g}% set aside" if enough_quiet
+                 else f"; fewer than {args.repeats} at or below {100 * args.max_steal:g}%: all are used"))
+        streamed, inmem = [streamed[i] for i in kept], [inmem[i] for i in kept] if inmem else []
+        print(f"  streamed : {c.median(streamed):7.3f} s/step  median over {len(streamed)} runs of {args.steps} "
               f"back-to-back steps + final flush {fmt_list(streamed)}")
         print(f"             train_step alone {c.median(walls):.3f}s median {fmt_list(walls)}; write tail "
               f"after the last step (flush) {c.median(flushes):.3f}s; read {c.mib(stats.bytes_read)}/step, "
@@ -291,7 +310,7 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
             # over different minutes. The target is checked on the median of the paired ratios.
             paired = [s / m for s, m in zip(streamed, inmem)]
             ratio = c.median(paired)
-            print(f"  in-memory: {c.median(inmem):7.3f} s/step  median over {args.repeats} runs of {args.steps} "
+            print(f"  in-memory: {c.median(inmem):7.3f} s/step  median over {len(inmem)} runs of {args.steps} "
                   f"steps {fmt_list(inmem)} (forward+backward {c.median(inmem_fb):.3f}s, torch AdamW "
                   f"{c.median(inmem_opt):.3f}s)")
             print(f"  streamed / in-memory: {ratio:.3f} median of the runs' paired ratios {fmt_list(paired)}; "
@@ -318,7 +337,7 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
     finally:
         engine.close()
         del model, optimizer
-    return ratio
+    return ratio, enough_quiet
 
 
 def fresh_page_cost() -> tuple[float, float, float]:
@@ -386,6 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="back-to-back steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median)")
+    parser.add_argument("--max-steal", type=float, default=0.02,
+                        help="runs with a larger steal share are run again (up to 3 x --repeats runs)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target", type=float, default=1.3, help="streamed/in-memory target for full")
     parser.add_argument("--no-inmemory", action="store_true", help="streamed only (no ratio, no target)")
@@ -402,9 +423,15 @@ def main(argv=None) -> int:
               "final flush that puts their writes and commit on disk) / steps")
         for dim, layers, heads in shapes:
             for mode in args.modes:
-                ratio = run_shape(mode, dim, layers, heads, args, work)
+                ratio, quiet = run_shape(mode, dim, layers, heads, args, work)
                 if ratio is not None and mode == "full" and (dim, layers, heads) == shapes[0]:
-                    c.check(f"full streamed/in-memory step time (dim {dim} x {layers})", ratio, args.target)
+                    label = f"full streamed/in-memory step time (dim {dim} x {layers})"
+                    if quiet or args.quick:
+                        c.check(label, ratio, args.target)
+                    else:  # measured on fewer cores than the machine has: no verdict either way
+                        c.fail(label, f"ratio {ratio:.3f}, but the hypervisor took more than "
+                                      f"{100 * args.max_steal:g}% of the CPU (steal) in most runs, so the streamed "
+                                      "step did not have its 2 cores; rerun when the machine is quieter")
     return c.finish()
 
 

@@ -84,9 +84,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targe
               if (targets[start:start + chunk_tokens] != IGNORE_INDEX).any()]
     total = torch.zeros((), dtype=torch.float64)
     grad_hidden = torch.zeros_like(hidden) if backward else None
-    bounds = [0] + [int(rows[-1]) + 1 for rows in torch.arange(head_weight.shape[0]).tensor_split(row_slices)
-                    if len(rows)]
-    row_ranges = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    rows, extra = divmod(head_weight.shape[0], row_slices)  # the first ``extra`` ranges get one row more
+    bounds = [i * rows + min(i, extra) for i in range(row_slices + 1)]
+    row_ranges = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     weight = head_weight.detach()
     for start in starts:
         stop = start + chunk_tokens

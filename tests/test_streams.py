@@ -24,6 +24,23 @@ class RecordingStore:
             self.events.append(("commit", step))
 
 
+def busy_writer():
+    """A writer (queue of one) busy with update "a" until the returned event is set. Returns (store, writer, log,
+    release); ``log`` records each update's name and whether the caller's thread ran it."""
+    store, log = RecordingStore(), []
+    writer = WriteBehind(store, max_pending=1)
+    running, release = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(5)
+        log.append(("a", threading.current_thread() is threading.main_thread()))
+        return {}
+    writer.update("a", hold, 1)
+    assert running.wait(5)
+    return store, writer, log, release
+
+
 def recording_update(log, name, seconds=0.0, parts=None):
     def make_parts():
         log.append((name, threading.current_thread() is threading.main_thread()))
@@ -33,12 +50,7 @@ def recording_update(log, name, seconds=0.0, parts=None):
 
 
 def test_a_full_queue_makes_the_caller_run_the_oldest_update():
-    store = RecordingStore()
-    writer = WriteBehind(store, max_pending=1)
-    log = []
-    gate = threading.Event()
-    writer.update("a", lambda: (gate.wait(5), log.append(("a", False)), {})[-1], 1)  # holds the writer
-    time.sleep(0.05)
+    store, writer, log, gate = busy_writer()
     writer.update("b", recording_update(log, "b"), 1)  # queued
     writer.update("c", recording_update(log, "c"), 1)  # queue full: the caller runs "b" and queues "c"
     assert log == [("b", True)]
@@ -52,12 +64,7 @@ def test_a_full_queue_makes_the_caller_run_the_oldest_update():
 
 
 def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
-    store = RecordingStore()
-    writer = WriteBehind(store, max_pending=1)
-    log = []
-    gate = threading.Event()
-    writer.update("a", lambda: (gate.wait(5), log.append(("a", False)), {})[-1], 1)
-    time.sleep(0.05)
+    _, writer, log, gate = busy_writer()
     writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
     released = threading.Timer(0.2, gate.set)
     released.start()

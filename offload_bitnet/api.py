@@ -18,6 +18,13 @@ def open_model(path: str, device: str = "cpu", **engine_options) -> StreamingEng
 
 
 def open_for_training(path: str, **engine_options) -> StreamingEngine:
-    """Open a store for training (takes its write lock; cleans up after a crashed run)."""
+    """Open a store for training (takes its write lock; cleans up after a crashed run). A packed-only store
+    trains only LoRA adapters (``lora=LoRAConfig(...)``); it has no master weights for anything else."""
     store = BlockStore(path, writable=True)
-    return StreamingEngine(store, EngineOptions(**engine_options))
+    try:
+        if engine_options.get("lora") is None:
+            store.require_master_weights()
+        return StreamingEngine(store, EngineOptions(**engine_options))
+    except BaseException:
+        store.close()
+        raise

@@ -19,7 +19,7 @@ def _create(args):
     from .create import create_model
 
     path = create_model(args.out, size=args.size, arch=args.arch, mode=args.mode, shadow_dtype=args.shadow_dtype,
-                        state_dtype=args.state_dtype, seed=args.seed, progress=True)
+                        state_dtype=args.state_dtype, seed=args.seed, progress=True, packed_only=args.packed_only)
     print(f"created {args.size} {args.arch} model at {path}")
 
 
@@ -28,8 +28,9 @@ def _import(args):
     from .store import StoreSettings
 
     settings = None
-    if args.mode:
-        settings = StoreSettings(mode=args.mode, shadow_dtype=args.shadow_dtype, state_dtype=args.state_dtype)
+    if args.mode or args.packed_only:
+        settings = StoreSettings(mode=args.mode or "qat", shadow_dtype=args.shadow_dtype,
+                                 state_dtype=args.state_dtype, packed_only=args.packed_only)
     path = import_model(args.src, args.out, settings, progress=True)
     print(f"imported {args.src} into {path}")
 
@@ -89,6 +90,10 @@ def _add_storage_options(parser: argparse.ArgumentParser):
                         help="dtype of the master weights (default fp16)")
     parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                         help="AdamW moments: fp32 (default), bf16, or int8 (8-bit blockwise)")
+    parser.add_argument("--packed-only", action="store_true",
+                        help="a frozen ternary base (qat): packed 2-bit projections, norms, embedding and head, no "
+                             "shadow weights or moments; for LoRA and generation (the default when importing a "
+                             "packed BitNet checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,14 +75,17 @@ def random_units(config: ModelConfig, seed: int = 0, std: float = 0.02):
 
 def create_model(out_dir: str, size: str = "demo", arch: str = "bitnet", mode: str | None = None,
                  shadow_dtype: str = "fp16", state_dtype: str = "fp32", seed: int = 0,
-                 progress: bool = False, **overrides) -> str:
+                 progress: bool = False, packed_only: bool = False, **overrides) -> str:
     """Create a randomly initialized model store of a named size; returns its path.
 
     ``overrides`` replace config fields (e.g. ``n_layers=4``). ``mode`` defaults to ``qat`` for BitNet and
-    ``full`` for LLaMA.
+    ``full`` for LLaMA. ``packed_only``: a frozen ternary base (qat only) with the packed projections, norms,
+    embedding and head and no shadow weights: the same packed weights as the qat store of the same seed, for
+    LoRA and generation. Units are made and written one at a time, so memory stays about one block.
     """
     config = config_for_size(size, arch, **overrides)
-    settings = StoreSettings(mode=mode or default_mode(config), shadow_dtype=shadow_dtype, state_dtype=state_dtype)
+    settings = StoreSettings(mode=mode or default_mode(config), shadow_dtype=shadow_dtype, state_dtype=state_dtype,
+                             packed_only=packed_only)
     report = None
     if progress:
         bar = Progress(len(unit_names(config)), f"creating {size} {arch} model: units")

@@ -11,7 +11,9 @@ norms          fp32                                         -                   
 =============  ==========================================  ====================  ==================
 
 The ``optim`` part is absent until a unit's first update (moments start at zero), so a fresh store costs
-no optimizer bytes. Ternary codes are always derived from the stored 16-bit shadow, so the forward pass
+no optimizer bytes. A packed-only store (``StoreSettings.packed_only``, a frozen qat base) has the ``weights``
+parts alone; where something needs its projections' masters (exports, the in-memory reference) it gets the
+latent weights whose quantization gives back the stored codes and scale (``ternary.latent_weight``). Ternary codes are always derived from the stored 16-bit shadow, so the forward pass
 (packed) and the backward pass (shadow) see bit-identical quantized weights.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from . import blockwise
 from .buffers import BufferPool
 from .store import DTYPES, StoreSettings
-from .ternary import pack_weight, unpack_weight
+from .ternary import PackedTernary, latent_weight, pack_weight, unpack_weight
 
 
 class Layout:
@@ -58,14 +60,24 @@ class Layout:
         return self.shadow_dtype if tensor.dim() >= 2 else torch.float32
 
     def encode(self, unit: str, masters: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """fp32 master tensors to the ``weights`` and (qat) ``shadow`` parts."""
+        """fp32 master tensors to the ``weights`` and (qat) ``shadow`` parts. A packed-only store packs its
+        projections from the same 16-bit values as a qat store (the same codes) and keeps no shadow; it also
+        takes projections already packed (``PackedTernary``) as they are."""
         weights, shadow = {}, {}
         for name, master in masters.items():
+            if isinstance(master, PackedTernary):
+                if not (self.settings.packed_only and self.is_ternary(unit, name)):
+                    raise ValueError(f"unit {unit} tensor {name}: already packed ternary weights go only into a "
+                                     "packed-only store's projections")
+                weights[f"{name}.packed"] = master.packed.to("cpu", torch.uint8).contiguous()
+                weights[f"{name}.scale"] = master.scale.to("cpu", torch.float32).reshape(1)
+                continue
             stored = self._as(master.detach(), self.storage_dtype(master), "cpu")
             if self.is_ternary(unit, name):
                 packed, scale = pack_weight(stored, scratch=self.empty(stored.shape, torch.float32, "cpu"))
                 weights[f"{name}.packed"], weights[f"{name}.scale"] = packed, scale
-                shadow[name] = stored
+                if not self.settings.packed_only:
+                    shadow[name] = stored
             else:
                 weights[name] = stored
         parts = {"weights": weights}
@@ -91,9 +103,14 @@ class Layout:
 
     def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device,
                 dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """Master tensors (the ones AdamW updates), as ``dtype`` (None: as stored, 16-bit or fp32)."""
+        """Master tensors (the ones AdamW updates), as ``dtype`` (None: as stored, 16-bit or fp32). A packed-only
+        store (no ``shadow_part``) has no masters of its projections: they come as ``latent_weight`` (fp32)."""
         masters = {}
         for name in self.param_names(weights_part):
+            if f"{name}.packed" in weights_part and shadow_part is None and self.settings.packed_only:
+                latent = latent_weight(weights_part[f"{name}.packed"], weights_part[f"{name}.scale"])
+                masters[name] = self._as(latent, dtype or torch.float32, device)
+                continue
             source = shadow_part[name] if f"{name}.packed" in weights_part else weights_part[name]
             masters[name] = self._as(source, dtype or source.dtype, device)
         return masters

@@ -41,6 +41,8 @@ def part_specs(config: ModelConfig, unit: str, part: str, settings: StoreSetting
     """The tensors one part of one unit holds (empty: the part does not exist), as ``Layout`` encodes them."""
     masters = unit_shapes(config, unit)
     if part == "optim":
+        if settings.packed_only:  # a frozen base: nothing is ever updated
+            return {}
         if settings.state_dtype == "int8":  # blockwise.py: codes per block of BLOCK values plus block scales
             specs = {}
             for name, shape in masters.items():
@@ -62,7 +64,7 @@ def part_specs(config: ModelConfig, unit: str, part: str, settings: StoreSetting
                 specs[f"{name}.scale"] = ("fp32", (1,))
             else:
                 specs[name] = (stored, shape)
-        elif part == "shadow" and ternary:
+        elif part == "shadow" and ternary and not settings.packed_only:
             specs[name] = (stored, shape)
     return specs
 
@@ -95,15 +97,16 @@ def manifest_bytes_bound(config: ModelConfig, settings: StoreSettings, extra: di
 
 
 def store_bytes(config: ModelConfig, mode: str = "qat", shadow_dtype: str = "fp16", state_dtype: str = "fp32",
-                extra: dict | None = None) -> dict[str, int]:
+                extra: dict | None = None, packed_only: bool = False) -> dict[str, int]:
     """Disk bytes of a store of ``config`` once every unit has optimizer moments (after the first step).
 
     Keys: ``params``; ``packed`` (ternary codes and their scales, within ``weights``); ``weights`` (what
     forward reads), ``shadow``, ``optim`` (exact file bytes per part kind); ``headers`` (the safetensors
     header bytes inside those three); ``manifest`` (upper bound); ``units`` (weights+shadow+optim, exact);
     ``total`` (units + manifest). A fresh store has no ``optim`` files: subtract ``optim`` for it.
+    ``packed_only``: a packed-only store (no shadow, and never any moments: ``total`` counts none).
     """
-    settings = StoreSettings(mode=mode, shadow_dtype=shadow_dtype, state_dtype=state_dtype)
+    settings = StoreSettings(mode=mode, shadow_dtype=shadow_dtype, state_dtype=state_dtype, packed_only=packed_only)
     settings.validate()
     sizes = _units_bytes(config, settings)
     totals = {part: sum(sizes[unit][part] for unit in sizes) for part in PARTS}

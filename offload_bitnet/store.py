@@ -7,7 +7,8 @@ Layout::
     STORE/lock                 held (flock) by the one process that may write
 
 A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` (what forward reads),
-``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments). New versions are
+``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments); a packed-only store
+(a frozen ternary base for LoRA or generation) has only ``weights`` parts. New versions are
 written beside the old ones under a new step number (writeback starts at once); ``commit`` fsyncs them, then
 switches to them with one atomic rename of the manifest, and only then recycles the files it replaced (they
 are overwritten by the next versions). A crash at any moment leaves the manifest at step k or k+1, and the
@@ -59,10 +60,16 @@ class StoreSettings:
     mode: str = "qat"            # qat: packed ternary projections + shadow; full: 16-bit projections
     shadow_dtype: str = "fp16"   # master weights (the projections in qat, every matrix in full)
     state_dtype: str = "fp32"    # AdamW moments: fp32, bf16 or int8 (8-bit blockwise)
+    # qat only: the packed ternary projections without their shadow (a frozen base: LoRA, generation, export;
+    # no master weights to train). Manifests written before this field existed read as False.
+    packed_only: bool = False
 
     def validate(self):
         if self.mode not in ("qat", "full"):
             raise StoreError(f"store mode must be 'qat' or 'full', got {self.mode!r}")
+        if self.packed_only and self.mode != "qat":
+            raise StoreError(f"a packed-only store holds packed ternary projections, so its mode must be 'qat', "
+                             f"not {self.mode!r} (pass --mode qat)")
         if self.shadow_dtype not in DTYPES:
             raise StoreError(f"shadow_dtype must be one of {sorted(DTYPES)}, got {self.shadow_dtype!r}")
         if self.state_dtype not in STATE_DTYPES:
@@ -277,6 +284,15 @@ class BlockStore:
     @property
     def units(self) -> list[str]:
         return unit_names(self.config)
+
+    def require_master_weights(self):
+        """Raise StoreError saying what to do when the store has no master weights to train (packed-only)."""
+        if self.settings.packed_only:
+            raise StoreError(
+                f"{self.path} is a packed-only store (a frozen ternary base): it has no master weights, only the "
+                "packed 2-bit projections forward reads, so it cannot be trained with --mode qat or full. Train "
+                "LoRA adapters on it (--mode lora), or import the full-precision checkpoint (for example the "
+                "-bf16 one) to fine-tune all weights.")
 
     def has_part(self, unit: str, part: str) -> bool:
         with self._lock:

@@ -9,6 +9,8 @@ shift 2*i of packed row r holding row ``i*out/4 + r``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 VALUES_PER_BYTE = 4
@@ -116,3 +118,32 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
         rows[i].copy_(torch.bitwise_and(torch.bitwise_right_shift(packed, 2 * i, out=field), 3, out=field))
     # The fields hold code + 1; exact small integers in any float dtype, so this is codes * gamma exactly.
     return torch.div(out.sub_(1), 1.0 / scale.to(out.dtype), out=out)
+
+
+@dataclass(frozen=True)
+class PackedTernary:
+    """A ternary weight that is already quantized and packed (as ``pack_weight`` returns it): uint8 ``packed``
+    ``[out/4, in]`` and the scale gamma. An importer hands it to a packed-only store, which keeps it as it is
+    (``Layout.encode``) instead of unpacking and re-quantizing."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The dense weight's shape ``[out, in]``."""
+        return torch.Size((self.packed.shape[0] * VALUES_PER_BYTE, *self.packed.shape[1:]))
+
+
+def latent_weight(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An fp32 weight whose quantization gives back exactly these packed codes and (to fp32 rounding) gamma.
+
+    The plain dequantized weight ``codes * gamma`` would not do: re-quantizing it yields the scale
+    ``gamma * mean|codes|``, not gamma. Dividing by ``mean|codes|`` (the fraction of nonzero codes) makes
+    ``mean|W| = gamma`` and keeps every code (``|code / fraction| >= 1`` still rounds to +-1).
+    """
+    codes = unpack_codes(packed).float()
+    fraction = codes.abs().mean()
+    if fraction == 0:
+        return torch.zeros_like(codes)
+    return codes * (scale.float().reshape(()) / fraction)

@@ -254,7 +254,10 @@ def write_json(path: str, value: dict):
 
 
 def check_store_settings(config: RunConfig, store: BlockStore):
-    """Mode and optimizer-state dtype are fixed when a store is made; refuse a request to change them."""
+    """Mode and optimizer-state dtype are fixed when a store is made; refuse a request to change them, and
+    training the weights of a store that has none to train (packed-only)."""
+    if not config.is_lora:
+        store.require_master_weights()
     if config.quant_warmup > 0 and store.settings.mode != "qat":
         raise TrainError(f"{config.describe('quant_warmup')} needs a qat store (full-precision shadow weights "
                          f"with a ternary copy), but {store.path} is a {store.settings.mode} store. Import the "

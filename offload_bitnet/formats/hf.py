@@ -30,7 +30,7 @@ from ..create import default_mode, write_store
 from ..layout import Layout
 from ..progress import Progress
 from ..store import DTYPES, BlockStore, StoreSettings, unit_names
-from ..ternary import pack_weight, unpack_codes
+from ..ternary import PackedTernary, latent_weight, pack_weight
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -389,28 +389,29 @@ def plan_import(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None)
 
 
 def latent_from_packed(packed: torch.Tensor, weight_scale: torch.Tensor, convention: str) -> torch.Tensor:
-    """A latent (shadow) weight whose BitNet quantization gives back exactly these codes and scale.
-
-    The plain dequantized weight ``codes * gamma`` would not do: re-quantizing it yields the scale
-    ``gamma * mean|codes|``, not gamma. Dividing by ``mean|codes|`` (the fraction of nonzero codes) makes
-    ``mean|W| = gamma`` and keeps every code (``|code / fraction| >= 1`` still rounds to +-1).
-    """
-    codes = unpack_codes(packed).float()
-    scale = weight_scale.float().reshape(())
-    gamma = scale if convention == "autobitlinear" else 1.0 / scale
-    fraction = codes.abs().mean()
-    if fraction == 0:
-        return torch.zeros_like(codes)
-    return codes * (gamma / fraction)
+    """A latent (shadow) weight whose BitNet quantization gives back exactly these codes and scale
+    (``ternary.latent_weight``), from a checkpoint's ``weight_scale`` in its ``convention``."""
+    return latent_weight(packed, packed_gamma(weight_scale, convention))
 
 
-def read_units(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None):
-    """Yield ``(unit, {name: fp32 tensor})`` in store order, one unit in memory at a time."""
+def packed_gamma(weight_scale: torch.Tensor, convention: str) -> torch.Tensor:
+    """The fp32 gamma [1] (``W = codes * gamma``) of a checkpoint's ``weight_scale`` in its ``convention``."""
+    scale = weight_scale.float().reshape(1)
+    return scale if convention == "autobitlinear" else 1.0 / scale
+
+
+def read_units(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None, packed_only: bool = False):
+    """Yield ``(unit, {name: fp32 tensor})`` in store order, one unit in memory at a time. Packed projections
+    come as latent weights, or (``packed_only``: for a packed-only store) as the checkpoint's own codes and
+    scale (``PackedTernary``), kept exactly."""
     packed = quant is not None and quant["weights"] == "packed"
     for unit in unit_names(config):
         tensors = {}
         for name, key in unit_keys(config, unit).items():
-            if packed and name.endswith("_proj"):
+            if packed and name.endswith("_proj") and packed_only:
+                tensors[name] = PackedTernary(checkpoint.load(key),
+                                              packed_gamma(checkpoint.load(key + "_scale"), quant["convention"]))
+            elif packed and name.endswith("_proj"):
                 tensors[name] = latent_from_packed(checkpoint.load(key), checkpoint.load(key + "_scale"),
                                                    quant["convention"])
             else:
@@ -489,8 +490,10 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
 
     Everything is validated (config, tensor names, shapes, dtypes, readable files) before the store is
     created. Default settings: mode ``qat`` for BitNet and ``full`` for Llama (``create.default_mode``) with
-    the source's floating dtype as shadow dtype, so the import is lossless; packed BitNet sources get an fp32
-    shadow, since the latent weights must reproduce each tensor's scale exactly (see ``latent_from_packed``).
+    the source's floating dtype as shadow dtype, so the import is lossless. A packed BitNet source (no master
+    weights) becomes a packed-only store holding its codes and scales exactly; with explicit qat settings it
+    gets latent shadow weights reconstructed from them (``latent_from_packed``; use an fp32 shadow so that
+    they reproduce each scale to fp32 rounding).
     """
     config_json = read_config_json(src)
     config = config_from_hf(config_json, os.path.join(src, CONFIG))
@@ -506,9 +509,12 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
 def _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, config_json, quant) -> str:
     architecture = hf_architecture(config_json)
     plan = plan_import(checkpoint, config, quant)
+    packed_source = quant is not None and quant["weights"] == "packed"
     if settings is None:
-        shadow = "fp32" if quant and quant["weights"] == "packed" else SHADOW_FOR_DTYPE[plan.main_dtype]
-        settings = StoreSettings(mode=default_mode(config), shadow_dtype=shadow)
+        # A packed checkpoint has no master weights: by default it becomes a packed-only store (its codes and
+        # scales as they are, embeddings in the source's dtype).
+        settings = StoreSettings(mode=default_mode(config), shadow_dtype=SHADOW_FOR_DTYPE[plan.main_dtype],
+                                 packed_only=packed_source)
     notes = []
     if "sliding_window" in config.extra:
         notes.append(f"sliding_window={config.extra['sliding_window']} is not applied: attention is fully causal "
@@ -540,7 +546,8 @@ def _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, con
         report = lambda done, total, unit: bar.update(done, unit)  # noqa: E731
     created = not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir))
     try:
-        store = write_store(out_dir, config, read_units(checkpoint, config, quant), settings, extra, report)
+        units = read_units(checkpoint, config, quant, packed_only=settings.packed_only)
+        store = write_store(out_dir, config, units, settings, extra, report)
     except BaseException:
         if created and os.path.isdir(out_dir):  # leave no half-written store behind
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -36,6 +36,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, llama_hidden_dim
 from ..create import write_store
+from ..layout import Layout
 from ..progress import Progress
 from ..store import DTYPES, BlockStore, StoreSettings, block_unit, unit_names
 
@@ -436,13 +437,6 @@ def params_for_config(config: ModelConfig) -> dict:
     return params
 
 
-def _stored_tensor(weights: dict, shadow: dict | None, name: str) -> torch.Tensor:
-    """The master value of one tensor as stored (16-bit or fp32), without an fp32 copy of the whole unit."""
-    if f"{name}.packed" in weights:
-        return shadow[name]  # qat: the shadow holds the trained weights; the packed codes are derived from it
-    return weights[name]
-
-
 def export_from_store(store: BlockStore, out_dir: str, n_shards: int | None = None, dtype: str | None = None,
                       embed_split_dim: int | None = None, progress: bool = True) -> str:
     """Write ``store`` as a Meta checkpoint: ``consolidated.NN.pth`` + ``params.json`` (+ ``tokenizer.model``).
@@ -481,6 +475,7 @@ def export_from_store(store: BlockStore, out_dir: str, n_shards: int | None = No
         raise MetaFormatError(f"{out_dir} already holds {clash[0]}; export into an empty or new folder")
     extra_tensors = source.get("extra_tensors", {})
     keys = source.get("keys") or canonical_keys(config.n_layers) + list(extra_tensors)
+    layout = Layout(store.settings)
 
     scratch_dir = os.path.join(out_dir, ".export-scratch")
     os.makedirs(scratch_dir, exist_ok=True)
@@ -493,11 +488,14 @@ def export_from_store(store: BlockStore, out_dir: str, n_shards: int | None = No
             for done, unit in enumerate(store.units):
                 weights = store.read(unit, "weights")
                 shadow = store.read(unit, "shadow") if store.has_part(unit, "shadow") else None
+                # As stored (16-bit or fp32), without an fp32 copy of the whole unit; qat: the shadow holds the
+                # trained weights (the packed codes are derived from it); packed-only: their latent weights.
+                masters = layout.masters(unit, weights, shadow, "cpu", dtype=None)
                 targets = [unit] + (["head"] if unit == "embed" and config.tie_embeddings else [])
                 for target in targets:  # a tied embedding is written as both tok_embeddings and output
                     for name, (key, split) in unit_keys(config, target, embed_split).items():
                         key_dtype = key_dtypes.get(key, main_dtype)
-                        tensor = _stored_tensor(weights, shadow, name).to(DTYPES[key_dtype])
+                        tensor = masters[name].to(DTYPES[key_dtype])
                         if name == "q_proj":
                             tensor = unpermute_rope(tensor, config.n_heads)
                         elif name == "k_proj":
@@ -511,7 +509,7 @@ def export_from_store(store: BlockStore, out_dir: str, n_shards: int | None = No
                             index[shard][key] = (handle.tell(), tuple(piece.shape), key_dtype)
                             handle.write(data)  # the array's buffer, no bytes copy
                         del tensor, pieces
-                del weights, shadow
+                del weights, shadow, masters
                 if bar:
                     bar.update(done + 1, unit)
         finally:

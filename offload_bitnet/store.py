@@ -76,6 +76,13 @@ class StoreSettings:
             raise StoreError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
 
 
+def no_master_weights(what: str) -> str:
+    """Why a model with only packed ternary weights cannot have its weights trained, and what to do instead."""
+    return (f"{what}: it has no master weights, only the packed 2-bit projections that forward reads, so it "
+            "cannot be trained with --mode qat or full. Train LoRA adapters on it (--mode lora), or import the "
+            "full-precision checkpoint (for example the -bf16 one) to fine-tune all weights.")
+
+
 def block_unit(index: int) -> str:
     return f"block.{index:03d}"
 
@@ -288,11 +295,7 @@ class BlockStore:
     def require_master_weights(self):
         """Raise StoreError saying what to do when the store has no master weights to train (packed-only)."""
         if self.settings.packed_only:
-            raise StoreError(
-                f"{self.path} is a packed-only store (a frozen ternary base): it has no master weights, only the "
-                "packed 2-bit projections forward reads, so it cannot be trained with --mode qat or full. Train "
-                "LoRA adapters on it (--mode lora), or import the full-precision checkpoint (for example the "
-                "-bf16 one) to fine-tune all weights.")
+            raise StoreError(no_master_weights(f"{self.path} is a packed-only store (a frozen ternary base)"))
 
     def has_part(self, unit: str, part: str) -> bool:
         with self._lock:

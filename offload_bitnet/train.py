@@ -46,7 +46,7 @@ from .optim import AdamWConfig
 from .progress import format_seconds
 from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
 from .schedule import make_schedule, quant_mix
-from .store import BlockStore, StoreError, StoreSettings
+from .store import BlockStore, StoreError, StoreSettings, no_master_weights
 from .tokenizer import ByteTokenizer
 from .streams import ActivationStash
 
@@ -213,9 +213,11 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
             create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.store_mode,
                          state_dtype=config.state_dtype or "fp32", seed=config.seed)
         else:
-            say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
-            from .formats import import_model
+            from .formats import hf, import_model
 
+            if not config.is_lora and hf.is_packed_checkpoint(config.model):  # refused before a long import
+                raise TrainError(no_master_weights(f"{config.model} is a packed BitNet checkpoint"))
+            say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
             import_model(config.model, paths.store_dir, import_settings(config), progress=True)
     if not recorded or config.restart:
         write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,

@@ -154,6 +154,15 @@ def bitnet_quantization(config_json: dict, source: str = CONFIG) -> dict:
     return {"weights": "packed", "convention": convention}
 
 
+def is_packed_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a Hugging Face BitNet folder with packed ternary weights (no master weights)."""
+    if not detect(path):
+        return False
+    config_json = read_config_json(path)
+    return (ARCHITECTURES.get(hf_architecture(config_json), None) == "bitnet"
+            and bitnet_quantization(config_json)["weights"] == "packed")
+
+
 def _rope_from_hf(config_json: dict, default_theta: float, source: str) -> tuple[float, dict | None]:
     params = config_json.get("rope_parameters")
     scaling = dict(params) if isinstance(params, dict) else dict(config_json.get("rope_scaling") or {})

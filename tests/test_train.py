@@ -220,7 +220,8 @@ def test_an_importable_model_is_imported_into_the_run_and_left_untouched(tmp_pat
 
     source = str(tmp_path / "src")
     create_model(source, size="demo", arch="bitnet", n_layers=2)
-    hf_dir = export_model(source, str(tmp_path / "hf-model"), "hf-bitnet")
+    # Full precision (latent weights): a packed export has no master weights to train (tests/test_packed_only.py).
+    hf_dir = export_model(source, str(tmp_path / "hf-model"), "hf")
     before = digest_folder(hf_dir)
     args = [hf_dir, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
             "--num-train-iters", "2", "--batch-size", "2", "--max-seq-len", "64", "--no-plot"]

@@ -930,6 +930,8 @@ def dry_run(config: RunConfig, paths: RunPaths) -> int:
 
     if store_is_complete(paths.store_dir):
         store = BlockStore(paths.store_dir)
+        if not config.is_lora:
+            store.require_master_weights()  # a packed-only store: no plan for a run that would be refused
         model_config, settings, disk = store.config, store.settings, store.disk_bytes()
         tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
     elif paths.origin == "demo":

@@ -161,6 +161,8 @@ def test_finetune_lora_on_packed_only_equals_qat_and_training_the_weights_is_ref
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err
         assert "packed-only store" in err and "no master weights" in err and "--mode lora" in err and "-bf16" in err
+    assert finetune([packed, *common, "--dry-run", "--experiment", "plan"]) == 1  # no plan for a refused run
+    assert "packed-only store" in capsys.readouterr().err
     assert _digest(packed) == before
     with pytest.raises(StoreError, match="packed-only store .* no master weights"):
         open_for_training(packed)
@@ -268,6 +270,34 @@ def test_packed_hf_checkpoint_imports_as_packed_only_exactly(tmp_path, conventio
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     with open_model(store_path) as a, open_model(qat_path) as b:
         assert torch.allclose(a.logits(ids), b.logits(ids), rtol=0, atol=1e-5)
+
+
+@needs_transformers
+def test_a_bf16_tied_bitlinear_checkpoint_like_bitnet_2b_4t_round_trips_bit_for_bit(tmp_path, _eager):
+    """microsoft/bitnet-b1.58-2B-4T's layout: bitlinear (W = codes / weight_scale), tied embeddings, bf16 embedding,
+    norms and weight_scale."""
+    from safetensors.torch import load_file, save_file
+    from test_formats_hf import bitnet_packed_folder, read_folder
+
+    src = tmp_path / "src"
+    bitnet_packed_folder(src, "bitlinear", tie=True)
+    tensors = {key: value.to(torch.bfloat16) if value.is_floating_point() else value
+               for key, value in load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config_json = json.loads((src / "config.json").read_text())
+    config_json["dtype"] = config_json["torch_dtype"] = "bfloat16"
+    (src / "config.json").write_text(json.dumps(config_json))
+
+    store_path = str(tmp_path / "store")
+    assert cli(["import", str(src), store_path]) == 0
+    store = BlockStore(store_path)
+    assert store.settings.packed_only and store.settings.shadow_dtype == "bf16" and store.config.tie_embeddings
+    assert store.read("embed", "weights")["weight"].dtype == torch.bfloat16
+    assert cli(["export", store_path, str(tmp_path / "same")]) == 0
+    source, again = read_folder(src), read_folder(tmp_path / "same")
+    assert list(again) == list(source)
+    for key, tensor in source.items():
+        assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key
 
 
 @needs_transformers

@@ -91,7 +91,8 @@ def manifest_bytes_bound(config: ModelConfig, settings: StoreSettings, extra: di
         parts = [p for p in PARTS if sizes[unit][p] and (with_optim or p != "optim")]
         files[unit] = {p: {"file": f"{unit}.{p}.s00000000.safetensors", "bytes": sizes[unit][p], "crc32c": 4294967295}
                        for p in parts}
-    manifest = {"format_version": 1, "config": config.to_dict(), "settings": settings.__dict__.copy(),
+    version, settings_record = settings.manifest_record()
+    manifest = {"format_version": version, "config": config.to_dict(), "settings": settings_record,
                 "step": 99999999, "files": files, "extra": extra or {}}
     return len(json.dumps(manifest, indent=1).encode())
 

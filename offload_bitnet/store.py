@@ -38,7 +38,9 @@ from .buffers import BufferPool
 from .config import ModelConfig
 from .faults import fault_point
 
-FORMAT_VERSION = 1
+# The newest format this code reads. A store is written with the oldest version that describes it, so older
+# readers keep opening what they can read: 2 = packed-only (``StoreSettings.packed_only``), 1 = everything else.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 UNITS_DIR = "units"
 PARTS = ("weights", "shadow", "optim")
@@ -63,6 +65,14 @@ class StoreSettings:
     # qat only: the packed ternary projections without their shadow (a frozen base: LoRA, generation, export;
     # no master weights to train). Manifests written before this field existed read as False.
     packed_only: bool = False
+
+    def manifest_record(self) -> tuple[int, dict]:
+        """The format version and the ``settings`` entry of a manifest for these settings (``packed_only`` is
+        written only when set: a version-1 reader then opens every other store as before)."""
+        record = self.__dict__.copy()
+        if not self.packed_only:
+            del record["packed_only"]
+        return (2 if self.packed_only else 1), record
 
     def validate(self):
         if self.mode not in ("qat", "full"):
@@ -268,10 +278,11 @@ class BlockStore:
         if os.path.isdir(path) and os.listdir(path):
             raise StoreError(f"{path} exists and is not empty; choose an empty or new folder")
         os.makedirs(os.path.join(path, UNITS_DIR), exist_ok=True)
+        version, settings_record = settings.manifest_record()
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "config": config.to_dict(),
-            "settings": settings.__dict__.copy(),
+            "settings": settings_record,
             "step": -1,  # -1: creation not finished; the first commit makes it 0
             "files": {},
             "extra": extra or {},

@@ -106,15 +106,18 @@ def test_a_70b_packed_only_store_is_about_17_gib():
     assert 16.5 * 2**30 < sizes["total"] < 17.5 * 2**30  # 18.2 GB, against 143 GB for the bf16 model
 
 
-def test_packed_only_needs_qat_and_old_manifests_read_as_not_packed_only(tmp_path):
+def test_packed_only_needs_qat_and_only_packed_only_manifests_need_the_new_format(tmp_path):
     with pytest.raises(StoreError, match="mode must be 'qat'"):
         create_model(str(tmp_path / "llama"), size="demo", arch="llama", n_layers=1, packed_only=True)
-    path = create_model(str(tmp_path / "old"), size="demo", n_layers=1)
-    manifest_path = os.path.join(path, "manifest.json")
-    manifest = json.load(open(manifest_path))
-    del manifest["settings"]["packed_only"]  # as written before the field existed
-    json.dump(manifest, open(manifest_path, "w"))
-    assert BlockStore(path).settings.packed_only is False
+    qat, packed = _pair(tmp_path)
+    # Every other store is written as before (version 1, no packed_only key): older versions still open it.
+    manifest = json.load(open(os.path.join(qat, "manifest.json")))
+    assert manifest["format_version"] == 1 and "packed_only" not in manifest["settings"]
+    assert BlockStore(qat).settings.packed_only is False
+    # A packed-only store is version 2, which an older version refuses with "upgrade" instead of reading it as
+    # a qat store whose shadow weights are missing.
+    manifest = json.load(open(os.path.join(packed, "manifest.json")))
+    assert manifest["format_version"] == 2 and manifest["settings"]["packed_only"] is True
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -11,10 +11,12 @@ norms          fp32                                         -                   
 =============  ==========================================  ====================  ==================
 
 The ``optim`` part is absent until a unit's first update (moments start at zero), so a fresh store costs
-no optimizer bytes. A packed-only store (``StoreSettings.packed_only``, a frozen qat base) has the ``weights``
-parts alone; where something needs its projections' masters (exports, the in-memory reference) it gets the
-latent weights whose quantization gives back the stored codes and scale (``ternary.latent_weight``). Ternary codes are always derived from the stored 16-bit shadow, so the forward pass
+no optimizer bytes. Ternary codes are always derived from the stored 16-bit shadow, so the forward pass
 (packed) and the backward pass (shadow) see bit-identical quantized weights.
+
+A packed-only store (``StoreSettings.packed_only``, a frozen qat base) has the ``weights`` parts alone. Where
+something needs its projections' masters (exports, the in-memory reference) it gets the latent weights whose
+quantization gives back the stored codes and scale (``ternary.latent_weight``).
 """
 from __future__ import annotations
 

@@ -811,7 +811,8 @@ def export_from_store(store: BlockStore, out_dir: str, bitnet: bool = False, dty
       their own convention).
     * otherwise, full precision: ``LlamaForCausalLM`` for a Llama store; for a BitNet store
       ``BitNetForCausalLM`` with its latent weights and an ``online`` ``autobitlinear`` quantization_config
-      (transformers then quantizes on the fly, as this engine does). A Llama store in ``qat`` mode exports its
+      (transformers then quantizes on the fly, as this engine does; a packed-only store writes the latent weights
+      of its codes, ``ternary.latent_weight``, which quantize back to them). A Llama store in ``qat`` mode exports its
       latent (shadow) weights as they are: the trained model is their ternary quantization, which
       ``LlamaForCausalLM`` does not apply, so its outputs differ (a note says so).
 

@@ -10,3 +10,20 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError):
         return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
     return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a Unix tool cut off by `| head`
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``... | head``): stop without an error message, as Unix tools do.
+    stdout is pointed at /dev/null so that the interpreter's final flush does not complain either."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_BROKEN_PIPE

@@ -13,6 +13,12 @@ def test_create_info_verify_export_merge(tmp_path, capsys):
     assert main(["create", store, "--size", "demo", "--arch", "llama"]) == 0
     capsys.readouterr()
     assert main(["info", store]) == 0
+    summary = capsys.readouterr().out
+    assert "step:       0" in summary and "mode:       full; master weights fp16, optimizer state fp32" in summary
+    assert " KiB" in summary or " MiB" in summary  # sizes for people, not byte counts
+    assert "tokenizer:  none of its own; the built-in byte tokenizer fits its 260-token vocabulary" in summary
+    assert "chat template: no" in summary
+    assert main(["info", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 0 and info["settings"]["mode"] == "full" and info["parameters"] > 0
     assert main(["verify", store]) == 0

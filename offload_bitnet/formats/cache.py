@@ -9,7 +9,7 @@ same name gets a new import, and the user is told. Layout::
     CACHE/<name>-<digest>/            a finished store; <digest> covers the path, the identity and the settings
     CACHE/<name>-<digest>/import_source.json    what was imported, when, and its identity
     CACHE/.staging/                   imports in progress (renamed into place when finished)
-    CACHE/.locks/<name>-<digest>.lock held (flock) while an import of that entry runs
+    CACHE/.locks/<name>-<digest>.lock exists (and is flocked) while an import of that entry runs
 
 Two processes importing the same source at once: the second waits on the lock, then uses the first's import.
 """
@@ -133,8 +133,9 @@ def _earlier_imports(root: str, src: str, keep: str) -> list[tuple[str, dict]]:
 
 
 class _EntryLock:
-    """An exclusive flock on ``CACHE/.locks/<entry>.lock`` (lock files are left in place: removing one that
-    another process has open would let two processes hold "the" lock)."""
+    """An exclusive flock on ``CACHE/.locks/<entry>.lock``. The holder deletes the file before unlocking, so
+    none is left behind; a process that locked a file which was deleted meanwhile sees that the path no
+    longer names its file and tries again (so two processes never both hold the lock)."""
 
     def __init__(self, root: str, name: str):
         os.makedirs(os.path.join(root, LOCKS), exist_ok=True)
@@ -142,21 +143,33 @@ class _EntryLock:
         self.handle = None
 
     def acquire(self, blocking: bool = True, on_wait=None) -> bool:
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not blocking:
-                self.handle.close()
-                self.handle = None
-                return False
-            if on_wait:
-                on_wait()
-            fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return True
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    handle.close()
+                    return False
+                if on_wait:
+                    on_wait()
+                    on_wait = None
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.handle = handle
+                return True
+            handle.close()  # its holder deleted it while we waited: lock the new one
 
     def release(self):
         if self.handle is not None:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None

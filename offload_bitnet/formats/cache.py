@@ -121,7 +121,7 @@ def _changes(old: dict, new: dict) -> str:
 
 
 def _earlier_imports(root: str, src: str, keep: str) -> list[tuple[str, dict]]:
-    """Cache entries of the same source path other than ``keep``."""
+    """Cache entries of the same source path other than ``keep``, oldest first."""
     found = []
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
@@ -129,7 +129,7 @@ def _earlier_imports(root: str, src: str, keep: str) -> list[tuple[str, dict]]:
             record = read_record(entry) if not name.startswith(".") else None
             if record and record.get("source") == os.path.abspath(src) and entry != keep:
                 found.append((entry, record))
-    return found
+    return sorted(found, key=lambda item: os.stat(os.path.join(item[0], SOURCE_RECORD)).st_mtime_ns)
 
 
 class _EntryLock:

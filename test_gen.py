@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     args = None
     try:
         args = parse_args(argv)
-        return run(args)
+        result = run(args)
+        return result
     except BrokenPipeError:  # `test_gen.py ... | head`: the reader has what it wanted
         return quiet_broken_pipe()
     except KeyboardInterrupt:
@@ -115,4 +116,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from offload_bitnet.errors import pipe_safe
+
+    sys.exit(pipe_safe(main)())

@@ -11,7 +11,7 @@ import json
 import sys
 
 from .config import SIZES
-from .errors import describe_error
+from .errors import describe_error, pipe_safe, quiet_broken_pipe
 from .progress import Progress
 
 
@@ -275,9 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pipe_safe
 def main(argv=None) -> int:
-    from .errors import quiet_broken_pipe
-
     try:
         args = build_parser().parse_args(argv)
         result = args.run(args)

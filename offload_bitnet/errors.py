@@ -27,3 +27,29 @@ def quiet_broken_pipe() -> int:
     except (OSError, ValueError, AttributeError):
         pass
     return EXIT_BROKEN_PIPE
+
+
+def pipe_safe(main):
+    """Wrap a script's ``main`` so that a closed stdout (``... | head``) ends it quietly: stdout is flushed
+    before returning (also after argparse's --help, which exits through SystemExit), so the error cannot
+    surface at interpreter exit as "Exception ignored ... BrokenPipeError". ``main`` itself should return
+    ``quiet_broken_pipe()`` on a BrokenPipeError raised while it runs."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            result = main(*args, **kwargs)
+        except SystemExit:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                return quiet_broken_pipe()
+            raise
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return quiet_broken_pipe()
+        return result
+    return wrapper

@@ -40,6 +40,7 @@ import torch
 from . import data as datalib
 from .config import ConfigError, config_for_size
 from .engine import EngineOptions, StreamingEngine
+from .errors import pipe_safe, quiet_broken_pipe
 from .lora import LoRAConfig
 from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
@@ -1001,6 +1002,7 @@ def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int
         engine.close()
 
 
+@pipe_safe
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``finetune.py``: parse the command line, run, and turn errors into one clear paragraph."""
     if argv is None:
@@ -1010,12 +1012,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     config = None
     try:
         config = parse_args(argv)
-        return run(config, argv, prog)
+        result = run(config, argv, prog)
+        return result
     except SystemExit as exit_:  # argparse: usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     except BrokenPipeError:  # `finetune.py ... | head`: the reader is gone; the store keeps its last commit
-        from .errors import quiet_broken_pipe
-
         return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("\naborted; the store keeps its last committed step. Re-run the same command to resume.",

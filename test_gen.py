@@ -24,12 +24,16 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
+def _help_formatter():
+    from offload_bitnet.cli import DefaultsHelpFormatter
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+    return HelpFormatter
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
     parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")

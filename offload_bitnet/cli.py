@@ -180,6 +180,15 @@ def _delegate(module_name: str, function: str):
     return run
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, left out where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_storage_options(parser: argparse.ArgumentParser):
     parser.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                         help="dtype of the master weights")
@@ -187,7 +196,7 @@ def _add_storage_options(parser: argparse.ArgumentParser):
                         help="AdamW moments: fp32, bf16, or int8 (8-bit blockwise)")
 
 
-TOKENIZER_HELP = ("tokenizer to store with the model (replacing the source's): a folder with tokenizer.json or "
+TOKENIZER_HELP = ("tokenizer to store with the model: a folder with tokenizer.json or "
                   "tokenizer.model, one of those files, a .gguf file, a store, or 'byte'")
 
 
@@ -201,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         """A sub-command whose --help starts with what it does and shows every default."""
         return commands.add_parser(name, help=summary, description=summary + (". " + description if description
                                                                                  else ""),
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
 
     create = command("create", "create a blank (random) model store of a named size",
                      "Written block by block, so memory stays at about one block whatever the size.")
@@ -221,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out", help="folder of the new store")
     imp.add_argument("--mode", choices=["qat", "full"], help="store mode (none: qat for BitNet sources, "
                      "full otherwise)")
-    imp.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (none: the source's own)")
+    imp.add_argument("--tokenizer", metavar="PATH",
+                     help=TOKENIZER_HELP + " (none: the source's own, which this replaces)")
     _add_storage_options(imp)
     imp.set_defaults(run=_import)
 
@@ -264,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_commands.add_parser("list", help="every cached import: size, age, source, whether the source changed",
                               description="Every cached import: size, age, source, and whether the source changed "
-                                          "since (stale).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          "since (stale).", formatter_class=DefaultsHelpFormatter)
     clear = cache_commands.add_parser("clear", help="remove cached imports",
                                       description="Remove cached imports (all, or those selected by the options). "
                                                   "An import in progress is kept.",
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      formatter_class=DefaultsHelpFormatter)
     clear.add_argument("--older-than", metavar="DURATION", help="only imports older than this: 30m, 12h, 7d, 2w")
     clear.add_argument("--stale", action="store_true", help="only imports whose source changed or is gone")
     cache.set_defaults(run=_cache)

@@ -155,6 +155,8 @@ def clear_run(paths: RunPaths):
             shutil.rmtree(folder)
     if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
         shutil.rmtree(paths.store_dir)
+    elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
+        shutil.rmtree(os.path.join(paths.run_dir, "store"))  # a LoRA base copy made before runs shared the cache
 
 
 def training_kind(config: RunConfig) -> str:
@@ -1012,8 +1014,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     config = None
     try:
         config = parse_args(argv)
-        result = run(config, argv, prog)
-        return result
+        return run(config, argv, prog)
     except SystemExit as exit_:  # argparse: usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     except BrokenPipeError:  # `finetune.py ... | head`: the reader is gone; the store keeps its last commit

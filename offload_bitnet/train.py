@@ -229,6 +229,10 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
             from .formats import import_model
 
             import_model(config.model, paths.store_dir, import_settings(config), progress=True)
+        if config.tokenizer:  # the run's own copy carries the tokenizer it is trained with (test_gen, exports)
+            from .formats.tokenizers import install_tokenizer
+
+            install_tokenizer(paths.store_dir, config.tokenizer)
     if not recorded or config.restart:
         write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,
                                     "training": training_kind(config),

@@ -143,8 +143,10 @@ def info_lines(store) -> list[str]:
     return [
         f"{store.path}",
         f"  model:      {config.arch}, {config.param_count():,} parameters; {shape}",
-        f"  step:       {store.step}" + (" (as created or imported)" if store.step == 0 else " (training steps committed)"),
-        f"  mode:       {settings.mode}; master weights {settings.shadow_dtype}, optimizer state {settings.state_dtype}",
+        f"  step:       {store.step}" + (" (as created or imported)" if store.step == 0 else
+                                           " (training steps committed)"),
+        f"  mode:       {settings.mode}; master weights {settings.shadow_dtype}, "
+        f"optimizer state {settings.state_dtype}",
         f"  on disk:    {human(sum(sizes.values()))} ({parts})",
         f"  source:     {origin}",
         f"  tokenizer:  {tokens}",

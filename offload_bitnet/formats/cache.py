@@ -114,9 +114,9 @@ def _changes(old: dict, new: dict) -> str:
         elif after is None:
             notes.append(f"{name} is gone")
         elif before != after:
-            what = [key for key in ("size", "mtime_ns", "sha256") if before.get(key) != after.get(key)]
-            notes.append(f"{name}: {', '.join({'mtime_ns': 'modified time', 'sha256': 'content'}.get(k, k) for k in what)}"
-                         " changed")
+            words = {"size": "size", "mtime_ns": "modified time", "sha256": "content"}
+            what = [words[key] for key in words if before.get(key) != after.get(key)]
+            notes.append(f"{name}: {', '.join(what)} changed")
     return "; ".join(notes[:4]) + ("; ..." if len(notes) > 4 else "") or "settings differ"
 
 
@@ -271,8 +271,8 @@ def format_entries(entries: list[dict]) -> list[str]:
         return [f"the import cache {cache_root()} is empty"]
     lines = [f"import cache {cache_root()}:"]
     for entry in entries:
-        lines.append(f"  {os.path.basename(entry['path'])}  {human(entry['bytes'])}  imported {_age(entry['age_seconds'])}"
-                     f" ago  {entry['status']}")
+        age = _age(entry["age_seconds"])
+        lines.append(f"  {os.path.basename(entry['path'])}  {human(entry['bytes'])}  imported {age} ago  {entry['status']}")
         lines.append(f"      from {entry['source'] or '?'}")
     total = sum(entry["bytes"] for entry in entries)
     lines.append(f"{len(entries)} import(s), {human(total)} in all")

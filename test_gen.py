@@ -24,23 +24,35 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+def _help_formatter():
+    from offload_bitnet.cli import DefaultsHelpFormatter
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+    return HelpFormatter
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
-    parser.add_argument("device", nargs="?", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="format each prompt as a user message with the "
                         "model's chat template and stop at its end-of-turn token")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
-                        help="bytes of weights kept in memory (default 2G); larger models stream from disk every token")
+                        help="bytes of weights kept in memory; larger models stream from disk every token")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="the tokenizer to use instead of the model's own (needed when the model carries none): "
+                             "a folder with tokenizer.json or tokenizer.model, one of those files, a .gguf file, "
+                             "a store, or 'byte' for the built-in byte tokenizer")
     return parser.parse_args(argv)
 
 
@@ -48,7 +60,7 @@ def run(args) -> int:
     from offload_bitnet.formats import ensure_store
     from offload_bitnet.generate import Generator, SamplingOptions, TextStreamer, decode_continuation
     from offload_bitnet.store import BlockStore
-    from offload_bitnet.tokenizer import load_tokenizer
+    from offload_bitnet.formats.tokenizers import open_tokenizer
 
     if not args.prompt:
         raise ValueError("give at least one --prompt")
@@ -56,7 +68,7 @@ def run(args) -> int:
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     options.validate()  # before an import that may take minutes
     store = BlockStore(ensure_store(args.model, progress=True))
-    tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
+    tokenizer = open_tokenizer(store.path, store.extra.get("tokenizer"), args.tokenizer)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -88,20 +100,26 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from offload_bitnet.errors import describe_error
+    from offload_bitnet.errors import describe_error, quiet_broken_pipe
 
-    args = parse_args(argv)
+    args = None
     try:
-        return run(args)
+        args = parse_args(argv)
+        result = run(args)
+        return result
+    except BrokenPipeError:  # `test_gen.py ... | head`: the reader has what it wanted
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - one readable paragraph; the messages name the file and the fix
-        if args.debug:
+        if args is not None and args.debug:
             raise
         print(f"error: {describe_error(error)}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from offload_bitnet.errors import pipe_safe
+
+    sys.exit(pipe_safe(main)())

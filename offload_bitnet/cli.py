@@ -11,16 +11,38 @@ import json
 import sys
 
 from .config import SIZES
-from .errors import describe_error
+from .errors import describe_error, pipe_safe, quiet_broken_pipe
 from .progress import Progress
 
 
 def _create(args):
     from .create import create_model
 
+    if args.tokenizer:  # a bad tokenizer path fails before minutes of writing, not after
+        from .formats.tokenizers import tokenizer_source
+
+        if args.tokenizer != "byte":
+            tokenizer_source(args.tokenizer)
     path = create_model(args.out, size=args.size, arch=args.arch, mode=args.mode, shadow_dtype=args.shadow_dtype,
                         state_dtype=args.state_dtype, seed=args.seed, progress=True, packed_only=args.packed_only)
+    _attach_tokenizer(path, args.tokenizer)
     print(f"created {args.size} {args.arch} model at {path}")
+
+
+def _attach_tokenizer(path: str, tokenizer: str | None):
+    """--tokenizer of create/import: copy it into the new store (removed again if it does not fit the model)."""
+    if not tokenizer:
+        return
+    from .formats.tokenizers import install_tokenizer
+
+    try:
+        description = install_tokenizer(path, tokenizer)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)  # the store was made by this command: leave nothing half-done
+        raise
+    print(f"stored the {description['kind']} tokenizer of {tokenizer} in {path}")
 
 
 def _import(args):
@@ -31,7 +53,12 @@ def _import(args):
     if args.mode or args.packed_only:
         settings = StoreSettings(mode=args.mode or "qat", shadow_dtype=args.shadow_dtype,
                                  state_dtype=args.state_dtype, packed_only=args.packed_only)
+    if args.tokenizer and args.tokenizer != "byte":
+        from .formats.tokenizers import tokenizer_source
+
+        tokenizer_source(args.tokenizer)
     path = import_model(args.src, args.out, settings, progress=True)
+    _attach_tokenizer(path, args.tokenizer)
     print(f"imported {args.src} into {path}")
 
 
@@ -70,11 +97,84 @@ def _info(args):
     store = BlockStore(args.store)
     config = store.config
     sizes = store.disk_bytes()
-    print(json.dumps({
-        "path": store.path, "step": store.step, "settings": store.settings.__dict__,
-        "parameters": config.param_count(), "config": config.to_dict(),
-        "bytes_on_disk": sizes, "source": store.extra.get("source", {}).get("format", "created"),
-    }, indent=1))
+    if args.json:
+        print(json.dumps({
+            "path": store.path, "step": store.step, "settings": store.settings.__dict__,
+            "parameters": config.param_count(), "config": config.to_dict(),
+            "bytes_on_disk": sizes, "source": store.extra.get("source", {}).get("format", "created"),
+            "tokenizer": store.extra.get("tokenizer") or {"kind": "byte"},
+        }, indent=1))
+        return 0
+    for line in info_lines(store):
+        print(line)
+    return 0
+
+
+def info_lines(store) -> list[str]:
+    """A readable summary of a store for ``offload-bitnet info``."""
+    import os
+
+    from .sizing import human
+    from .tokenizer import TokenizerError, load_tokenizer
+
+    config, settings, sizes = store.config, store.settings, store.disk_bytes()
+    source = store.extra.get("source", {})
+    origin = source.get("format") or "created"
+    origin += f" ({source['path']})" if source.get("path") else ""
+    origin = store.extra.get("created_from", origin) if origin == "created" else origin
+    description = store.extra.get("tokenizer") or {}
+    kind = description.get("kind", "byte")
+    template = "unknown"
+    try:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # the byte-fallback warning belongs to generation
+            tokenizer = load_tokenizer(store.path, description)
+        tokens = f"{kind}, {tokenizer.vocab_size:,} tokens" if description else \
+            f"none of its own; the built-in byte tokenizer fits its {config.vocab_size}-token vocabulary"
+        template = "yes" if tokenizer.chat_template else "no"
+    except (TokenizerError, OSError, ValueError) as error:
+        tokens = f"{kind}: cannot be used ({str(error).split(':')[0]})" if description else \
+            f"none (the model's {config.vocab_size:,}-token vocabulary needs --tokenizer PATH)"
+    shape = (f"{config.n_layers} blocks, dim {config.dim}, {config.n_heads} heads ({config.n_kv_heads} KV), "
+             f"FFN {config.hidden_dim}, vocab {config.vocab_size:,}, "
+             f"{'tied' if config.tie_embeddings else 'untied'} embeddings")
+    parts = ", ".join(f"{name} {human(size)}" for name, size in sizes.items() if size)
+    return [
+        f"{store.path}",
+        f"  model:      {config.arch}, {config.param_count():,} parameters; {shape}",
+        f"  step:       {store.step}" + (" (as created or imported)" if store.step == 0 else
+                                           " (training steps committed)"),
+        f"  mode:       {settings.mode}; packed-only (a frozen ternary base: no master weights or optimizer "
+        "state; LoRA and generation)" if settings.packed_only else
+        f"  mode:       {settings.mode}; master weights {settings.shadow_dtype}, "
+        f"optimizer state {settings.state_dtype}",
+        f"  on disk:    {human(sum(sizes.values()))} ({parts})",
+        f"  source:     {origin}",
+        f"  tokenizer:  {tokens}",
+        f"  chat template: {template}",
+        f"  (offload-bitnet info {os.path.relpath(store.path)} --json prints every field)",
+    ]
+
+
+def _cache(args):
+    from .formats import cache
+
+    if args.cache_command == "list":
+        for line in cache.format_entries(cache.list_entries()):
+            print(line)
+        return 0
+    older = cache.parse_duration(args.older_than) if args.older_than else None
+    removed, busy = cache.clear_entries(older, stale_only=args.stale)
+    from .sizing import human
+
+    for entry in removed:
+        print(f"removed {entry['path']} ({human(entry['bytes'])}, from {entry['source'] or '?'})")
+    for entry in busy:
+        print(f"kept {entry['path']}: another process is importing into it right now")
+    print(f"freed {human(sum(e['bytes'] for e in removed))} in {cache.cache_root()}")
+    return 0
 
 
 def _delegate(module_name: str, function: str):
@@ -85,73 +185,122 @@ def _delegate(module_name: str, function: str):
     return run
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, left out where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_storage_options(parser: argparse.ArgumentParser):
     parser.add_argument("--shadow-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
-                        help="dtype of the master weights (default fp16)")
+                        help="dtype of the master weights")
     parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                        help="AdamW moments: fp32 (default), bf16, or int8 (8-bit blockwise)")
+                        help="AdamW moments: fp32, bf16, or int8 (8-bit blockwise)")
     parser.add_argument("--packed-only", action="store_true",
                         help="a frozen ternary base (qat): packed 2-bit projections, norms, embedding and head, no "
                              "shadow weights or moments; for LoRA and generation (the default when importing a "
                              "packed BitNet checkpoint)")
 
 
+TOKENIZER_HELP = ("tokenizer to store with the model: a folder with tokenizer.json or "
+                  "tokenizer.model, one of those files, a .gguf file, a store, or 'byte'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-bitnet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="offload-bitnet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    create = commands.add_parser("create", help="create a blank (random) model store of a named size")
-    create.add_argument("out")
-    create.add_argument("--size", default="demo", choices=list(SIZES))
-    create.add_argument("--arch", default="bitnet", choices=["bitnet", "llama"])
-    create.add_argument("--mode", choices=["qat", "full"], help="default: qat for bitnet, full for llama")
-    create.add_argument("--seed", type=int, default=0)
+    def command(name: str, summary: str, description: str = ""):
+        """A sub-command whose --help starts with what it does and shows every default."""
+        return commands.add_parser(name, help=summary, description=summary + (". " + description if description
+                                                                                 else ""),
+                                   formatter_class=DefaultsHelpFormatter)
+
+    create = command("create", "create a blank (random) model store of a named size",
+                     "Written block by block, so memory stays at about one block whatever the size.")
+    create.add_argument("out", help="folder of the new store")
+    create.add_argument("--size", default="demo", choices=list(SIZES), help="named size")
+    create.add_argument("--arch", default="bitnet", choices=["bitnet", "llama"], help="architecture")
+    create.add_argument("--mode", choices=["qat", "full"], help="store mode (none: qat for bitnet, full for llama)")
+    create.add_argument("--seed", type=int, default=0, help="seed of the random initialization")
+    create.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (none: the byte tokenizer, "
+                        "which only fits the 260-token vocabulary of demo and tiny)")
     _add_storage_options(create)
     create.set_defaults(run=_create)
 
-    imp = commands.add_parser("import", help="import a HF / Meta / GGUF model into a store")
-    imp.add_argument("src")
-    imp.add_argument("out")
-    imp.add_argument("--mode", choices=["qat", "full"], help="default: qat for BitNet sources, full otherwise")
+    imp = command("import", "import a HF / Meta / GGUF model into a store",
+                  "Streams tensor by tensor; the source is left untouched.")
+    imp.add_argument("src", help="Hugging Face folder, Meta folder or .gguf file")
+    imp.add_argument("out", help="folder of the new store")
+    imp.add_argument("--mode", choices=["qat", "full"], help="store mode (none: qat for BitNet sources, "
+                     "full otherwise)")
+    imp.add_argument("--tokenizer", metavar="PATH",
+                     help=TOKENIZER_HELP + " (none: the source's own, which this replaces)")
     _add_storage_options(imp)
     imp.set_defaults(run=_import)
 
-    exp = commands.add_parser("export", help="export a store (source format, hf, hf-bitnet, meta)")
-    exp.add_argument("store")
-    exp.add_argument("out")
-    exp.add_argument("--format", default="source", choices=["source", "hf", "hf-bitnet", "meta"])
+    exp = command("export", "export a store (source format, hf, hf-bitnet, meta)")
+    exp.add_argument("store", help="store folder")
+    exp.add_argument("out", help="output folder")
+    exp.add_argument("--format", default="source", choices=["source", "hf", "hf-bitnet", "meta"],
+                     help="source: the format it was imported from; hf: LlamaForCausalLM (BitNetForCausalLM for a "
+                          "BitNet store); hf-bitnet: packed BitNetForCausalLM")
     exp.set_defaults(run=_export)
 
-    merge = commands.add_parser("merge", help="fold LoRA adapters into a new 16-bit store")
-    merge.add_argument("store")
-    merge.add_argument("adapter_dir")
-    merge.add_argument("out")
-    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: the base's 16-bit dtype")
+    merge = command("merge", "fold LoRA adapters into a new 16-bit store")
+    merge.add_argument("store", help="the base store the adapters were trained on")
+    merge.add_argument("adapter_dir", help="the adapter folder (RUN_DIR/adapter)")
+    merge.add_argument("out", help="folder of the merged store")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="dtype of the merged weights "
+                       "(none: the base's 16-bit dtype)")
     merge.set_defaults(run=_merge)
 
-    verify = commands.add_parser("verify", help="check every file of a store against its checksum")
-    verify.add_argument("store")
+    verify = command("verify", "check every file of a store against its checksum")
+    verify.add_argument("store", help="store folder")
     verify.set_defaults(run=_verify)
 
-    info = commands.add_parser("info", help="print a store's config, step and size on disk")
-    info.add_argument("store")
+    info = command("info", "print a store's model, step, mode, dtypes, size on disk and tokenizer")
+    info.add_argument("store", help="store folder")
+    info.add_argument("--json", action="store_true", help="print every field as JSON (sizes in bytes)")
     info.set_defaults(run=_info)
 
-    status = commands.add_parser("status", help="a run's step, loss, ETA and lock holder")
-    status.add_argument("run_dir")
+    status = command("status", "a run's step, loss, ETA and lock holder")
+    status.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     status.set_defaults(run=_delegate("metrics", "print_status"))
 
-    plot = commands.add_parser("plot", help="write the train/validation loss PNG of a run")
-    plot.add_argument("run_dir")
+    plot = command("plot", "write the train/validation loss PNG of a run")
+    plot.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     plot.set_defaults(run=_delegate("metrics", "plot_run"))
+
+    cache = command("cache", "list or clear the import cache",
+                    "Models given by path to finetune.py, test_gen.py and open_model are imported once into "
+                    "~/.cache/offload_bitnet (or $OFFLOAD_BITNET_CACHE) and reused while the source is unchanged.")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    cache_commands.add_parser("list", help="every cached import: size, age, source, whether the source changed",
+                              description="Every cached import: size, age, source, and whether the source changed "
+                                          "since (stale).", formatter_class=DefaultsHelpFormatter)
+    clear = cache_commands.add_parser("clear", help="remove cached imports",
+                                      description="Remove cached imports (all, or those selected by the options). "
+                                                  "An import in progress is kept.",
+                                      formatter_class=DefaultsHelpFormatter)
+    clear.add_argument("--older-than", metavar="DURATION", help="only imports older than this: 30m, 12h, 7d, 2w")
+    clear.add_argument("--stale", action="store_true", help="only imports whose source changed or is gone")
+    cache.set_defaults(run=_cache)
     return parser
 
 
+@pipe_safe
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         result = args.run(args)
+    except BrokenPipeError:  # `offload-bitnet ... | head`: the reader has what it wanted
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

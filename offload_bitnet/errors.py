@@ -10,3 +10,46 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError):
         return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
     return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a Unix tool cut off by `| head`
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``... | head``): stop without an error message, as Unix tools do.
+    stdout is pointed at /dev/null so that the interpreter's final flush does not complain either."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def pipe_safe(main):
+    """Wrap a script's ``main`` so that a closed stdout (``... | head``) ends it quietly: stdout is flushed
+    before returning (also after argparse's --help, which exits through SystemExit), so the error cannot
+    surface at interpreter exit as "Exception ignored ... BrokenPipeError". ``main`` itself should return
+    ``quiet_broken_pipe()`` on a BrokenPipeError raised while it runs."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            result = main(*args, **kwargs)
+        except SystemExit:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                return quiet_broken_pipe()
+            raise
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return quiet_broken_pipe()
+        return result
+    return wrapper

@@ -24,7 +24,7 @@ DEMO_EXPERIMENT = "demo"
 # The demo's recipe: a byte-level model from random init learns byte statistics in ~150 steps on 2 CPU cores.
 DEMO_DEFAULTS = {"num_train_iters": 150, "lr": 3e-3, "max_seq_len": 128, "batch_size": 8, "eval_every": 25,
                  "val_fraction": 0.1}
-PATH_FIELDS = ("model", "data", "val_data", "runs_dir", "export_path")
+PATH_FIELDS = ("model", "data", "val_data", "runs_dir", "export_path", "tokenizer")
 
 
 class RunConfigError(ValueError):
@@ -47,6 +47,9 @@ class RunConfig:
     model: str | None = opt(None, "store or importable model (HF folder, Meta folder, .gguf); "
                                   "none: create a small BitNet demo model", kind="str")
     size: str = opt("demo", "size of the model created when no MODEL is given", kind="str")
+    tokenizer: str | None = opt(None, "tokenizer to use instead of the model's own (needed when the model carries "
+                                      "none): a folder with tokenizer.json or tokenizer.model, one of those files, "
+                                      "a .gguf file, a store, or 'byte' for the built-in byte tokenizer", kind="str")
     experiment: str | None = opt(None, "run name: outputs go to RUNS_DIR/EXPERIMENT "
                                        "(default: 'demo', or the model's folder name)", kind="str")
     runs_dir: str = opt("runs", "folder holding one subfolder per run", kind="str")
@@ -468,7 +471,7 @@ def load_toml(path: str) -> dict:
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
             raise RunConfigError(f"invalid run configuration: {path}: unknown key {key!r}{hint}")
         value = _check_type(name, value, path)
-        if name in PATH_FIELDS and value is not None:
+        if name in PATH_FIELDS and value is not None and not (name == "tokenizer" and value == "byte"):
             value = [_resolve(base, v) for v in value] if isinstance(value, list) else _resolve(base, value)
         values[name] = value
     return values
@@ -508,4 +511,6 @@ def resume_fingerprint(config: RunConfig) -> dict:
                           "targets": list(config.lora_target_list)}
     values["data"] = [os.path.abspath(p) for p in config.data]
     values["val_data"] = [os.path.abspath(p) for p in config.val_data]
+    if config.tokenizer:  # only when given, so that runs started before the option resume unchanged
+        values["tokenizer"] = config.tokenizer if config.tokenizer == "byte" else os.path.abspath(config.tokenizer)
     return values

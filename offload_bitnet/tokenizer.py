@@ -23,6 +23,7 @@ import json
 import os
 import re
 import struct
+import sys
 from datetime import datetime
 
 TOKENIZER_DIR = "tokenizer"
@@ -469,7 +470,11 @@ def load_gguf(directory: str, description: dict, defaults: dict) -> BaseTokenize
     path = os.path.join(directory, description.get("file", "gguf_tokenizer.json"))
     if not os.path.isfile(path):
         raise TokenizerError(f"{path} is missing; re-import the model from its GGUF file")
-    data = _read_json(path)
+    return gguf_tokenizer(_read_json(path), description, defaults, path)
+
+
+def gguf_tokenizer(data: dict, description: dict, defaults: dict, path: str) -> BaseTokenizer:
+    """The tokenizer of GGUF ``tokenizer.ggml.*`` metadata (``data``, read from ``path``)."""
     model = data.get("model")
     if "tokens" not in data:
         raise TokenizerError(f"{path} has no vocabulary (tokenizer.ggml.tokens); the GGUF file carried none")
@@ -565,11 +570,13 @@ def _store_defaults(store_path: str) -> dict:
 
 
 def load_tokenizer(store_path: str, description: dict | None):
-    """The tokenizer a store describes (``manifest["extra"]["tokenizer"]``); the byte tokenizer when it names none."""
+    """The tokenizer a store describes (``manifest["extra"]["tokenizer"]``). A store that names none gets the
+    byte tokenizer, with a warning on stderr, if its vocabulary is the byte tokenizer's; otherwise it is
+    refused (TokenizerError saying how to pass the model's tokenizer)."""
     description = dict(description or {})
     kind = description.get("kind", "byte")
     if kind == "byte":
-        return ByteTokenizer()
+        return byte_fallback(store_path, _store_defaults(store_path).get("vocab_size"))
     loader = LOADERS.get(kind)
     if loader is None:
         raise TokenizerError(f"store {store_path} names tokenizer kind {kind!r}, which this version cannot load "
@@ -578,11 +585,44 @@ def load_tokenizer(store_path: str, description: dict | None):
     if not os.path.isdir(directory):
         raise TokenizerError(f"store {store_path} says it has a {kind} tokenizer, but {directory} is missing; "
                              "re-import the model")
+    return load_tokenizer_files(directory, description, store_path)
+
+
+def load_tokenizer_files(directory: str, description: dict, store_path: str) -> BaseTokenizer:
+    """A tokenizer of kind ``description["kind"]`` from the files in ``directory``, checked against the model
+    of ``store_path`` (its ids must fit the embedding)."""
     defaults = _store_defaults(store_path)
     model_vocab = defaults.pop("vocab_size", None)
-    tokenizer = loader(directory, description, defaults)
+    tokenizer = LOADERS[description["kind"]](directory, description, defaults)
+    check_fits(tokenizer, model_vocab, directory, store_path)
+    return tokenizer
+
+
+def check_fits(tokenizer: BaseTokenizer, model_vocab: int | None, where: str, store_path: str):
+    """Refuse a tokenizer with more ids than the model has embedding rows."""
     if model_vocab and tokenizer.vocab_size > model_vocab:
-        raise TokenizerError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model in "
+        raise TokenizerError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but the model in "
                              f"{store_path} has only {model_vocab} embedding rows: they do not belong together. "
                              "Re-import the model with its own tokenizer.")
-    return tokenizer
+
+
+TOKENIZER_OPTION = ("--tokenizer PATH (a folder with tokenizer.json or tokenizer.model, one of those files, a "
+                    ".gguf file or a store whose tokenizer to use)")
+
+
+def byte_fallback(store_path: str, model_vocab: int | None, explicit: bool = False) -> ByteTokenizer:
+    """The byte tokenizer for a model that has no tokenizer of its own, said loudly on stderr. Refused (unless
+    ``explicit``: ``--tokenizer byte``) when the model's vocabulary is not the byte tokenizer's: its ids would
+    mean something else to the model, and generation would print garbage."""
+    size = ByteTokenizer.vocab_size
+    if not explicit and model_vocab is not None and model_vocab != size:
+        raise TokenizerError(
+            f"the model in {store_path} carries no tokenizer, and its {model_vocab}-token vocabulary does not fit "
+            f"the built-in byte tokenizer ({size} ids): text encoded with it would be garbage to the model. Give the "
+            f"model's own tokenizer with {TOKENIZER_OPTION}, or store it with the model once: offload-bitnet import "
+            "SRC OUT --tokenizer PATH (offload-bitnet create ... --tokenizer PATH for a blank model). "
+            "--tokenizer byte uses the byte tokenizer anyway.")
+    reason = "as asked (--tokenizer byte)" if explicit else "it has no tokenizer of its own"
+    print(f"warning: using the built-in byte tokenizer (UTF-8 bytes as ids 0-255; BOS, EOS, PAD 256-258) for "
+          f"{store_path}: {reason}; --tokenizer PATH gives another", file=sys.stderr, flush=True)
+    return ByteTokenizer()

@@ -40,6 +40,7 @@ import torch
 from . import data as datalib
 from .config import ConfigError, config_for_size
 from .engine import EngineOptions, StreamingEngine
+from .errors import pipe_safe, quiet_broken_pipe
 from .lora import LoRAConfig
 from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
@@ -83,7 +84,8 @@ class RunPaths:
 
     run_dir: str
     store_dir: str
-    origin: str            # "demo" (created here), "import" (imported here) or "store" (trained in place)
+    origin: str            # "demo" (created here), "import" (imported here), "store" (trained in place) or
+                           # "cache" (a LoRA base: the shared cached import, only read)
 
     @property
     def metrics(self) -> str:
@@ -123,6 +125,10 @@ def resolve_paths(config: RunConfig) -> RunPaths:
 
     if detect_format(config.model) == "store":  # raises a clear ValueError for anything unreadable
         return RunPaths(run_dir, os.path.abspath(config.model), "store")
+    if config.is_lora:  # LoRA only reads its base: share the cached import instead of a copy per run
+        from .formats import default_store_dir
+
+        return RunPaths(run_dir, default_store_dir(config.model), "cache")
     return RunPaths(run_dir, os.path.join(run_dir, "store"), "import")
 
 
@@ -147,8 +153,10 @@ def clear_run(paths: RunPaths):
     for folder in (paths.adapter_dir, paths.merged_dir):
         if os.path.isdir(folder):
             shutil.rmtree(folder)
-    if paths.origin != "store" and os.path.isdir(paths.store_dir):
+    if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
         shutil.rmtree(paths.store_dir)
+    elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
+        shutil.rmtree(os.path.join(paths.run_dir, "store"))  # a LoRA base copy made before runs shared the cache
 
 
 def training_kind(config: RunConfig) -> str:
@@ -201,7 +209,11 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
         raise TrainError(f"the run folder {paths.run_dir} holds {was}; this command asks for "
                          f"{'LoRA' if config.is_lora else 'training the weights'}. Choose another name with "
                          "--experiment NAME, or pass --restart to replace that run.")
-    if paths.origin != "store" and not store_is_complete(paths.store_dir):
+    if paths.origin == "cache":
+        from .formats import ensure_store
+
+        paths.store_dir = ensure_store(config.model, progress=True)  # imports, or says it uses the cache
+    elif paths.origin != "store" and not store_is_complete(paths.store_dir):
         if os.path.exists(paths.store_dir):
             say(f"removing the unfinished store {paths.store_dir} (its creation or import was interrupted)")
             shutil.rmtree(paths.store_dir)
@@ -219,6 +231,10 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
                 raise TrainError(no_master_weights(f"{config.model} is a packed BitNet checkpoint"))
             say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
             import_model(config.model, paths.store_dir, import_settings(config), progress=True)
+        if config.tokenizer:  # the run's own copy carries the tokenizer it is trained with (test_gen, exports)
+            from .formats.tokenizers import install_tokenizer
+
+            install_tokenizer(paths.store_dir, config.tokenizer)
     if not recorded or config.restart:
         write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,
                                     "training": training_kind(config),
@@ -342,9 +358,9 @@ class Trainer:
         # Quantization warmup: each step says which mix of full-precision and ternary weights it trains.
         self.warmup = config.quant_warmup if self.store.settings.mode == "qat" and not self.lora else 0
         self.metrics = MetricsLog(paths.metrics)
-        from .tokenizer import load_tokenizer
+        from .formats.tokenizers import open_tokenizer
 
-        self.tokenizer = load_tokenizer(self.store.path, self.store.extra.get("tokenizer"))
+        self.tokenizer = open_tokenizer(self.store.path, self.store.extra.get("tokenizer"), config.tokenizer)
         self.pad_id = datalib.pad_value(self.tokenizer)
         self.dataset = load_data(config, self.tokenizer, self.store.config.vocab_size)
         self.lr = default_lr(config, self.store)
@@ -926,14 +942,14 @@ def plan_lines(config: RunConfig, model_config, settings: StoreSettings, disk: d
 
 def dry_run(config: RunConfig, paths: RunPaths) -> int:
     """Print the plan without creating, importing or training anything."""
-    from .tokenizer import load_tokenizer
+    from .formats.tokenizers import open_tokenizer
 
     if store_is_complete(paths.store_dir):
         store = BlockStore(paths.store_dir)
         if not config.is_lora:
             store.require_master_weights()  # a packed-only store: no plan for a run that would be refused
         model_config, settings, disk = store.config, store.settings, store.disk_bytes()
-        tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
+        tokenizer = open_tokenizer(store.path, store.extra.get("tokenizer"), config.tokenizer)
     elif paths.origin == "demo":
         model_config = config_for_size(config.size, "bitnet")
         settings = StoreSettings(mode=config.store_mode or "qat", state_dtype=config.state_dtype or "fp32")
@@ -999,6 +1015,7 @@ def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int
         engine.close()
 
 
+@pipe_safe
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``finetune.py``: parse the command line, run, and turn errors into one clear paragraph."""
     if argv is None:
@@ -1011,6 +1028,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return run(config, argv, prog)
     except SystemExit as exit_:  # argparse: usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except BrokenPipeError:  # `finetune.py ... | head`: the reader is gone; the store keeps its last commit
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("\naborted; the store keeps its last committed step. Re-run the same command to resume.",
               file=sys.stderr, flush=True)

@@ -312,6 +312,29 @@ def test_bitnet_qat_store_exports_packed_and_latent(tmp_path, tie):
             assert (model(ids).logits - ours).abs().max() <= ATOL, folder
 
 
+@needs_accelerate
+def test_a_16_bit_packed_export_loads_in_its_own_dtype(tmp_path):
+    """The default (fp16 shadow) store: config.json names the dtype its float tensors are written in, and
+    transformers loads it so (dtype="auto"). dtype=torch.float32 fails inside transformers (its
+    BitNetDeserialize leaves unpacked tensors uncast; README, "hf-bitnet and dtypes")."""
+    from safetensors import safe_open
+    from transformers import BitNetForCausalLM
+
+    store_path = create_model(str(tmp_path / "store"), size="demo", arch="bitnet", n_layers=2)
+    ids = torch.randint(0, 260, (1, 10), generator=torch.Generator().manual_seed(0))
+    ours = engine_logits(store_path, ids)
+    out = export_model(store_path, str(tmp_path / "packed"), format="hf-bitnet", progress=False)
+    config_json = json.loads((tmp_path / "packed" / "config.json").read_text())
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as handle:
+        float_dtypes = {str(handle.get_slice(k).get_dtype()) for k in handle.keys()} - {"U8"}
+    assert config_json["torch_dtype"] == "float16" and float_dtypes == {"F16"}
+    model = BitNetForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    with torch.no_grad():
+        theirs = model(ids).logits.float()
+    assert (theirs - ours).abs().max() <= 0.05 * ours.abs().max()  # fp16 arithmetic against our fp32
+
+
 def test_packed_export_of_a_llama_store_is_refused(tmp_path):
     store_path = create_model(str(tmp_path / "store"), size="demo", arch="llama", n_layers=1)
     with pytest.raises(ValueError, match="arch='bitnet'"):

@@ -86,9 +86,11 @@ def test_create_writes_only_the_forward_part_and_the_predicted_bytes(tmp_path, c
     assert sum(os.path.getsize(os.path.join(packed, "units", n)) for n in files) == predicted["units"]
     assert os.path.getsize(os.path.join(packed, "manifest.json")) <= predicted["manifest"]
 
-    assert cli(["info", packed]) == 0
+    assert cli(["info", packed, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["settings"]["packed_only"] is True and info["bytes_on_disk"] == on_disk
+    assert cli(["info", packed]) == 0
+    assert "packed-only" in capsys.readouterr().out
     assert cli(["verify", packed]) == 0
     assert "all files match" in capsys.readouterr().out
 

@@ -198,3 +198,14 @@ def test_every_option_is_documented():
     missing = [flag_of(f) for f in dataclasses.fields(RunConfig) if f.name != "model" and flag_of(f) not in text]
     assert not missing, f"README.md does not mention {missing}"
     assert "MODEL" in text
+
+
+def test_tokenizer_option_and_toml_key(tmp_path):
+    assert parse_args(["--tokenizer", "byte"]).tokenizer == "byte"
+    (tmp_path / "run.toml").write_text('tokenizer = "tok/tokenizer.json"\n')
+    config = parse_args(["--config", str(tmp_path / "run.toml")])
+    assert config.tokenizer == str(tmp_path / "tok" / "tokenizer.json")  # relative to the TOML file
+    (tmp_path / "byte.toml").write_text('tokenizer = "byte"\n')
+    assert parse_args(["--config", str(tmp_path / "byte.toml")]).tokenizer == "byte"  # a name, not a path
+    assert "tokenizer" not in resume_fingerprint(parse_args([]))  # runs from before the option resume as they were
+    assert resume_fingerprint(config)["tokenizer"] == config.tokenizer

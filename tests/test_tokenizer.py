@@ -244,3 +244,70 @@ def test_tiktoken_rank_file_as_meta_ships_it(tmp_path):
     reference = tiktoken.Encoding("llama3-test", pat_str=LLAMA3_SPLIT, mergeable_ranks=ranks, special_tokens={})
     for text in texts:
         assert tokenizer.encode(text, bos=False) == reference.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------- --tokenizer PATH
+def test_the_byte_fallback_is_refused_where_the_vocabulary_is_not_bytes_and_loud_where_it_is(tmp_path, capsys):
+    from offload_bitnet.create import create_model
+    from offload_bitnet.formats.tokenizers import open_tokenizer
+
+    blank = create_model(str(tmp_path / "blank"), size="demo", n_layers=1, vocab_size=1000)
+    with pytest.raises(TokenizerError, match=r"1000-token vocabulary does not fit the built-in byte tokenizer "
+                                             r"\(260 ids\).*--tokenizer PATH"):
+        load_tokenizer(blank, None)
+    assert isinstance(open_tokenizer(blank, None, "byte"), ByteTokenizer)  # asked for on purpose
+    assert "warning: using the built-in byte tokenizer" in capsys.readouterr().err
+    demo = create_model(str(tmp_path / "demo"), size="demo", n_layers=1)
+    assert isinstance(load_tokenizer(demo, None), ByteTokenizer)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: using the built-in byte tokenizer") and "has no tokenizer of its own" in err
+
+
+def test_tokenizer_option_reads_folders_files_gguf_metadata_and_stores(tmp_path, capsys):
+    from offload_bitnet.cli import main as cli
+    from offload_bitnet.create import create_model
+    from offload_bitnet.formats.gguf import write_tokenizer
+    from offload_bitnet.formats.tokenizers import open_tokenizer
+
+    data = gpt2_metadata()
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    build_gguf_bpe(data).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML}))
+    blank = create_model(str(tmp_path / "blank"), size="demo", n_layers=1, vocab_size=300)
+    expected = [data["tokens"].index("Ġthe")]
+    for path in (folder, folder / "tokenizer.json"):
+        tokenizer = open_tokenizer(blank, None, str(path))
+        assert tokenizer.encode(" the", bos=False) == expected and tokenizer.chat_template == CHATML
+    # GGUF metadata: a store carrying it, read as a store.
+    gguf_store = make_store(tmp_path, {})
+    write_tokenizer(gguf_store, data)
+    manifest = json.loads(open(os.path.join(gguf_store, "manifest.json")).read())
+    manifest["extra"] = {"tokenizer": {"kind": "gguf", "file": "gguf_tokenizer.json"}}
+    open(os.path.join(gguf_store, "manifest.json"), "w").write(json.dumps(manifest))
+    assert open_tokenizer(blank, None, gguf_store).encode(" the", bos=False) == expected
+    # A tokenizer with more ids than the model's embedding is refused.
+    small = create_model(str(tmp_path / "small"), size="demo", n_layers=1, vocab_size=100)
+    with pytest.raises(TokenizerError, match="265 tokens but the model .* has only 100 embedding rows"):
+        open_tokenizer(small, None, str(folder))
+    with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model"):
+        open_tokenizer(blank, None, str(tmp_path))
+
+    # import --tokenizer stores it: later opens need no option, and info shows it.
+    from offload_bitnet.formats import export_model
+    from offload_bitnet.store import BlockStore
+
+    hf_folder = export_model(blank, str(tmp_path / "blank-hf"), "hf", progress=False)
+    capsys.readouterr()
+    assert cli(["import", hf_folder, str(tmp_path / "with-tok"), "--tokenizer", str(folder)]) == 0
+    store = BlockStore(str(tmp_path / "with-tok"))
+    assert store.extra["tokenizer"]["kind"] == "hf"
+    assert load_tokenizer(store.path, store.extra["tokenizer"]).encode(" the", bos=False) == expected
+    assert cli(["info", store.path]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer:  hf, 265 tokens" in out and "chat template: yes" in out
+    # create --tokenizer with one that does not fit the model (260 rows) leaves nothing behind.
+    assert cli(["create", str(tmp_path / "too-small"), "--size", "demo", "--tokenizer", str(folder)]) == 1
+    assert not os.path.exists(tmp_path / "too-small") and "has only 260 embedding rows" in capsys.readouterr().err
+    assert cli(["create", str(tmp_path / "missing"), "--size", "demo", "--tokenizer", str(tmp_path / "nope")]) == 1
+    assert not os.path.exists(tmp_path / "missing") and "no such file or folder" in capsys.readouterr().err

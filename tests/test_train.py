@@ -238,6 +238,7 @@ def test_an_importable_model_is_imported_into_the_run_and_left_untouched(tmp_pat
 # ---------------------------------------------------------------------------------------------- errors
 def test_a_second_run_on_the_same_store_gets_a_clean_message(tmp_path, capsys):
     assert main(tiny(tmp_path, "lock", 1)) == 0
+    capsys.readouterr()  # the first run's output (its byte-tokenizer warning included)
     holder = BlockStore(str(tmp_path / "lock" / "store"), writable=True)
     try:
         assert main(tiny(tmp_path, "lock", 2)) == 1
@@ -558,3 +559,27 @@ def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path,
     for prompt, tokens in zip(prompts, result.tokens):
         answer = decode_continuation(tokenizer, prompt, tokens).strip()
         assert answer.startswith("Ahoy!") and answer.endswith("Fair winds, matey!"), answer
+
+
+def test_a_run_with_tokenizer_option_stores_it_in_its_own_copy(tmp_path, capsys):
+    """A model without a tokenizer (vocabulary 300, not bytes) trains with --tokenizer; the run's imported
+    copy then carries that tokenizer, so test_gen.py and exports of it need no option."""
+    from offload_bitnet.formats import export_model
+    from offload_bitnet.tokenizer import build_gguf_bpe, bytes_to_unicode, load_tokenizer
+
+    tokens = [bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"]  # byte-level BPE, no merges
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    build_gguf_bpe({"model": "gpt2", "tokens": tokens, "token_type": [1] * 256 + [3], "merges": []}).save(
+        str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    blank = create_model(str(tmp_path / "blank"), size="demo", arch="llama", n_layers=1, vocab_size=300)
+    hf = export_model(blank, str(tmp_path / "hf"), "hf", progress=False)
+    args = [hf, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),
+            "--num-train-iters", "1", "--batch-size", "2", "--max-seq-len", "32", "--no-plot"]
+    assert main(args) == 1
+    assert "300-token vocabulary does not fit the built-in byte tokenizer" in capsys.readouterr().err
+    assert main(args + ["--tokenizer", str(folder), "--restart"]) == 0
+    store = BlockStore(str(tmp_path / "runs" / "hf" / "store"))
+    assert store.step == 1 and store.extra["tokenizer"]["kind"] == "hf"
+    assert load_tokenizer(store.path, store.extra["tokenizer"]).vocab_size == 257

@@ -11,7 +11,6 @@ Each format module (``hf``, ``meta``, ``gguf``) provides:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 
@@ -43,10 +42,52 @@ def detect_format(path: str) -> str:
         module = importlib.import_module(f".{name}", __name__)
         if module.detect(path):
             return name
+    hint = _run_or_adapter_hint(path) if os.path.isdir(path) else None
+    if hint:
+        raise ValueError(hint)
     listing = ", ".join(sorted(os.listdir(path))[:8]) if os.path.isdir(path) else os.path.basename(path)
     raise ValueError(f"{path} is not a model this tool reads (found: {listing}). Expected a Hugging Face folder "
                      "(config.json + *.safetensors), a Meta llama folder (params.json + consolidated.*.pth), "
                      "a .gguf file, or an offload_bitnet store (manifest.json).")
+
+
+def _run_or_adapter_hint(path: str) -> str | None:
+    """The message for a run folder or a LoRA adapter folder given where a model is expected."""
+    import json
+
+    def run_record(folder: str) -> dict:
+        try:
+            with open(os.path.join(folder, "run.json")) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return {}
+
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        run = run_record(os.path.dirname(os.path.abspath(path)))
+        try:
+            with open(os.path.join(path, "adapter_config.json")) as handle:
+                base = json.load(handle).get("base_model_name_or_path") or ""
+        except (OSError, ValueError):
+            base = ""
+        base = run.get("source") or base or "BASE"
+        return (f"{path} is a LoRA adapter folder, not a model: give its base model {base} and the adapters with "
+                f"--adapter {path} (test_gen.py --adapter comes with the exports issue; until then fold them in: "
+                f"offload-bitnet merge {run.get('store') or base} {path} OUT, or train with --merge and use "
+                "RUN_DIR/merged)")
+    store = os.path.join(path, "store")
+    merged = os.path.join(path, "merged")
+    if os.path.isfile(os.path.join(path, "run.json")) or is_store(store):
+        choices = [p for p in (store, merged) if is_store(p)]
+        adapter = os.path.join(path, "adapter")
+        if choices:
+            return f"{path} is a run folder, not a model: did you mean {' or '.join(choices)}?"
+        if os.path.isdir(adapter):
+            base = run_record(path).get("source") or "BASE"
+            return (f"{path} is the folder of a LoRA run, not a model: did you mean its base {base} with "
+                    f"--adapter {adapter}? (test_gen.py --adapter comes with the exports issue; until then "
+                    f"merge: offload-bitnet merge {run_record(path).get('store') or base} {adapter} OUT)")
+        return f"{path} is a run folder that holds no model yet (no store, merged model or adapters)"
+    return None
 
 
 def import_model(src: str, out_dir: str, settings: StoreSettings | None = None, progress: bool = True) -> str:
@@ -78,23 +119,19 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
     return module.export_from_store(store, out_dir, **options)
 
 
-def default_store_dir(src: str) -> str:
-    """Where an imported copy of ``src`` is cached: ``~/.cache/offload_bitnet/<name>-<hash>``."""
-    root = os.environ.get("OFFLOAD_BITNET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "offload_bitnet"))
-    absolute = os.path.abspath(src)
-    digest = hashlib.sha256(absolute.encode()).hexdigest()[:10]
-    return os.path.join(root, f"{os.path.basename(absolute.rstrip('/'))}-{digest}")
+def default_store_dir(src: str, settings: StoreSettings | None = None) -> str:
+    """Where the cached import of ``src`` (as it is now) lives: ``~/.cache/offload_bitnet/<name>-<digest>``
+    (see ``formats.cache``)."""
+    from .cache import cached_store_dir
+
+    return cached_store_dir(src, settings)
 
 
 def ensure_store(path: str, settings: StoreSettings | None = None, progress: bool = True) -> str:
-    """``path`` itself when it is a store, else the cached import of it (imported on first use)."""
+    """``path`` itself when it is a store, else the cached import of it (imported on first use, and again
+    when the source changed; says which on stderr when ``progress``)."""
     if detect_format(path) == "store":
         return path
-    target = default_store_dir(path)
-    if is_complete_store(target):
-        return target
-    if os.path.isdir(target):  # an import that was interrupted
-        import shutil
+    from .cache import ensure_cached_import
 
-        shutil.rmtree(target)
-    return import_model(path, target, settings, progress)
+    return ensure_cached_import(path, import_model, settings, progress)

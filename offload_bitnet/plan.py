@@ -1,0 +1,396 @@
+"""The dry-run plan (``finetune.py ... --dry-run``, ``offload-bitnet plan``): what a run will take, predicted
+from the model's shapes, the data's real batch lengths and speeds measured on this machine.
+
+Nothing is created, imported or trained. The plan runs the same checks as the run (device, data, store
+settings, free disk) and refuses what the run would refuse. A model that is not imported yet is read from
+its own metadata (``formats.read_source``: config.json, params.json, the GGUF header).
+
+``predict_step`` is the model of one optimizer step; a benchmark calls it to print predicted next to measured.
+Its memory is a sum of the buffers the engine holds at its fullest moment, its time the overlapped maximum of
+the three threads' work plus what cannot overlap, each term a named entry of ``StepPrediction`` so that it
+can be compared with a measurement and adjusted when the engine changes (the constants below say what each
+term counts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import types
+
+from . import data as datalib
+from .calibration import Calibration, calibrate, probe_shape
+from .config import ModelConfig, config_for_size
+from .create import default_mode
+from .lora import LoRAConfig
+from .progress import format_seconds
+from .runconfig import RunConfig
+from .sizing import human, step_io, store_bytes
+from .store import BlockStore, StoreSettings
+from .tokenizer import ByteTokenizer
+
+SSD_WEAR_WARNING_BYTES = 10 * 10**12   # a run that writes more than this wears a consumer SSD noticeably
+BATCH_STEPS_SAMPLED = 5000             # steps whose padded lengths are looked at (the batch order is seeded)
+
+# --- the memory model (bytes per parameter or per token; see predict_step) -------------------------------------
+# Replay of one block for one micro-batch: autograd keeps about this many fp32 values per token (inputs of the
+# norms and projections, their fake-quantized copies, q/k/v, rotary copies, the MLP's gate/up/product), plus the
+# attention scores and probabilities of each head.
+REPLAY_VALUES_PER_TOKEN = dict(dim=12, hidden=4)
+ATTENTION_MATRICES = 2
+# The unit being replayed: its 16-bit masters (as read; fp32 in full mode), the fp32 compute copy and the
+# fp32 weight gradients. A queued update holds its masters and gradients; a running one adds the fp32 master
+# copy, the fp32 moments and the encoded parts.
+GRAD_BYTES = COMPUTE_BYTES = MASTER_COPY_BYTES = 4
+MOMENT_BYTES = 8
+QUEUED_UPDATES = 1        # EngineOptions.max_pending_writes
+RUNNING_UPDATES = 1       # the writer's (main runs one more itself only when the queue is full)
+LOADS_AHEAD = 1           # EngineOptions.prefetch_depth
+CE_LOGIT_COPIES = 3       # logits, their gradient and softmax's temporary, ce_chunk_tokens rows each
+CE_CHUNK_TOKENS = 1024    # EngineOptions.ce_chunk_tokens
+# --- the time model ---------------------------------------------------------------------------------------------
+MATMUL_FLOPS_PER_PARAM_TOKEN = dict(forward=2, replay=2, backward=4)   # backward: input and weight gradients
+LORA_BACKWARD_FLOPS = 2                                                # input gradients only
+
+
+@dataclasses.dataclass
+class BatchShape:
+    """The padded micro-batches the run's steps feed the engine (``data.micro_batches`` pads a step's
+    micro-batches to its longest sequence)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    mean_length: float      # mean padded length over the steps looked at
+    max_length: int         # the longest step
+    from_data: bool         # False: max_seq_len (no data to look at)
+
+    @property
+    def tokens(self) -> float:
+        return self.micro_batch_size * self.grad_accum * self.mean_length
+
+
+def batch_shape(config: RunConfig, dataset: datalib.Dataset | None, steps: int | None) -> BatchShape:
+    """Padded lengths of the run's own batches: the seeded batch order of ``dataset``'s training split, as
+    the trainer draws them (the first ``BATCH_STEPS_SAMPLED`` steps)."""
+    if dataset is None or not dataset.train:
+        return BatchShape(config.micro_batch_size, config.grad_accum, config.max_seq_len, config.max_seq_len, False)
+    order = datalib.BatchOrder(len(dataset.train), config.batch_size, config.seed)
+    lengths = [max(len(dataset.train[i]) for i in order.indices(step))
+               for step in range(min(steps or 1, BATCH_STEPS_SAMPLED))]
+    return BatchShape(config.micro_batch_size, config.grad_accum, sum(lengths) / len(lengths), max(lengths), True)
+
+
+@dataclasses.dataclass
+class StepPrediction:
+    """One optimizer step, predicted. ``memory`` and ``seconds`` hold the named terms the totals add up."""
+
+    peak_rss_bytes: int
+    step_seconds: float
+    read_bytes: int
+    written_bytes: int
+    spilled_bytes: int
+    tokens: float
+    memory: dict[str, int]       # term -> bytes; peak_rss_bytes is their sum
+    seconds: dict[str, float]    # term -> seconds of work (see predict_step for how they combine)
+    bound: str                   # what the overlapped part waits on: "compute", "disk read" or "disk write"
+
+    def memory_line(self) -> str:
+        return " + ".join(f"{name} {human(value)}" for name, value in self.memory.items() if value)
+
+    def time_line(self) -> str:
+        return ", ".join(f"{name} {value:.2f}s" for name, value in self.seconds.items() if value >= 0.005)
+
+
+def _block_files(model: ModelConfig, settings: StoreSettings) -> dict[str, int]:
+    """Bytes of one block's parts (weights, shadow, optim), exactly as the store holds them."""
+    from .sizing import part_bytes
+    from .store import block_unit
+
+    return {part: part_bytes(model, block_unit(0), part, settings) for part in ("weights", "shadow", "optim")}
+
+
+def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calibration, *, micro_batch_size: int,
+                 grad_accum: int, seq_len: float, memory_budget_bytes: int, lora: LoRAConfig | None = None,
+                 base_rss_bytes: int = 0, max_seq_len: int | None = None, cores: int | None = None,
+                 first_step: bool = False) -> StepPrediction:
+    """Peak memory, time and I/O of one ``StreamingEngine.train_step`` of ``grad_accum`` micro-batches of
+    ``micro_batch_size`` sequences padded to ``seq_len`` tokens (``max_seq_len``: the longest step, for
+    memory; default ``seq_len``).
+
+    Memory, the engine's fullest moment (backward of the last blocks, or the cross-entropy, whichever is larger),
+    over ``base_rss_bytes`` (the process before training: Python, torch, tokenizer, data):
+
+    - ``activations``: every block's input of every micro-batch (fp32), up to ``memory_budget_bytes``; the rest
+      spills to disk (``spilled_bytes``);
+    - ``memos``: projection outputs kept from forward for the replay, in what the budget leaves, at most two
+      blocks' fp32 weights (``EngineOptions.memo_budget_bytes``);
+    - ``gradients``: the hidden states' gradients carried through backward (fp32, all micro-batches);
+    - ``replay``: one micro-batch's autograd graph of one block (``REPLAY_VALUES_PER_TOKEN``, attention matrices);
+    - ``block``: the block being replayed (masters as read, fp32 compute copy, fp32 weight gradients; LoRA: the
+      frozen compute tensors);
+    - ``loads``: the next unit's files, loaded ahead (``LOADS_AHEAD``);
+    - ``updates``: the writer's running update (fp32 master copy, moments, gradients, encoded parts) and the
+      queued one (masters and gradients); LoRA: the adapters with their moments, all in RAM;
+    - ``head``: in the cross-entropy phase, the head's masters, gradient and update, and the logits of one
+      chunk, counted instead of ``block`` + ``loads`` + ``updates`` when larger.
+
+    Time: ``compute`` (matmuls at the calibrated FLOP/s; replays of blocks with memos skip theirs), ``quantize``
+    (qat compute copies, main thread), ``load`` (unpacking and converting what is read), ``update`` (AdamW and
+    encoding) are CPU work measured with the engine's thread count, so they add up; disk ``read`` and ``write``
+    run on background threads at the calibrated speeds and overlap the CPU work. The step takes the largest of
+    CPU work and each disk direction, plus ``serial``: the first load and the last update and write, which
+    nothing overlaps.
+    """
+    cfg, cal = model, calibration
+    max_seq_len = max_seq_len or int(round(seq_len))
+    micro_tokens = micro_batch_size * seq_len
+    tokens = micro_tokens * grad_accum
+    peak_tokens = micro_batch_size * max_seq_len * grad_accum
+    block_params = cfg.block_param_count()
+    embed_params = cfg.vocab_size * cfg.dim
+    head_params = embed_params  # the output projection, tied or not
+    qat = settings.mode == "qat"
+    files = _block_files(cfg, settings)
+    io = step_io(cfg, settings.mode, settings.shadow_dtype, settings.state_dtype, first_step=first_step)
+
+    # ---- memory
+    stash = cfg.n_layers * peak_tokens * cfg.dim * 4
+    in_ram = min(stash, memory_budget_bytes)
+    shapes = cfg.projection_shapes
+    memo_per_block = peak_tokens * sum(out for out, _ in shapes.values()) * 4
+    memo_room = min(max(memory_budget_bytes - stash, 0), 2 * 4 * block_params)
+    memo_blocks = min(cfg.n_layers, memo_room // memo_per_block) if memo_per_block else 0
+    micro_peak = micro_batch_size * max_seq_len
+    replay = (micro_peak * (REPLAY_VALUES_PER_TOKEN["dim"] * cfg.dim + REPLAY_VALUES_PER_TOKEN["hidden"] * cfg.hidden_dim)
+              * 4 + micro_batch_size * cfg.n_heads * max_seq_len ** 2 * 4 * ATTENTION_MATRICES)
+    gradients = 2 * peak_tokens * cfg.dim * 4
+    master_bytes = files["shadow"] / max(block_params, 1) if qat else files["weights"] / max(block_params, 1)
+    if lora is not None:
+        adapter_params = cfg.n_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
+        block = block_params * COMPUTE_BYTES
+        loads = LOADS_AHEAD * block_params * COMPUTE_BYTES        # frozen units are unpacked on the loader thread
+        updates = adapter_params * (4 + MOMENT_BYTES + GRAD_BYTES)
+        head = head_params * COMPUTE_BYTES + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
+    else:
+        adapter_params = 0
+        block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
+        loads = LOADS_AHEAD * (files["weights"] + files["shadow"])
+        encoded = files["weights"] + files["shadow"] + files["optim"]
+        running = int(block_params * (master_bytes + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES)) + encoded
+        queued = int(block_params * (master_bytes + GRAD_BYTES))
+        updates = RUNNING_UPDATES * running + QUEUED_UPDATES * queued
+        head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) \
+            + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
+    phase = max(block + loads + updates, head)
+    memory = {"process": base_rss_bytes, "activations": in_ram, "memos": memo_blocks * memo_per_block,
+              "gradients": gradients, "replay": replay}
+    if phase == head and head > block + loads + updates:
+        memory["head"] = head
+    else:
+        memory.update(block=block, loads=loads, updates=updates)
+
+    # ---- time
+    matrix_params = sum(o * i for o, i in shapes.values())
+    attention = 4 * micro_tokens * seq_len * cfg.n_heads * cfg.head_dim * grad_accum  # QK^T and PV, per layer
+    flops = MATMUL_FLOPS_PER_PARAM_TOKEN
+    backward = LORA_BACKWARD_FLOPS if lora is not None else flops["backward"]
+    replayed = cfg.n_layers - memo_blocks
+    block_flops = (cfg.n_layers * (flops["forward"] * tokens * matrix_params + attention)
+                   + replayed * flops["replay"] * tokens * matrix_params + cfg.n_layers * attention
+                   + cfg.n_layers * (backward * tokens * matrix_params + 2 * attention))
+    head_flops = (flops["forward"] + backward) * tokens * head_params
+    if lora is not None:
+        block_flops += 6 * tokens * adapter_params
+    compute = cal.compute
+    ns = 1e-9
+    trained = 0 if lora is not None else cfg.param_count()
+    ternary = cfg.n_layers * matrix_params if qat else 0
+    seconds = {
+        "compute": (block_flops + head_flops) / compute.matmul_flops,
+        "quantize": (ternary if lora is None else 0) * compute.quantize_ns * ns,
+        "load": (cfg.n_layers * block_params * compute.unpack_ns * (2 if lora is not None else 1)
+                 + trained * compute.masters_ns) * ns,
+        "update": trained * compute.update_ns * ns,
+    }
+    if lora is not None:
+        read, written = 2 * io["eval_read"], 12 * adapter_params
+    else:
+        read, written = io["read"], io["written"]
+    spilled = stash - in_ram
+    seconds["read"] = (read + spilled) / cal.disk.read_bps
+    seconds["write"] = (written + spilled) / cal.disk.write_bps
+    # Nothing overlaps the first unit's load and, at the end, the embedding's update and the last writes.
+    last_unit = embed_params
+    seconds["serial"] = (last_unit * 2 / cal.disk.read_bps
+                         + (0 if lora is not None else last_unit * compute.update_ns * ns
+                            + min(written, 2 * files["weights"] + 2 * files["shadow"] + 2 * files["optim"])
+                            / cal.disk.write_bps))
+    cpu = seconds["compute"] + seconds["quantize"] + seconds["load"] + seconds["update"]
+    waits = {"compute": cpu, "disk read": seconds["read"], "disk write": seconds["write"]}
+    bound = max(waits, key=waits.get)
+    step = waits[bound] + seconds["serial"]
+    return StepPrediction(peak_rss_bytes=int(sum(memory.values())), step_seconds=step, read_bytes=int(read),
+                          written_bytes=int(written), spilled_bytes=int(spilled), tokens=tokens, memory=memory,
+                          seconds=seconds, bound=bound)
+
+
+def lora_config(config: RunConfig) -> LoRAConfig | None:
+    """The adapters a run trains (None: it trains the weights)."""
+    if not config.is_lora:
+        return None
+    return LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                      targets=config.lora_target_list)
+
+
+def predict_run_step(config: RunConfig, model: ModelConfig, settings: StoreSettings, calibration: Calibration,
+                     batches: BatchShape, base_rss_bytes: int = 0, first_step: bool = False) -> StepPrediction:
+    """``predict_step`` for a run's settings and its data's padded batch lengths."""
+    return predict_step(model, settings, calibration, micro_batch_size=batches.micro_batch_size,
+                        grad_accum=batches.grad_accum, seq_len=batches.mean_length,
+                        max_seq_len=batches.max_length, memory_budget_bytes=config.memory_budget_bytes,
+                        lora=lora_config(config), base_rss_bytes=base_rss_bytes, first_step=first_step)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        from .engine import peak_rss_bytes
+
+        return peak_rss_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- the dry run
+@dataclasses.dataclass
+class PlannedModel:
+    """What a run would train: shapes, store settings, bytes on disk now (None: not made yet), tokenizer."""
+
+    config: ModelConfig
+    settings: StoreSettings
+    disk: dict | None
+    tokenizer: object
+    note: str = ""
+
+
+def planned_model(config: RunConfig, paths) -> PlannedModel:
+    """The model of the run, with the run's own checks of its settings: an existing store is opened read-only;
+    a demo's config comes from its size; a model not imported yet is read from its metadata."""
+    from . import train  # the run's checks; train imports this module lazily, so no cycle at import time
+    from .formats import read_source
+    from .tokenizer import load_tokenizer
+
+    if train.store_is_complete(paths.store_dir):
+        store = BlockStore(paths.store_dir)
+        try:
+            train.check_store_settings(config, store)
+            if not config.is_lora:  # the engine's check: a LoRA run never writes its base
+                store.check_free_space()
+            tokenizer = load_tokenizer(store.path, store.extra.get("tokenizer"))
+            return PlannedModel(store.config, store.settings, store.disk_bytes(), tokenizer)
+        finally:
+            store.close()
+    if paths.origin == "demo":
+        model = config_for_size(config.size, "bitnet")
+        settings = StoreSettings(mode=config.store_mode or default_mode(model), state_dtype=config.state_dtype or "fp32")
+        tokenizer, note = ByteTokenizer(), f"a new {config.size} model (created by the run)"
+    else:
+        model, tokenizer = read_source(config.model)
+        settings = train.import_settings(config) or StoreSettings(mode=default_mode(model))
+        note = f"read from {config.model} without importing it (the run imports it into {paths.store_dir})"
+        tokenizer = tokenizer or ByteTokenizer()
+    # The store the run makes has exactly these settings; its checks see them as the run will.
+    train.check_store_settings(config, types.SimpleNamespace(path=paths.store_dir, settings=settings))
+    return PlannedModel(model, settings, None, tokenizer, note)
+
+
+def plan_lines(config: RunConfig, planned: PlannedModel, dataset: datalib.Dataset | None, steps: int | None,
+               batches: BatchShape, prediction: StepPrediction, calibration: Calibration) -> list[str]:
+    """The printed plan: model, disk, batches, per-step I/O, peak memory and time, the run's totals."""
+    model, settings = planned.config, planned.settings
+    sizes = store_bytes(model, settings.mode, settings.shadow_dtype, settings.state_dtype)
+    now = sum(planned.disk.values()) if planned.disk else sizes["total"] - sizes["optim"]
+    made = "" if planned.disk else " (to be created)"
+    if config.is_lora:
+        adapter_params = prediction.written_bytes // 12
+        disk_line = (f"  on disk: {human(now)} now{made}, never written (LoRA); adapters {human(4 * adapter_params)} "
+                     f"({adapter_params:,} parameters) + optimizer {human(8 * adapter_params)} in the run folder")
+    else:
+        disk_line = (f"  on disk: {human(now)} now{made}, {human(sizes['total'])} once optimizer moments exist "
+                     f"(weights {human(sizes['weights'])}, shadow {human(sizes['shadow'])}, optimizer "
+                     f"{human(sizes['optim'])})")
+    lengths = (f"padded to {batches.mean_length:.0f} tokens on average (longest {batches.max_length}) from the data"
+               if batches.from_data else f"of {batches.max_length} tokens (max_seq_len)")
+    p = prediction
+    lines = [
+        f"plan for {config.experiment_name}:",
+        f"  model: {model.arch}, {model.param_count():,} parameters, {model.n_layers} blocks, dim {model.dim}, "
+        f"vocab {model.vocab_size}; mode {settings.mode}, shadow {settings.shadow_dtype}, optimizer state "
+        f"{settings.state_dtype}" + (f"; LoRA rank {config.lora_rank}" if config.is_lora else ""),
+    ]
+    if planned.note:
+        lines.append(f"  source: {planned.note}")
+    lines += [
+        disk_line,
+        f"  per step: {config.batch_size} sequences in {config.grad_accum} micro-batch(es), {lengths}: "
+        f"~{p.tokens:,.0f} tokens; reads {human(p.read_bytes)}, writes {human(p.written_bytes)}"
+        + (f", spills {human(p.spilled_bytes)} of activations" if p.spilled_bytes else ""),
+        f"  peak memory: ~{human(p.peak_rss_bytes)} = {p.memory_line()}",
+        f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work and the disk "
+        "overlap, 'serial' does not)",
+        "  " + calibration.describe(),
+    ]
+    if steps:
+        total_written = steps * p.written_bytes
+        lines.append(f"  run: {steps} steps, ~{format_seconds(steps * p.step_seconds)}; writes {human(total_written)} "
+                     f"in all ({total_written / 1e12:.2f} TB)")
+        if total_written > SSD_WEAR_WARNING_BYTES:
+            lines.append(f"  warning: this run writes {total_written / 1e12:.1f} TB, more than "
+                         f"{SSD_WEAR_WARNING_BYTES / 1e12:.0f} TB: a consumer SSD is rated for a few hundred TB "
+                         "written in its life. Consider --mode lora (writes only the adapters), fewer steps, or "
+                         "--state-dtype int8 (smaller moments).")
+    return lines
+
+
+def dry_run(config: RunConfig, paths) -> int:
+    """Print the plan without creating, importing or training anything; refuse what the run would refuse."""
+    from . import train
+
+    train.check_device(config.device)
+    if config.data:
+        train.load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)  # the run's first check, as it makes it
+    base_rss = current_rss_bytes()
+    planned = planned_model(config, paths)
+    dataset = train.load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
+    steps = train.total_steps(config, dataset) if dataset else config.num_train_iters
+    if dataset:
+        train.say(dataset.summary())
+        for note in dataset.stats.notes(config.max_seq_len):
+            train.say(f"note: {note}")
+    if planned.disk is None:
+        check_room_for(planned, paths.store_dir, config.is_lora)
+    batches = batch_shape(config, dataset, steps)
+    shape = probe_shape(int(batches.micro_batch_size * batches.mean_length), planned.config.dim,
+                        planned.config.hidden_dim)
+    calibration = calibrate(paths.store_dir, config.device, shape, planned.settings,
+                            recalibrate=getattr(config, "recalibrate", False))
+    prediction = predict_run_step(config, planned.config, planned.settings, calibration, batches, base_rss)
+    for line in plan_lines(config, planned, dataset, steps, batches, prediction, calibration):
+        train.say(line)
+    return train.EXIT_OK
+
+
+def check_room_for(planned: PlannedModel, store_dir: str, lora: bool):
+    """The run would stop at its first step without room for the store and that step's writes: say so now."""
+    from .calibration import existing_folder
+    from .store import StoreError
+
+    settings = planned.settings
+    sizes = store_bytes(planned.config, settings.mode, settings.shadow_dtype, settings.state_dtype)
+    store, step = sizes["total"] - sizes["optim"], 0 if lora else sizes["units"]
+    free = shutil.disk_usage(existing_folder(store_dir)).free
+    if free < store + step:
+        raise StoreError(f"not enough free disk space for this run in {existing_folder(store_dir)}: the store "
+                         f"needs {human(store)}" + (f" and its first step about {human(step)} more" if step else "")
+                         + f", there is {human(free)}. Free some space or choose another --runs-dir.")

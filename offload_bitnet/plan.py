@@ -25,8 +25,8 @@ from .create import default_mode
 from .lora import LoRAConfig
 from .progress import format_seconds
 from .runconfig import RunConfig
-from .sizing import human, step_io, store_bytes
-from .store import BlockStore, StoreSettings
+from .sizing import human, part_bytes, step_io, store_bytes
+from .store import BlockStore, StoreSettings, block_unit
 from .tokenizer import ByteTokenizer
 
 SSD_WEAR_WARNING_BYTES = 10 * 10**12   # a run that writes more than this wears a consumer SSD noticeably
@@ -43,10 +43,14 @@ ATTENTION_MATRICES = 2
 # copy, the fp32 moments and the encoded parts.
 GRAD_BYTES = COMPUTE_BYTES = MASTER_COPY_BYTES = 4
 MOMENT_BYTES = 8
+# Torch's own memory once a process has run a training step (autograd and OpenMP threads, allocator arenas,
+# kernel workspaces), beyond what the process held before: measured with the demo model, where every other
+# term is small (peak RSS 342 MiB, 225 MiB before the step, the terms below 27 MiB).
+RUNTIME_BYTES = 90 << 20
 QUEUED_UPDATES = 1        # EngineOptions.max_pending_writes
 RUNNING_UPDATES = 1       # the writer's (main runs one more itself only when the queue is full)
 LOADS_AHEAD = 1           # EngineOptions.prefetch_depth
-CE_LOGIT_COPIES = 3       # logits, their gradient and softmax's temporary, ce_chunk_tokens rows each
+CE_LOGIT_COPIES = 4       # logits, the saved log-softmax, its gradient and softmax's temporary (chunk rows each)
 CE_CHUNK_TOKENS = 1024    # EngineOptions.ce_chunk_tokens
 # --- the time model ---------------------------------------------------------------------------------------------
 MATMUL_FLOPS_PER_PARAM_TOKEN = dict(forward=2, replay=2, backward=4)   # backward: input and weight gradients
@@ -103,9 +107,6 @@ class StepPrediction:
 
 def _block_files(model: ModelConfig, settings: StoreSettings) -> dict[str, int]:
     """Bytes of one block's parts (weights, shadow, optim), exactly as the store holds them."""
-    from .sizing import part_bytes
-    from .store import block_unit
-
     return {part: part_bytes(model, block_unit(0), part, settings) for part in ("weights", "shadow", "optim")}
 
 
@@ -118,7 +119,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     memory; default ``seq_len``).
 
     Memory, the engine's fullest moment (backward of the last blocks, or the cross-entropy, whichever is larger),
-    over ``base_rss_bytes`` (the process before training: Python, torch, tokenizer, data):
+    over ``base_rss_bytes`` (the process before training: Python, torch, tokenizer, data) and torch's own
+    ``runtime`` (``RUNTIME_BYTES``):
 
     - ``activations``: every block's input of every micro-batch (fp32), up to ``memory_budget_bytes``; the rest
       spills to disk (``spilled_bytes``);
@@ -170,7 +172,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         block = block_params * COMPUTE_BYTES
         loads = LOADS_AHEAD * block_params * COMPUTE_BYTES        # frozen units are unpacked on the loader thread
         updates = adapter_params * (4 + MOMENT_BYTES + GRAD_BYTES)
-        head = head_params * COMPUTE_BYTES + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
+        # The frozen head as loaded (16-bit) and its fp32 compute copy, and the logits of one chunk.
+        head = head_params * (COMPUTE_BYTES + 2) + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
     else:
         adapter_params = 0
         block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
@@ -182,7 +185,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) \
             + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
     phase = max(block + loads + updates, head)
-    memory = {"process": base_rss_bytes, "activations": in_ram, "memos": memo_blocks * memo_per_block,
+    memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram, "memos": memo_blocks * memo_per_block,
               "gradients": gradients, "replay": replay}
     if phase == head and head > block + loads + updates:
         memory["head"] = head
@@ -213,7 +216,12 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         "update": trained * compute.update_ns * ns,
     }
     if lora is not None:
-        read, written = 2 * io["eval_read"], 12 * adapter_params
+        # Forward reads the embedding and the blocks, backward the norm, the head (the embedding when tied) and
+        # the blocks again; nothing of the base is written, the adapters and their moments are saved each step.
+        weights = {unit: part_bytes(cfg, unit, "weights", settings) for unit in ("embed", "norm", "head")}
+        head_unit = "embed" if cfg.tie_embeddings else "head"
+        read = io["forward_read"] + (io["forward_read"] - weights["embed"]) + weights["norm"] + weights[head_unit]
+        written = 12 * adapter_params
     else:
         read, written = io["read"], io["written"]
     spilled = stash - in_ram
@@ -353,8 +361,21 @@ def plan_lines(config: RunConfig, planned: PlannedModel, dataset: datalib.Datase
     return lines
 
 
-def dry_run(config: RunConfig, paths) -> int:
-    """Print the plan without creating, importing or training anything; refuse what the run would refuse."""
+@dataclasses.dataclass
+class Plan:
+    """Everything the dry run prints."""
+
+    model: PlannedModel
+    dataset: datalib.Dataset | None
+    steps: int | None
+    batches: BatchShape
+    calibration: Calibration
+    prediction: StepPrediction
+
+
+def make_plan(config: RunConfig, paths) -> Plan:
+    """Check the run as the run checks it, read its model and data, calibrate and predict a step; writes
+    nothing but the calibration cache."""
     from . import train
 
     train.check_device(config.device)
@@ -364,21 +385,29 @@ def dry_run(config: RunConfig, paths) -> int:
     planned = planned_model(config, paths)
     dataset = train.load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
     steps = train.total_steps(config, dataset) if dataset else config.num_train_iters
-    if dataset:
-        train.say(dataset.summary())
-        for note in dataset.stats.notes(config.max_seq_len):
-            train.say(f"note: {note}")
     if planned.disk is None:
         check_room_for(planned, paths.store_dir, config.is_lora)
     batches = batch_shape(config, dataset, steps)
     shape = probe_shape(int(batches.micro_batch_size * batches.mean_length), planned.config.dim,
                         planned.config.hidden_dim)
-    calibration = calibrate(paths.store_dir, config.device, shape, planned.settings,
-                            recalibrate=getattr(config, "recalibrate", False))
+    calibration = calibrate(paths.store_dir, config.device, shape, planned.settings, recalibrate=config.recalibrate)
     prediction = predict_run_step(config, planned.config, planned.settings, calibration, batches, base_rss)
-    for line in plan_lines(config, planned, dataset, steps, batches, prediction, calibration):
-        train.say(line)
-    return train.EXIT_OK
+    return Plan(planned, dataset, steps, batches, calibration, prediction)
+
+
+def dry_run(config: RunConfig, paths) -> int:
+    """Print the plan without creating, importing or training anything; refuse what the run would refuse."""
+    from .train import EXIT_OK, say
+
+    plan = make_plan(config, paths)
+    if plan.dataset:
+        say(plan.dataset.summary())
+        for note in plan.dataset.stats.notes(config.max_seq_len):
+            say(f"note: {note}")
+    for line in plan_lines(config, plan.model, plan.dataset, plan.steps, plan.batches, plan.prediction,
+                           plan.calibration):
+        say(line)
+    return EXIT_OK
 
 
 def check_room_for(planned: PlannedModel, store_dir: str, lora: bool):

@@ -60,6 +60,7 @@ class ComputeSpeed:
     threads: int = 1
     shape: tuple = ()
     measured: str = ""
+    busy: float = 0.0         # the machine's load average per core while measuring (above 1: speeds read low)
 
 
 @dataclasses.dataclass
@@ -81,7 +82,10 @@ class Calibration:
                 f"matmul {self.compute.matmul_flops / 1e9:,.1f} GFLOP/s with {self.compute.threads} thread(s), per "
                 f"parameter: load {self.compute.unpack_ns + self.compute.masters_ns:.1f} ns, quantize "
                 f"{self.compute.quantize_ns:.1f} ns, update {self.compute.update_ns:.1f} ns "
-                f"({origin('compute', self.compute.measured)}); file {self.path}, --recalibrate measures again")
+                f"({origin('compute', self.compute.measured)}); file {self.path}, --recalibrate measures again"
+                + (f"\n  warning: the machine was busy while the compute was measured (load {self.compute.busy:.1f} "
+                   "per core): the speeds read low and the times high; --recalibrate when it is quiet"
+                   if self.compute.busy > 1.0 else ""))
 
 
 def cache_path() -> str:
@@ -206,7 +210,15 @@ def probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSetti
                                           layout.moments(optim_part, {"q_proj": master.shape}, device))),
         quantize_ns=per_parameter(lambda: quantize_weight(master)) if settings.mode == "qat" else 0.0,
         update_ns=per_parameter(update), device=device, threads=torch.get_num_threads(), shape=tuple(shape),
-        measured=_now())
+        measured=_now(), busy=load_per_core())
+
+
+def load_per_core() -> float:
+    """The 1-minute load average over the CPU count (0 where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------- the cache

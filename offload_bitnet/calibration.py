@@ -49,7 +49,10 @@ class DiskSpeed:
 @dataclasses.dataclass
 class ComputeSpeed:
     """What the engine's compute costs on one device: matmul FLOP/s at the model's projection shapes, and
-    nanoseconds per parameter of the per-unit work (for the store's settings)."""
+    nanoseconds per parameter of the per-unit work (for the store's settings). On a CPU these are per core
+    (measured with one thread, where the fastest repetition is the machine's own speed even when other
+    processes share it; with more threads a busy machine makes every call wait for its slowest thread); the
+    plan divides the work by the engine's thread count."""
 
     matmul_flops: float       # fp32 on CPU (bf16 on GPUs): F.linear of [tokens, dim] x [hidden, dim]
     unpack_ns: float          # forward load: packed/16-bit weights to compute tensors (Layout.forward_tensors)
@@ -79,8 +82,7 @@ class Calibration:
         note = "" if self.disk.page_cache_dropped else ", the read may include the page cache"
         return (f"calibration: disk read {self.disk.read_bps / 1e6:,.0f} MB/s, write {self.disk.write_bps / 1e6:,.0f} "
                 f"MB/s ({origin('disk', self.disk.measured)} in {self.disk.folder}{note}); {self.compute.device} "
-                f"matmul {self.compute.matmul_flops / 1e9:,.1f} GFLOP/s with {self.compute.threads} thread(s), per "
-                f"parameter: load {self.compute.unpack_ns + self.compute.masters_ns:.1f} ns, quantize "
+                f"matmul {self.compute.matmul_flops / 1e9:,.1f} GFLOP/s per thread, per parameter: load {self.compute.unpack_ns + self.compute.masters_ns:.1f} ns, quantize "
                 f"{self.compute.quantize_ns:.1f} ns, update {self.compute.update_ns:.1f} ns "
                 f"({origin('compute', self.compute.measured)}); file {self.path}, --recalibrate measures again"
                 + (f"\n  warning: the machine was busy while the compute was measured (load {self.compute.busy:.1f} "
@@ -171,7 +173,17 @@ def probe_shape(tokens: int, dim: int, hidden: int) -> tuple[int, int, int]:
 
 def probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSettings) -> ComputeSpeed:
     """Time the engine's compute on ``device``: the matmul at ``shape`` (tokens, dim, hidden) in the engine's
-    compute dtype, and the per-parameter work of a projection for ``settings``."""
+    compute dtype, and the per-parameter work of a projection for ``settings`` (on a CPU with one thread)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _probe_compute(device, shape, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSettings) -> ComputeSpeed:
     dtype = default_compute_dtype(device)
     tokens, dim, hidden = shape
     generator = torch.Generator().manual_seed(0)
@@ -236,7 +248,7 @@ def disk_key(folder: str) -> str:
 
 
 def compute_key(device: str, shape: tuple, settings: StoreSettings) -> str:
-    return (f"compute|{socket.gethostname()}|{device}|threads={torch.get_num_threads()}|"
+    return (f"compute|{socket.gethostname()}|{device}|"
             f"{'x'.join(map(str, shape))}|{settings.mode}/{settings.shadow_dtype}/{settings.state_dtype}")
 
 

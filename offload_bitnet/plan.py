@@ -18,6 +18,8 @@ import os
 import shutil
 import types
 
+import torch
+
 from . import data as datalib
 from .calibration import Calibration, calibrate, probe_shape
 from .config import ModelConfig, config_for_size
@@ -52,6 +54,9 @@ RUNNING_UPDATES = 1       # the writer's (main runs one more itself only when th
 LOADS_AHEAD = 1           # EngineOptions.prefetch_depth
 CE_LOGIT_COPIES = 4       # logits, the saved log-softmax, its gradient and softmax's temporary (chunk rows each)
 CE_CHUNK_TOKENS = 1024    # EngineOptions.ce_chunk_tokens
+# finetune.py's LoRA runs replace the engine's activation stash with one that has no memo budget (issue 12
+# fixes that); when they keep memos again, this becomes the full-weights rule.
+LORA_MEMO_BYTES = 0
 # --- the time model ---------------------------------------------------------------------------------------------
 MATMUL_FLOPS_PER_PARAM_TOKEN = dict(forward=2, replay=2, backward=4)   # backward: input and weight gradients
 LORA_BACKWARD_FLOPS = 2                                                # input gradients only
@@ -112,7 +117,7 @@ def _block_files(model: ModelConfig, settings: StoreSettings) -> dict[str, int]:
 
 def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calibration, *, micro_batch_size: int,
                  grad_accum: int, seq_len: float, memory_budget_bytes: int, lora: LoRAConfig | None = None,
-                 base_rss_bytes: int = 0, max_seq_len: int | None = None, cores: int | None = None,
+                 base_rss_bytes: int = 0, max_seq_len: int | None = None, threads: int | None = None,
                  first_step: bool = False) -> StepPrediction:
     """Peak memory, time and I/O of one ``StreamingEngine.train_step`` of ``grad_accum`` micro-batches of
     ``micro_batch_size`` sequences padded to ``seq_len`` tokens (``max_seq_len``: the longest step, for
@@ -138,10 +143,11 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
 
     Time: ``compute`` (matmuls at the calibrated FLOP/s; replays of blocks with memos skip theirs), ``quantize``
     (qat compute copies, main thread), ``load`` (unpacking and converting what is read), ``update`` (AdamW and
-    encoding) are CPU work measured with the engine's thread count, so they add up; disk ``read`` and ``write``
-    run on background threads at the calibrated speeds and overlap the CPU work. The step takes the largest of
-    CPU work and each disk direction, plus ``serial``: the first load and the last update and write, which
-    nothing overlaps.
+    encoding) are CPU work in thread-seconds (the calibration's speeds are per thread), spread over the engine's
+    ``threads`` (default: torch's thread count, what finetune.py uses) by its three threads and the matmuls'
+    own parallelism; disk ``read`` and ``write`` run on background threads at the calibrated speeds and overlap
+    the CPU work. The step takes the largest of CPU work and each disk direction, plus ``serial``: the first
+    load and the last update and write, which nothing overlaps.
     """
     cfg, cal = model, calibration
     max_seq_len = max_seq_len or int(round(seq_len))
@@ -161,11 +167,14 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     shapes = cfg.projection_shapes
     memo_per_block = peak_tokens * sum(out for out, _ in shapes.values()) * 4
     memo_room = min(max(memory_budget_bytes - stash, 0), 2 * 4 * block_params)
+    if lora is not None:
+        memo_room = LORA_MEMO_BYTES
     memo_blocks = min(cfg.n_layers, memo_room // memo_per_block) if memo_per_block else 0
     micro_peak = micro_batch_size * max_seq_len
-    replay = (micro_peak * (REPLAY_VALUES_PER_TOKEN["dim"] * cfg.dim + REPLAY_VALUES_PER_TOKEN["hidden"] * cfg.hidden_dim)
-              * 4 + micro_batch_size * cfg.n_heads * max_seq_len ** 2 * 4 * ATTENTION_MATRICES)
+    per_token = REPLAY_VALUES_PER_TOKEN["dim"] * cfg.dim + REPLAY_VALUES_PER_TOKEN["hidden"] * cfg.hidden_dim
+    replay = (micro_peak * per_token * 4 + micro_batch_size * cfg.n_heads * max_seq_len ** 2 * 4 * ATTENTION_MATRICES)
     gradients = 2 * peak_tokens * cfg.dim * 4
+    logits = CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
     master_bytes = files["shadow"] / max(block_params, 1) if qat else files["weights"] / max(block_params, 1)
     if lora is not None:
         adapter_params = cfg.n_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
@@ -173,7 +182,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         loads = LOADS_AHEAD * block_params * COMPUTE_BYTES        # frozen units are unpacked on the loader thread
         updates = adapter_params * (4 + MOMENT_BYTES + GRAD_BYTES)
         # The frozen head as loaded (16-bit) and its fp32 compute copy, and the logits of one chunk.
-        head = head_params * (COMPUTE_BYTES + 2) + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
+        head = head_params * (COMPUTE_BYTES + 2) + logits
     else:
         adapter_params = 0
         block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
@@ -182,12 +191,10 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         running = int(block_params * (master_bytes + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES)) + encoded
         queued = int(block_params * (master_bytes + GRAD_BYTES))
         updates = RUNNING_UPDATES * running + QUEUED_UPDATES * queued
-        head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) \
-            + CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
-    phase = max(block + loads + updates, head)
-    memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram, "memos": memo_blocks * memo_per_block,
-              "gradients": gradients, "replay": replay}
-    if phase == head and head > block + loads + updates:
+        head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) + logits
+    memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram,
+              "memos": memo_blocks * memo_per_block, "gradients": gradients, "replay": replay}
+    if head > block + loads + updates:
         memory["head"] = head
     else:
         memory.update(block=block, loads=loads, updates=updates)
@@ -208,6 +215,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     ns = 1e-9
     trained = 0 if lora is not None else cfg.param_count()
     ternary = cfg.n_layers * matrix_params if qat else 0
+    # Thread-seconds of CPU work over the engine's threads: wall seconds if the work spreads evenly.
+    share = 1 / ((threads or torch.get_num_threads()) if compute.device == "cpu" else 1)
     seconds = {
         "compute": (block_flops + head_flops) / compute.matmul_flops,
         "quantize": (ternary if lora is None else 0) * compute.quantize_ns * ns,
@@ -215,11 +224,12 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
                  + trained * compute.masters_ns) * ns,
         "update": trained * compute.update_ns * ns,
     }
+    seconds = {name: value * share for name, value in seconds.items()}
     if lora is not None:
         # Forward reads the embedding and the blocks, backward the norm, the head (the embedding when tied) and
         # the blocks again; nothing of the base is written, the adapters and their moments are saved each step.
-        weights = {unit: part_bytes(cfg, unit, "weights", settings) for unit in ("embed", "norm", "head")}
         head_unit = "embed" if cfg.tie_embeddings else "head"
+        weights = {unit: part_bytes(cfg, unit, "weights", settings) for unit in {"embed", "norm", head_unit}}
         read = io["forward_read"] + (io["forward_read"] - weights["embed"]) + weights["norm"] + weights[head_unit]
         written = 12 * adapter_params
     else:
@@ -301,7 +311,8 @@ def planned_model(config: RunConfig, paths) -> PlannedModel:
             store.close()
     if paths.origin == "demo":
         model = config_for_size(config.size, "bitnet")
-        settings = StoreSettings(mode=config.store_mode or default_mode(model), state_dtype=config.state_dtype or "fp32")
+        settings = StoreSettings(mode=config.store_mode or default_mode(model),
+                                 state_dtype=config.state_dtype or "fp32")
         tokenizer, note = ByteTokenizer(), f"a new {config.size} model (created by the run)"
     else:
         model, tokenizer = read_source(config.model)

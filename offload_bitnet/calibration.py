@@ -63,7 +63,7 @@ class ComputeSpeed:
     threads: int = 1
     shape: tuple = ()
     measured: str = ""
-    busy: float = 0.0         # the machine's load average per core while measuring (above 1: speeds read low)
+    busy: float = 0.0         # the machine's load average per core while measuring (above 1: a shared machine)
 
 
 @dataclasses.dataclass
@@ -85,8 +85,9 @@ class Calibration:
                 f"matmul {self.compute.matmul_flops / 1e9:,.1f} GFLOP/s per thread, per parameter: load {self.compute.unpack_ns + self.compute.masters_ns:.1f} ns, quantize "
                 f"{self.compute.quantize_ns:.1f} ns, update {self.compute.update_ns:.1f} ns "
                 f"({origin('compute', self.compute.measured)}); file {self.path}, --recalibrate measures again"
-                + (f"\n  warning: the machine was busy while the compute was measured (load {self.compute.busy:.1f} "
-                   "per core): the speeds read low and the times high; --recalibrate when it is quiet"
+                + (f"\n  note: the machine was busy while the compute was measured (load {self.compute.busy:.1f} per "
+                   "core): a run on a machine this busy takes longer than planned; if the speeds look low, "
+                   "--recalibrate when it is quiet"
                    if self.compute.busy > 1.0 else ""))
 
 

@@ -324,9 +324,9 @@ def planned_model(config: RunConfig, paths) -> PlannedModel:
     return PlannedModel(model, settings, None, tokenizer, note)
 
 
-def plan_lines(config: RunConfig, planned: PlannedModel, dataset: datalib.Dataset | None, steps: int | None,
-               batches: BatchShape, prediction: StepPrediction, calibration: Calibration) -> list[str]:
+def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
     """The printed plan: model, disk, batches, per-step I/O, peak memory and time, the run's totals."""
+    planned, steps, batches, prediction = plan.model, plan.steps, plan.batches, plan.prediction
     model, settings = planned.config, planned.settings
     sizes = store_bytes(model, settings.mode, settings.shadow_dtype, settings.state_dtype)
     now = sum(planned.disk.values()) if planned.disk else sizes["total"] - sizes["optim"]
@@ -358,7 +358,7 @@ def plan_lines(config: RunConfig, planned: PlannedModel, dataset: datalib.Datase
         f"  peak memory: ~{human(p.peak_rss_bytes)} = {p.memory_line()}",
         f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work and the disk "
         "overlap, 'serial' does not)",
-        "  " + calibration.describe(),
+        "  " + plan.calibration.describe(),
     ]
     if steps:
         total_written = steps * p.written_bytes
@@ -392,9 +392,9 @@ def make_plan(config: RunConfig, paths) -> Plan:
     train.check_device(config.device)
     if config.data:
         train.load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)  # the run's first check, as it makes it
-    base_rss = current_rss_bytes()
     planned = planned_model(config, paths)
     dataset = train.load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
+    base_rss = current_rss_bytes()  # what the trainer holds before its first step: torch, tokenizer, data
     steps = train.total_steps(config, dataset) if dataset else config.num_train_iters
     if planned.disk is None:
         check_room_for(planned, paths.store_dir, config.is_lora)
@@ -415,8 +415,7 @@ def dry_run(config: RunConfig, paths) -> int:
         say(plan.dataset.summary())
         for note in plan.dataset.stats.notes(config.max_seq_len):
             say(f"note: {note}")
-    for line in plan_lines(config, plan.model, plan.dataset, plan.steps, plan.batches, plan.prediction,
-                           plan.calibration):
+    for line in plan_lines(config, plan):
         say(line)
     return EXIT_OK
 

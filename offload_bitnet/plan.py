@@ -139,7 +139,9 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     - ``updates``: the writer's running update (fp32 master copy, moments, gradients, encoded parts) and the
       queued one (masters and gradients); LoRA: the adapters with their moments, all in RAM;
     - ``head``: in the cross-entropy phase, the head's masters, gradient and update, and the logits of one
-      chunk, counted instead of ``block`` + ``loads`` + ``updates`` when larger.
+      chunk, counted instead of ``block`` + ``loads`` + ``updates`` when larger;
+    - ``pool``: the other phase's buffers, kept unused by the ``BufferPool`` (other sizes than the live
+      phase's, so not reused by it), at most its ``keep_bytes``.
 
     Time: ``compute`` (matmuls at the calibrated FLOP/s; replays of blocks with memos skip theirs), ``quantize``
     (qat compute copies, main thread), ``load`` (unpacking and converting what is read), ``update`` (AdamW and
@@ -194,10 +196,16 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) + logits
     memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram,
               "memos": memo_blocks * memo_per_block, "gradients": gradients, "replay": replay}
-    if head > block + loads + updates:
+    # The phase that holds more is live at the peak; the other phase's buffers are of other sizes (unit-sized,
+    # not vocabulary-sized, or the reverse), which the BufferPool keeps for reuse rather than unmapping, up to
+    # its keep_bytes (buffers.default_keep_bytes: a quarter of RAM).
+    blocks_phase = block + loads + updates
+    if head > blocks_phase:
         memory["head"] = head
+        memory["pool"] = min(blocks_phase, pool_keep_bytes())
     else:
         memory.update(block=block, loads=loads, updates=updates)
+        memory["pool"] = min(head, pool_keep_bytes())
 
     # ---- time
     matrix_params = sum(o * i for o, i in shapes.values())
@@ -250,6 +258,13 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     return StepPrediction(peak_rss_bytes=int(sum(memory.values())), step_seconds=step, read_bytes=int(read),
                           written_bytes=int(written), spilled_bytes=int(spilled), tokens=tokens, memory=memory,
                           seconds=seconds, bound=bound)
+
+
+def pool_keep_bytes() -> int:
+    """The most unused memory the engine's BufferPool holds on to."""
+    from .buffers import default_keep_bytes
+
+    return default_keep_bytes()
 
 
 def lora_config(config: RunConfig) -> LoRAConfig | None:

@@ -29,8 +29,9 @@ from .ternary import quantize_weight
 
 CACHE_NAME = "calibration.json"
 DISK_PROBE_BYTES = 128 << 20   # large enough to get past the drive's write cache, small enough for a few seconds
-PROBE_ELEMENTS = 1 << 20       # the per-parameter probes' matrix (4 MiB in fp32)
+PROBE_ELEMENTS = 1 << 23       # the per-parameter probes' matrix (32 MiB in fp32: past the CPU caches, as units are)
 PROBE_MACS = 1 << 30           # the matmul probe's multiply-adds per call (2 GFLOP)
+MIN_PROBE_CALLS = 3
 MIN_PROBE_SECONDS = 0.2        # each timed loop repeats until it has run this long
 
 
@@ -44,6 +45,7 @@ class DiskSpeed:
     filesystem: str = ""
     measured: str = ""
     page_cache_dropped: bool = True   # False: the read may have come from RAM (no posix_fadvise here)
+    fsync_s: float = 0.0              # fsync of a small file just written (a commit pays it per file it wrote)
 
 
 @dataclasses.dataclass
@@ -81,7 +83,7 @@ class Calibration:
 
         note = "" if self.disk.page_cache_dropped else ", the read may include the page cache"
         return (f"calibration: disk read {self.disk.read_bps / 1e6:,.0f} MB/s, write {self.disk.write_bps / 1e6:,.0f} "
-                f"MB/s ({origin('disk', self.disk.measured)} in {self.disk.folder}{note}); {self.compute.device} "
+                f"MB/s, fsync {self.disk.fsync_s * 1e3:.1f} ms ({origin('disk', self.disk.measured)} in {self.disk.folder}{note}); {self.compute.device} "
                 f"matmul {self.compute.matmul_flops / 1e9:,.1f} GFLOP/s per thread, per parameter: load {self.compute.unpack_ns + self.compute.masters_ns:.1f} ns, quantize "
                 f"{self.compute.quantize_ns:.1f} ns, update {self.compute.update_ns:.1f} ns "
                 f"({origin('compute', self.compute.measured)}); file {self.path}, --recalibrate measures again"
@@ -126,15 +128,16 @@ def _now() -> str:
 
 
 def _timed(function) -> float:
-    """Seconds per call of ``function``: the fastest of the calls made in ``MIN_PROBE_SECONDS`` (after one
-    warm-up call), so that other processes' bursts on a shared machine count as little as they can."""
+    """Seconds per call of ``function``: the fastest of the calls made in ``MIN_PROBE_SECONDS`` (at least
+    ``MIN_PROBE_CALLS``, after one warm-up call), so that other processes' bursts on a shared machine count as
+    little as they can."""
     function()
-    best, began = float("inf"), time.perf_counter()
+    best, began, calls = float("inf"), time.perf_counter(), 0
     while True:
         started = time.perf_counter()
         function()
-        best = min(best, time.perf_counter() - started)
-        if time.perf_counter() - began >= MIN_PROBE_SECONDS:
+        best, calls = min(best, time.perf_counter() - started), calls + 1
+        if calls >= MIN_PROBE_CALLS and time.perf_counter() - began >= MIN_PROBE_SECONDS:
             return best
 
 
@@ -159,11 +162,20 @@ def probe_disk(folder: str, nbytes: int = DISK_PROBE_BYTES) -> DiskSpeed:
             while handle.readinto(buffer):
                 crc32c(buffer)
             read_s = time.perf_counter() - began
+        page = bytes(4096)
+
+        def small_durable_write():
+            with open(path, "wb") as handle:
+                handle.write(page)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        fsync_s = _timed(small_durable_write)
     finally:
         if os.path.exists(path):
             os.remove(path)
     return DiskSpeed(read_bps=size / max(read_s, 1e-9), write_bps=size / max(write_s, 1e-9), folder=folder,
-                     filesystem=filesystem_of(folder), measured=_now(), page_cache_dropped=dropped)
+                     filesystem=filesystem_of(folder), measured=_now(), page_cache_dropped=dropped, fsync_s=fsync_s)
 
 
 def probe_shape(tokens: int, dim: int, hidden: int) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ from .lora import LoRAConfig
 from .progress import format_seconds
 from .runconfig import RunConfig
 from .sizing import human, part_bytes, step_io, store_bytes
-from .store import BlockStore, StoreSettings, block_unit
+from .store import BlockStore, StoreSettings, block_unit, unit_names
 from .tokenizer import ByteTokenizer
 
 SSD_WEAR_WARNING_BYTES = 10 * 10**12   # a run that writes more than this wears a consumer SSD noticeably
@@ -149,7 +149,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     ``threads`` (default: torch's thread count, what finetune.py uses) by its three threads and the matmuls'
     own parallelism; disk ``read`` and ``write`` run on background threads at the calibrated speeds and overlap
     the CPU work. The step takes the largest of CPU work and each disk direction, plus ``serial``: the first
-    load and the last update and write, which nothing overlaps.
+    load, the last update and write, and the commit's fsync of every file written (``fsync_s`` each), which
+    nothing overlaps.
     """
     cfg, cal = model, calibration
     max_seq_len = max_seq_len or int(round(seq_len))
@@ -251,6 +252,9 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
                          + (0 if lora is not None else last_unit * compute.update_ns * ns
                             + min(written, 2 * files["weights"] + 2 * files["shadow"] + 2 * files["optim"])
                             / cal.disk.write_bps))
+    if lora is None:  # the commit fsyncs every file the step wrote, the folder and the manifest, after the last write
+        files_written = cfg.n_layers * (3 if qat else 2) + 2 * (len(unit_names(cfg)) - cfg.n_layers)
+        seconds["serial"] += (files_written + 3) * cal.disk.fsync_s
     cpu = seconds["compute"] + seconds["quantize"] + seconds["load"] + seconds["update"]
     waits = {"compute": cpu, "disk read": seconds["read"], "disk write": seconds["write"]}
     bound = max(waits, key=waits.get)

@@ -29,7 +29,8 @@ def probes(tmp_path, monkeypatch):
 
     def probe_disk(folder):
         calls["disk"] += 1
-        return DiskSpeed(SPEEDS["read_bps"], SPEEDS["write_bps"], folder=folder, filesystem="test", measured="now")
+        return DiskSpeed(SPEEDS["read_bps"], SPEEDS["write_bps"], folder=folder, filesystem="test", measured="now",
+                         fsync_s=0.002)
 
     def probe_compute(device, shape, settings):
         calls["compute"] += 1
@@ -151,7 +152,7 @@ def test_the_real_probes_measure_and_clean_up(tmp_path, monkeypatch):
     """The unpatched probes: positive speeds, no probe file left behind (small sizes: a fraction of a second)."""
     monkeypatch.undo()  # the real probes, not the fixture's
     speed = calibration.probe_disk(str(tmp_path), nbytes=8 << 20)
-    assert speed.read_bps > 0 and speed.write_bps > 0 and speed.filesystem
+    assert speed.read_bps > 0 and speed.write_bps > 0 and speed.fsync_s > 0 and speed.filesystem
     assert os.listdir(tmp_path) == []
     compute = calibration.probe_compute("cpu", calibration.probe_shape(64, 128, 256), StoreSettings(mode="qat"))
     assert compute.matmul_flops > 0 and compute.update_ns > 0 and compute.quantize_ns > 0

@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     status.set_defaults(run=_delegate("metrics", "print_status"))
 
+    # Parsed by finetune.py's own option parser (see main): the same options, the same checks.
+    commands.add_parser("plan", add_help=False, usage="offload-bitnet plan [MODEL] [finetune.py options]",
+                        help="the dry-run plan of a fine-tuning run: finetune.py MODEL ... --dry-run",
+                        description="The dry-run plan of a fine-tuning run (finetune.py MODEL ... --dry-run): "
+                                    "the same options as finetune.py, parsed and checked by it.")
     plot = command("plot", "write the train/validation loss PNG of a run")
     plot.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     plot.set_defaults(run=_delegate("metrics", "plot_run"))
@@ -296,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @pipe_safe
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:
+        from .train import main as finetune_main
+
+        return finetune_main([*argv[1:], "--dry-run"], prog="offload-bitnet plan")
     try:
         args = build_parser().parse_args(argv)
         result = args.run(args)

@@ -131,6 +131,8 @@ class RunConfig:
     plot: bool = opt(True, "draw RUNS_DIR/EXPERIMENT/loss.png at the end (needs matplotlib)", kind="bool")
     plot_only: bool = opt(False, "only redraw loss.png from metrics.jsonl and exit", kind="bool")
     dry_run: bool = opt(False, "print the plan (sizes, bytes per step, memory, time) and exit", kind="bool")
+    recalibrate: bool = opt(False, "with --dry-run: measure this machine's disk and compute speeds again instead "
+                                   "of using the cached ones", kind="bool")
     debug: bool = opt(False, "show tracebacks on errors", kind="bool")
 
     def __post_init__(self):

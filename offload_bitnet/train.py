@@ -38,7 +38,7 @@ import traceback
 import torch
 
 from . import data as datalib
-from .config import ConfigError, config_for_size
+from .config import ConfigError
 from .engine import EngineOptions, StreamingEngine
 from .errors import pipe_safe, quiet_broken_pipe
 from .lora import LoRAConfig
@@ -857,115 +857,8 @@ def check_device(device: str):
 
 def resume_command(argv: list[str], prog: str) -> str:
     """The command that continues this run: the same arguments, without --restart."""
-    kept = [a for a in argv if a not in ("--restart", "--dry-run", "--plot-only")]
+    kept = [a for a in argv if a not in ("--restart", "--dry-run", "--plot-only", "--recalibrate")]
     return f"{prog} {shlex.join(kept)}".strip()
-
-
-# ---------------------------------------------------------------------------------------------- dry run
-def measure_gflops(device: str) -> float:
-    """fp32 matmul throughput of ``device`` in GFLOP/s (a short measurement)."""
-    size, repeats = 512, 8
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    a @ b
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / max(time.perf_counter() - began, 1e-9) / 1e9
-
-
-def plan_lines(config: RunConfig, model_config, settings: StoreSettings, disk: dict | None,
-               dataset: datalib.Dataset | None) -> list[str]:
-    """The dry-run plan: parameters, bytes on disk, bytes moved per step, peak memory and time estimates."""
-    from .engine import peak_rss_bytes
-    from .sizing import human, step_io, store_bytes
-
-    dtypes = dict(mode=settings.mode, shadow_dtype=settings.shadow_dtype, state_dtype=settings.state_dtype)
-    sizes = store_bytes(model_config, **dtypes)
-    io = step_io(model_config, **dtypes)
-    now = sum(disk.values()) if disk else sizes["total"] - sizes["optim"]
-    steps = total_steps(config, dataset) if dataset else config.num_train_iters
-    dim, layers = model_config.dim, model_config.n_layers
-    tokens = config.batch_size * config.max_seq_len
-    micro_tokens = config.micro_batch_size * config.max_seq_len
-    # Memory: every block input of the step (fp32) up to the activation budget, one block's replay graph
-    # (with T x T attention scores), the unit being updated (masters, grads, two moments, compute copy) plus
-    # the next one prefetched, and the chunked cross-entropy logits.
-    stash = layers * tokens * dim * 4
-    in_ram = min(stash, config.memory_budget_bytes)
-    replay = micro_tokens * (12 * dim + 4 * model_config.hidden_dim) * 4 + \
-        config.micro_batch_size * model_config.n_heads * config.max_seq_len ** 2 * 4 * 2
-    working = max(model_config.block_param_count(), model_config.vocab_size * dim) * 4 * 6
-    logits = min(1024, tokens) * model_config.vocab_size * 4 * 3
-    base = peak_rss_bytes()
-    peak = base + in_ram + replay + working + logits
-    # Time: forward, replayed forward and backward of every matrix (8 FLOPs per parameter per token) plus
-    # attention; I/O runs on background threads and overlaps compute when the disk keeps up.
-    matrices = layers * model_config.block_param_count() + model_config.vocab_size * dim
-    flops = tokens * (8 * matrices + 16 * layers * config.max_seq_len * dim)
-    gflops = measure_gflops(config.device)
-    seconds = flops / gflops / 1e9
-    if config.is_lora:
-        # The frozen base is read twice (forward, and backward's replay) and never written; the adapters and
-        # their two AdamW moments (fp32) are saved each step. No weight gradients: ~6 FLOPs per parameter.
-        shapes = model_config.projection_shapes
-        adapter_params = layers * sum(config.lora_rank * sum(shapes[t]) for t in config.lora_target_list)
-        io = {"read": 2 * io["eval_read"], "written": 12 * adapter_params}
-        seconds *= 6 / 8
-        disk_line = (f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
-                     + f", never written (LoRA); adapters {human(4 * adapter_params)} "
-                     f"({adapter_params:,} parameters) + optimizer {human(8 * adapter_params)} in the run folder")
-    else:
-        disk_line = (f"  on disk: {human(now)} now" + ("" if disk else " (to be created)")
-                     + f", {human(sizes['total'])} once optimizer moments exist (weights {human(sizes['weights'])}, "
-                     f"shadow {human(sizes['shadow'])}, optimizer {human(sizes['optim'])})")
-    lines = [
-        f"plan for {config.experiment_name}:",
-        f"  model: {model_config.arch}, {model_config.param_count():,} parameters, {layers} blocks, dim {dim}, "
-        f"vocab {model_config.vocab_size}; mode {settings.mode}, shadow {settings.shadow_dtype}, "
-        f"optimizer state {settings.state_dtype}" + (f"; LoRA rank {config.lora_rank}" if config.is_lora else ""),
-        disk_line,
-        f"  per step: {config.batch_size} x {config.max_seq_len} tokens in {config.grad_accum} micro-batch(es); "
-        f"reads {human(io['read'])}, writes {human(io['written'])}",
-        f"  peak memory: ~{human(peak)} (process now {human(base)}; activations {human(in_ram)} in RAM"
-        + (f", {human(stash - in_ram)} spilled to disk" if stash > in_ram else "")
-        + f"; block replay ~{human(replay)}; units in flight ~{human(working)})",
-        f"  time per step: ~{seconds:.2f}s of compute at the measured {gflops:.0f} GFLOP/s on {config.device}; "
-        f"I/O overlaps it (at 500 MB/s it would take {(io['read'] + io['written']) / 5e8:.2f}s)",
-    ]
-    if steps:
-        lines.append(f"  run: {steps} steps, ~{format_seconds(steps * seconds)} of compute")
-    return lines
-
-
-def dry_run(config: RunConfig, paths: RunPaths) -> int:
-    """Print the plan without creating, importing or training anything."""
-    from .formats.tokenizers import open_tokenizer
-
-    if store_is_complete(paths.store_dir):
-        store = BlockStore(paths.store_dir)
-        if not config.is_lora:
-            store.require_master_weights()  # a packed-only store: no plan for a run that would be refused
-        model_config, settings, disk = store.config, store.settings, store.disk_bytes()
-        tokenizer = open_tokenizer(store.path, store.extra.get("tokenizer"), config.tokenizer)
-    elif paths.origin == "demo":
-        model_config = config_for_size(config.size, "bitnet")
-        settings = StoreSettings(mode=config.store_mode or "qat", state_dtype=config.state_dtype or "fp32")
-        disk, tokenizer = None, ByteTokenizer()
-    else:
-        say(f"dry run: {config.model} is not imported yet, so its shapes are unknown here. Run without --dry-run "
-            f"to import it into {paths.store_dir} (the first step can be stopped with Ctrl-C), then --dry-run again.")
-        return EXIT_OK
-    dataset = load_data(config, tokenizer, model_config.vocab_size) if config.data else None
-    if dataset:
-        say(dataset.summary())
-        for note in dataset.stats.notes(config.max_seq_len):
-            say(f"note: {note}")
-    for line in plan_lines(config, model_config, settings, disk, dataset):
-        say(line)
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -976,6 +869,8 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         say(f"loss plot: {plot_losses(paths.metrics, paths.plot, config.experiment_name)}")
         return EXIT_OK
     if config.dry_run:
+        from .plan import dry_run  # plan.py calls this module's checks, so it is imported when needed
+
         return dry_run(config, paths)
     check_device(config.device)
     if config.data:

@@ -85,18 +85,6 @@ def test_demo_run_trains_reports_and_refuses_to_silently_redo(tmp_path, capsys):
     assert [r["step"] for r in metrics(run_dir) if r["type"] == "train"] == [1, 2]
 
 
-def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
-    assert main(tiny(tmp_path, "plan", 10, "--dry-run", "--grad-accum", "2")) == 0
-    out = capsys.readouterr().out
-    for fragment in ("plan for plan:", "806,912 parameters", "on disk:", "per step: 4 x 32 tokens in 2 micro-batch",
-                     "reads", "writes", "peak memory:", "time per step:", "run: 10 steps"):
-        assert fragment in out
-    assert not os.path.exists(tmp_path / "plan" / "store")
-    assert main(tiny(tmp_path, "plan", 10, "--dry-run", "--mode", "lora", "--lora-rank", "4")) == 0
-    out = capsys.readouterr().out
-    assert "never written (LoRA); adapters 146.0 KiB (37,376 parameters)" in out and "LoRA rank 4" in out
-
-
 # ---------------------------------------------------------------------------------------------- resume
 def cli(tmp_path, experiment, steps):
     return [sys.executable, os.path.join(ROOT, "finetune.py"), "--runs-dir", str(tmp_path), "--experiment", experiment,

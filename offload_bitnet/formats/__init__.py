@@ -7,7 +7,9 @@ Each format module (``hf``, ``meta``, ``gguf``) provides:
   into a new store (one unit in memory at a time), record ``manifest["extra"]["source"]`` (what export needs
   to write the source format back) and ``manifest["extra"]["tokenizer"]`` (tokenizer files go in
   ``STORE/tokenizer/``); returns the store path;
-* ``export_from_store(store: BlockStore, out_dir, **options) -> str``.
+* ``export_from_store(store: BlockStore, out_dir, **options) -> str``;
+* ``read_config(path) -> ModelConfig`` and ``read_source(path) -> (ModelConfig, tokenizer or None)``: the
+  shapes and tokenizer an import would give, from the source's metadata only (the dry-run plan).
 """
 from __future__ import annotations
 
@@ -88,6 +90,16 @@ def _run_or_adapter_hint(path: str) -> str | None:
                     f"merge: offload-bitnet merge {run_record(path).get('store') or base} {adapter} OUT)")
         return f"{path} is a run folder that holds no model yet (no store, merged model or adapters)"
     return None
+
+
+def read_source(path: str):
+    """``(ModelConfig, tokenizer or None)`` of a model that is not imported yet, from its own metadata (HF
+    ``config.json``, Meta ``params.json`` and shard headers, the GGUF header) without reading its weights."""
+    kind = detect_format(path)
+    if kind == "store":
+        raise ValueError(f"{path} is a store; open it with BlockStore")
+    module = importlib.import_module(f".{kind}", __name__)
+    return module.read_source(path)
 
 
 def import_model(src: str, out_dir: str, settings: StoreSettings | None = None, progress: bool = True) -> str:

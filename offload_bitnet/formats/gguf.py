@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..config import ModelConfig
 from ..model import rope_inverse_frequencies
 from ..progress import Progress
 from ..store import StoreSettings, block_unit, unit_names
+from ..tokenizer import load_tokenizer
 
 TOKENIZER_FILE = "gguf_tokenizer.json"
 
@@ -149,8 +151,9 @@ def _gguf_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def read_config(path: str, reader) -> ModelConfig:
-    """The ModelConfig the metadata of a llama GGUF describes."""
+def read_config(path: str, reader=None) -> ModelConfig:
+    """The ModelConfig the metadata of a llama GGUF describes (the header only: tensor data is not read)."""
+    reader = reader if reader is not None else open_reader(path)
     arch = field_value(reader, "general.architecture")
     if arch != "llama":
         raise GGUFError(f"{path} holds a {arch!r} model; only the 'llama' architecture (LLaMA, Mistral, SmolLM, "
@@ -249,6 +252,17 @@ def write_tokenizer(store_dir: str, data: dict):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, TOKENIZER_FILE), "w") as handle:
         json.dump(data, handle)
+
+
+def read_source(path: str):
+    """``(ModelConfig, tokenizer)`` an import of ``path`` would give its store, from the header alone (one
+    parse: a big vocabulary makes it take seconds). The tokenizer is saved and loaded as the import does, in a
+    temporary folder."""
+    reader = open_reader(path)
+    data = read_tokenizer(reader)
+    with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as folder:
+        write_tokenizer(folder, data)
+        return read_config(path, reader), load_tokenizer(folder, tokenizer_description(data))
 
 
 # ---------------------------------------------------------------------------------------------- import

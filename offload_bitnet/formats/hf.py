@@ -30,7 +30,8 @@ from ..create import default_mode, write_store
 from ..layout import Layout
 from ..progress import Progress
 from ..store import DTYPES, BlockStore, StoreSettings, unit_names
-from ..ternary import PackedTernary, latent_weight, pack_weight
+from ..ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
+from ..tokenizer import load_tokenizer
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -245,6 +246,11 @@ def read_config_json(folder: str) -> dict:
     if not isinstance(data, dict):
         raise HFFormatError(f"{path} does not hold a JSON object")
     return data
+
+
+def read_config(folder: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder, from its ``config.json`` alone (no weights are read)."""
+    return config_from_hf(read_config_json(folder), os.path.join(folder, CONFIG))
 
 
 class Checkpoint:
@@ -485,6 +491,14 @@ def check_tokenizer_fits(folder: str, config: ModelConfig):
                             f"model only vocab_size={config.vocab_size} embedding rows: the tokenizer does not belong "
                             "to these weights. Use the tokenizer files that came with the model, or resize the "
                             "embedding (model.resize_token_embeddings) and save the model again.")
+
+
+def read_source(folder: str):
+    """``(ModelConfig, tokenizer or None)``: what an import of ``folder`` would give its store, from
+    ``config.json`` and the tokenizer files in the folder (no weights are read)."""
+    description = describe_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, {**description, "dir": "."}) if description else None
+    return read_config(folder), tokenizer
 
 
 def copy_tokenizer(src_folder: str, dst_folder: str, files: list[str]):

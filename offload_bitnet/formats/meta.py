@@ -39,6 +39,7 @@ from ..create import write_store
 from ..layout import Layout
 from ..progress import Progress
 from ..store import DTYPES, BlockStore, StoreSettings, block_unit, unit_names
+from ..tokenizer import load_tokenizer
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -180,6 +181,22 @@ def config_from_params(params: dict, vocab_size: int, tokenizer: dict | None) ->
                            bos_id=ids.get("bos_id", 1), eos_id=ids.get("eos_id", 2), pad_id=ids.get("pad_id"))
     except ConfigError as error:
         raise MetaFormatError(f"{PARAMS}: {error}") from None
+
+
+def read_config(src: str) -> ModelConfig:
+    """The ModelConfig of a Meta folder: ``params.json`` plus the embedding's shape (the vocabulary size), read
+    from the shards' headers by the import's own checks (memory-mapped; no weights are read)."""
+    return inspect_checkpoint(src)["config"]
+
+
+def read_source(src: str):
+    """``(ModelConfig, tokenizer or None)``: what an import of ``src`` would give its store, from its metadata
+    and ``tokenizer.model`` (no weights are read)."""
+    path = os.path.join(src, TOKENIZER)
+    tokenizer = None
+    if os.path.isfile(path):
+        tokenizer = load_tokenizer(src, {"kind": tokenizer_info(path)["kind"], "file": TOKENIZER, "dir": "."})
+    return read_config(src), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- key layout

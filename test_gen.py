@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate text with a model, streaming its blocks from disk.
 
-    python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"
+    python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"   # or --device DEVICE
     python test_gen.py SmolLM2-135M-Instruct.Q4_1.gguf cpu --chat --prompt "What is the capital of France?"
 
 MODEL is a store, or any model the importers read (Hugging Face folder, Meta folder, .gguf file); a model
@@ -25,9 +25,12 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from offload_bitnet.argparsing import ArgumentParser, choose_device
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
-    parser.add_argument("device", nargs="?", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("device", nargs="?", help="cpu (default), cuda, cuda:1, mps; or give --device")
+    parser.add_argument("--device", dest="device_option", metavar="DEVICE", help="the same as the DEVICE argument")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="format each prompt as a user message with the "
                         "model's chat template and stop at its end-of-turn token")
@@ -41,7 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
                         help="bytes of weights kept in memory (default 2G); larger models stream from disk every token")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # intermixed: MODEL --prompt TEXT DEVICE
+    try:
+        args.device = choose_device(args.device, args.device_option) or "cpu"
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def run(args) -> int:

@@ -10,6 +10,7 @@ import importlib
 import json
 import sys
 
+from .argparsing import ArgumentParser
 from .config import SIZES
 from .errors import describe_error
 from .progress import Progress
@@ -92,7 +93,7 @@ def _add_storage_options(parser: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-bitnet", description=__doc__)
+    parser = ArgumentParser(prog="offload-bitnet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -13,6 +13,7 @@ import sys
 from .argparsing import ArgumentParser
 from .config import SIZES
 from .errors import describe_error
+from .formats import EXPORT_FORMATS
 from .progress import Progress
 
 
@@ -113,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_options(imp)
     imp.set_defaults(run=_import)
 
-    exp = commands.add_parser("export", help="export a store (source format, hf, hf-bitnet, meta)")
+    exp = commands.add_parser("export", help="export a store (source format, hf, hf-bitnet, meta, gguf)")
     exp.add_argument("store")
     exp.add_argument("out")
-    exp.add_argument("--format", default="source", choices=["source", "hf", "hf-bitnet", "meta"])
+    exp.add_argument("--format", default="source", choices=list(EXPORT_FORMATS),
+                     help="source (default: the format it was imported from), hf (LlamaForCausalLM), hf-bitnet "
+                          "(packed BitNetForCausalLM), meta, gguf (F16, stores imported from GGUF only)")
     exp.set_defaults(run=_export)
 
     merge = commands.add_parser("merge", help="fold LoRA adapters into a new 16-bit store")

@@ -15,10 +15,10 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .argparsing import DEVICE_PATTERN, ArgumentParser, choose_device, split_model_and_device
+from .formats import EXPORT_FORMATS
 from .schedule import SCHEDULES
 
 DATA_FORMATS = ("auto", "text", "alpaca", "chat")
-EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
 MODES = ("qat", "full", "lora")
 STATE_DTYPES = ("fp32", "bf16", "int8")
 DEMO_EXPERIMENT = "demo"
@@ -119,7 +119,8 @@ class RunConfig:
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
                                      "e.g. 512MiB, 4GiB", kind="size")
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
-    export_format: str = opt("source", "export format (source: the format it was imported from)",
+    export_format: str = opt("source", "export format (source: the format it was imported from; gguf: only for "
+                                       "a store imported from GGUF)",
                              choices=EXPORT_FORMATS, kind="str")
     merge: bool = opt(False, "LoRA: fold the adapters into a new 16-bit store RUN_DIR/merged at the end "
                              "(--export-path then exports that store)", kind="bool")

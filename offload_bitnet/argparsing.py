@@ -62,6 +62,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line on stderr, starting ``error:`` like every other error of the tool (the usage is one
         ``--help`` away); exit status 2, as argparse's."""
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+        if choice:  # a misspelt sub-command or value: name the closest choice too
+            close = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
         self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
 
     def unrecognized(self, extras: list[str]) -> str:

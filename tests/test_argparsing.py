@@ -60,6 +60,9 @@ def test_sub_commands_suggest_their_own_options(capsys):
     line = one_line_error(capsys, lambda: cli_parser().parse_args(["export", "a", "b", "--formt", "hf"]))
     assert line == ("error: unknown option --formt; did you mean --format? "
                     "(offload-bitnet export --help lists the options)")
+    line = one_line_error(capsys, lambda: cli_parser().parse_args(["exprt", "a", "b"]))
+    assert line.startswith("error: argument command: invalid choice: 'exprt' (choose from 'create', ")
+    assert line.endswith("); did you mean 'export'? (offload-bitnet --help lists the options)")
     args = cli_parser().parse_args(["create", "out", "--state_dtype", "int8", "--seed", "-3"])
     assert args.state_dtype == "int8" and args.seed == -3
 

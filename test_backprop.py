@@ -6,11 +6,12 @@
 import argparse
 import sys
 
+from offload_bitnet.argparsing import ArgumentParser
 from offload_bitnet.parity import run_parity
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["qat", "full"], default="qat")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--micro-batches", type=int, default=2, help="gradient accumulation G")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate text with a model, streaming its blocks from disk.
 
-    python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"
+    python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"   # or --device DEVICE
     python test_gen.py SmolLM2-135M-Instruct.Q4_1.gguf cpu --chat --prompt "What is the capital of France?"
 
 MODEL is a store, or any model the importers read (Hugging Face folder, Meta folder, .gguf file); a model
@@ -33,9 +33,12 @@ def _help_formatter():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_help_formatter())
+    from offload_bitnet.argparsing import ArgumentParser, choose_device
+
+    parser = ArgumentParser(description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
-    parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("device", nargs="?", help="cpu (default), cuda, cuda:1, mps; or give --device")
+    parser.add_argument("--device", dest="device_option", metavar="DEVICE", help="the same as the DEVICE argument")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="format each prompt as a user message with the "
                         "model's chat template and stop at its end-of-turn token")
@@ -53,7 +56,12 @@ def parse_args(argv=None):
                         help="the tokenizer to use instead of the model's own (needed when the model carries none): "
                              "a folder with tokenizer.json or tokenizer.model, one of those files, a .gguf file, "
                              "a store, or 'byte' for the built-in byte tokenizer")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # intermixed: MODEL --prompt TEXT DEVICE
+    try:
+        args.device = choose_device(args.device, args.device_option) or "cpu"
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def run(args) -> int:

@@ -10,9 +10,12 @@
 3. The crash run: the same command in a fresh run folder, interrupted N times with ``kill -9`` at moments drawn
    by a seeded RNG: (a) fault-point kills (``OFFLOAD_BITNET_FAULTS=point:N:kill``, every point: block
    write-back ``write.data``/``write.rename``, manifest commit ``commit.rename``/``commit.cleanup``,
-   ``prefetch``, ``update``, ``read``) and (b) SIGKILL after a random wall-clock delay. Three more
-   interruptions are mixed in: a graceful SIGTERM and a graceful SIGINT (sent once a step has finished) and
-   an exception inside a block update (``update:N:raise``). After each one the same command is run again.
+   ``prefetch``, ``update``, ``read``) and (b) SIGKILL after a random wall-clock delay (with a backstop: the
+   run kills itself at the commit after the window, should the kill from outside come late on a busy
+   machine). Three more interruptions are mixed in: a graceful SIGTERM and a graceful SIGINT, which the run
+   sends itself right after a seeded commit (``commit.cleanup:N:sigterm``: never after its last step, however
+   slow the machine), and an exception inside a block update (``update:N:raise``). After each one the same
+   command is run again.
 4. The final store must be bit-identical to the reference: every tensor of every part (weights, shadow,
    optimizer moments) read through ``BlockStore.read`` with its checksum, the step counter, the config and
    settings, and the trainer state in the manifest's extra (its run folder aside). Files a crash left in the
@@ -47,6 +50,8 @@ FINETUNE = os.path.join(ROOT, "finetune.py")
 EXPERIMENT = "crash"
 # Points whose kills the run must always cover first: block write-back, manifest commit and prefetch.
 FIRST_POINTS = ("write.data", "commit.rename", "prefetch")
+# Passed once per manifest commit, after the switch: where graceful signals are sent and backstops kill.
+COMMIT_POINT = "commit.cleanup"
 WINDOW_STEPS = 3          # a kill lands within the next few steps of the work left, so kills never run out
 RUN_TIMEOUT_S = 900
 
@@ -241,6 +246,23 @@ class Calibration:
                 return "~creation" if step == 0 else f"~step {step}"
         return f"~step {self.final}"
 
+    def commits_range(self, committed: int | None) -> tuple[int, int]:
+        """Passes through ``COMMIT_POINT`` a run resuming at ``committed`` makes after its first training
+        commit and up to the commit of step ``committed + steps_ahead`` (a fresh run's store creation commits
+        come first: a signal then would find no handler yet)."""
+        fresh = committed is None or committed < 0
+        low = 1 + (self.marks[0]["counts"].get(COMMIT_POINT, 0) if fresh and 0 in self.marks else 0)
+        return low, max(low, self.window(COMMIT_POINT, committed))
+
+    def backstop(self, committed: int | None) -> int | None:
+        """The pass through ``COMMIT_POINT`` of the commit of step ``committed + steps_ahead + 1`` (None past
+        the last step): a wall-clock kill that has not landed by then is late."""
+        start = committed if committed is not None and committed >= 0 else None
+        step = (start or 0) + self.steps_ahead(committed) + 1
+        if step > self.final:
+            return None
+        return self.passes(COMMIT_POINT, step) - (self.passes(COMMIT_POINT, start) if start is not None else 0)
+
     def wall_delay_range(self, committed: int | None) -> tuple[float, float]:
         """Delays from launch that kill during late start-up or the next steps (short of the last one)."""
         return (0.6 * self.startup_seconds,
@@ -310,17 +332,6 @@ def supervised(runs_dir: str, steps: int, calibration: "Calibration", faults: st
     return finish(process)
 
 
-def wait_for_progress(process: subprocess.Popen, runs_dir: str, after: int, launched_ns: int,
-                      timeout: float) -> bool:
-    """Wait until this process reports a finished step past ``after``, or ends. True: it is still running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if reported_step(runs_dir, launched_ns) > after:
-            return True
-        time.sleep(0.05)
-    return process.poll() is None
-
-
 def trained_steps(runs_dir: str) -> int:
     """Steps of this run committed to its store (from the trainer state in the manifest)."""
     try:
@@ -358,9 +369,12 @@ def crash_run(runs_dir: str, steps: int, kills: int, rng: random.Random, calibra
             # On a busy machine a run may get further in ``delay`` than calibrated: it is killed at once when
             # it reports the last step of the window, so the kill still lands before the run can finish.
             limit = max(before or 0, 0) + calibration.steps_ahead(before)
+            # Should even that come too late (this process not scheduled for a whole step), the run kills itself
+            # at the next commit, so that the kill still lands.
+            backstop = calibration.backstop(before)
             launched_ns, started = time.time_ns(), time.monotonic()
-            process = launch(runs_dir, steps)
-            capped, first_report = False, None
+            process = launch(runs_dir, steps, faults=f"{COMMIT_POINT}:{backstop}:kill" if backstop else "")
+            capped, first_report, sent = False, None, False
             while process.poll() is None:
                 elapsed = time.monotonic() - started
                 reported = reported_step(runs_dir, launched_ns)
@@ -369,22 +383,20 @@ def crash_run(runs_dir: str, steps: int, kills: int, rng: random.Random, calibra
                     calibration.observe(elapsed)
                 capped = reported >= limit
                 if elapsed >= delay or capped:
+                    sent = process.poll() is None  # not already ended by the backstop
                     process.send_signal(signal.SIGKILL)
                     break
                 time.sleep(0.02)
-            moment = f"kill -9 after {time.monotonic() - started:.2f}s (wall clock" + \
-                (f", reached step {limit})" if capped else ")")
             rc, out, err = finish(process)
+            moment = f"kill -9 after {time.monotonic() - started:.2f}s (wall clock" + \
+                ((f", reached step {limit})" if capped else ")") if sent else ", late: the backstop at the next commit)")
             expected = (-signal.SIGKILL,)
         elif kind in ("sigterm", "sigint"):
             number = signal.SIGTERM if kind == "sigterm" else signal.SIGINT
-            moment = f"graceful {number.name} once a step has finished"
-            launched_ns, started = time.time_ns(), time.monotonic()
-            process = launch(runs_dir, steps)
-            if wait_for_progress(process, runs_dir, done, launched_ns, RUN_TIMEOUT_S):
-                calibration.observe(time.monotonic() - started)
-                process.send_signal(number)
-            rc, out, err = finish(process)
+            count = rng.randint(*calibration.commits_range(before))
+            moment = (f"graceful {number.name} right after commit {count} "
+                      f"({calibration.landing(COMMIT_POINT, count, before)})")
+            rc, out, err = supervised(runs_dir, steps, calibration, faults=f"{COMMIT_POINT}:{count}:{kind}")
             expected = (128 + number,)
             if rc in expected and "stopped at step" not in out:
                 problems.append(f"{kind}: no 'stopped at step' line in the output")

@@ -20,7 +20,7 @@ Default shape: dim 512, 8 layers, 8 heads, vocab 32000 untied, seq 128, batch 1,
 ``--profile`` breaks the streamed step down by activity and thread (read, checksum, safetensors decode,
 unpack/upcast, block compute, backward, AdamW, encode/pack, serialize, fsync, commit, deletes) by wrapping
 the engine's and store's functions in this process (nothing in the library is changed), and prints a
-cProfile of the main thread.
+cProfile of the main thread. Rows under ``--profile-min-ms`` (0.5) per step are counted, not shown.
 
 Usage: ``python bench/step_time.py [--quick] [--large] [--profile] [--modes full qat] [--steps 3]
 [--repeats 5] [--warmup 2]``.
@@ -156,7 +156,9 @@ class Timers:
             setattr(owner, attribute, original)
         self._patches.clear()
 
-    def report(self, steps: int, wall: float, cpu: float):
+    def report(self, steps: int, wall: float, cpu: float, min_seconds: float = 0.0005):
+        """Print the rows of each thread, largest first; rows under ``min_seconds`` per step are counted, not
+        shown (a smoke test passes 0 to see every row, whatever the machine's speed)."""
         print(f"  streamed step breakdown, per step over {steps} steps (train_step + flush): wall {wall / steps:.3f}s, "
               f"process CPU {cpu / steps:.3f}s. Exclusive times; prefetch and writer threads overlap main.")
         print(f"      {'wall':>8} {'cpu':>8} {'% wall':>6}")
@@ -168,11 +170,16 @@ class Timers:
             total = sum(s for s, _ in rows)
             total_cpu = sum(self.cpu[(kind, label)] for _, label in rows)
             print(f"    [{kind} thread: {total / steps:.3f}s wall, {total_cpu / steps:.3f}s CPU in timed regions]")
+            hidden = 0
             for seconds, label in rows:
-                if seconds / steps >= 0.0005:
+                if seconds / steps >= min_seconds:
                     print(f"      {seconds / steps:7.3f}s {self.cpu[(kind, label)] / steps:7.3f}s "
                           f"{100 * seconds / max(wall, 1e-9):5.1f}%  {label} "
                           f"({self.calls[(kind, label)] // steps} calls/step)")
+                else:
+                    hidden += 1
+            if hidden:
+                print(f"      ({hidden} more under {1000 * min_seconds:g} ms/step; --profile-min-ms 0 shows them)")
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -336,7 +343,7 @@ def run_shape(mode: str, dim: int, layers: int, heads: int, args, work: str) -> 
             print(f"  for orientation: slowllama SGD block offload ~{reference} s/step on this shape "
                   f"(ours: {c.median(streamed):.2f} s/step with AdamW)")
         if args.profile:
-            profile(engine, batch, args.profile_steps, c.median(faults))
+            profile(engine, batch, args.profile_steps, c.median(faults), args.profile_min_ms)
     finally:
         engine.close()
         del model, optimizer
@@ -361,7 +368,7 @@ def fresh_page_cost() -> tuple[float, float, float]:
     return max(fresh - again, 0.0) / max(c.median(faults), 1), fresh, again
 
 
-def profile(engine: StreamingEngine, batch, steps: int, faults_per_step: float):
+def profile(engine: StreamingEngine, batch, steps: int, faults_per_step: float, min_ms: float = 0.5):
     """Per-activity breakdown of streamed steps, the cost of fresh pages, then a cProfile of the main thread."""
     per_fault, fresh, again = fresh_page_cost()
     print(f"  page faults: filling a new 64 MiB tensor takes {fresh:.4f}s, refilling a mapped one {again:.4f}s: "
@@ -377,7 +384,7 @@ def profile(engine: StreamingEngine, batch, steps: int, faults_per_step: float):
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     finally:
         timers.uninstall()
-    timers.report(steps, wall, cpu)
+    timers.report(steps, wall, cpu, min_ms / 1000)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
@@ -399,6 +406,8 @@ def main(argv=None) -> int:
     parser.add_argument("--large", action="store_true", help="also dim 1024 x 16 layers")
     parser.add_argument("--profile", action="store_true", help="break the streamed step down")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-min-ms", type=float, default=0.5,
+                        help="profile rows below this many ms per step are counted, not shown (default 0.5)")
     parser.add_argument("--modes", nargs="+", choices=("full", "qat"), default=["full", "qat"])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)

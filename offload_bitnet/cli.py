@@ -10,8 +10,10 @@ import importlib
 import json
 import sys
 
+from .argparsing import ArgumentParser
 from .config import SIZES
 from .errors import describe_error, pipe_safe, quiet_broken_pipe
+from .formats import EXPORT_FORMATS
 from .progress import Progress
 
 
@@ -210,8 +212,8 @@ TOKENIZER_HELP = ("tokenizer to store with the model: a folder with tokenizer.js
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-bitnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="offload-bitnet", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -244,12 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_options(imp)
     imp.set_defaults(run=_import)
 
-    exp = command("export", "export a store (source format, hf, hf-bitnet, meta)")
+    exp = command("export", "export a store (source format, hf, hf-bitnet, meta, gguf)")
     exp.add_argument("store", help="store folder")
     exp.add_argument("out", help="output folder")
-    exp.add_argument("--format", default="source", choices=["source", "hf", "hf-bitnet", "meta"],
+    exp.add_argument("--format", default="source", choices=list(EXPORT_FORMATS),
                      help="source: the format it was imported from; hf: LlamaForCausalLM (BitNetForCausalLM for a "
-                          "BitNet store); hf-bitnet: packed BitNetForCausalLM")
+                          "BitNet store); hf-bitnet: packed BitNetForCausalLM; meta; gguf: F16, stores imported "
+                          "from GGUF only")
     exp.set_defaults(run=_export)
 
     merge = command("merge", "fold LoRA adapters into a new 16-bit store")

@@ -4,6 +4,8 @@
 per process, from 1) perform ``action``:
 
 * ``kill``   — SIGKILL this process (a power cut, as far as the process can tell);
+* ``sigterm`` / ``sigint`` — send this process SIGTERM / SIGINT (a user's stop request, at a known moment:
+  tests need no race between a signal sent from outside and the end of the run);
 * ``raise``  — raise ``InjectedFault`` (an exception in the middle of the work);
 * ``enospc`` / ``eio`` — raise ``OSError`` with that errno (a full disk, a failing disk).
 
@@ -20,6 +22,7 @@ import signal
 import threading
 
 ENV = "OFFLOAD_BITNET_FAULTS"
+ACTIONS = ("kill", "sigterm", "sigint", "raise", "enospc", "eio")
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "prefetch", "update", "read")
 
 
@@ -35,7 +38,7 @@ def _parse(spec: str) -> dict[str, list[tuple[int, str]]]:
             count = int(count)
         except ValueError:
             raise ValueError(f"{ENV}: cannot parse {item!r}; expected point:N:action") from None
-        if point not in POINTS or action not in ("kill", "raise", "enospc", "eio"):
+        if point not in POINTS or action not in ACTIONS:
             raise ValueError(f"{ENV}: unknown point or action in {item!r}; points: {', '.join(POINTS)}")
         plan.setdefault(point, []).append((count, action))
     return plan
@@ -70,6 +73,9 @@ def fault_point(point: str):
     for action in actions:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action in ("sigterm", "sigint"):
+            os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGINT)
+            continue  # the process goes on: its handler decides what the signal means
         if action == "raise":
             raise InjectedFault(f"injected fault at {point}")
         code = errno.ENOSPC if action == "enospc" else errno.EIO

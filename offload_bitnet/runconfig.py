@@ -1,7 +1,7 @@
 """The run configuration: one dataclass filled from defaults, then ``--config run.toml``, then flags.
 
-Every field is a command-line flag (``max_seq_len`` -> ``--max-seq-len``) and a TOML key (``max_seq_len``
-or ``max-seq-len``). ``validate`` reports every problem at once, naming where each value came from.
+Every field is a command-line flag (``--max-seq-len``, also spelled ``--max_seq_len``) and a TOML key
+(``max_seq_len`` or ``max-seq-len``); a flag's aliases (``--learning-rate``) are TOML keys too. ``validate`` reports every problem at once, naming where each value came from.
 Relative paths in a TOML file are resolved against the folder of that file.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from .argparsing import DEVICE_PATTERN, ArgumentParser, choose_device, split_model_and_device
+from .formats import EXPORT_FORMATS
 from .schedule import SCHEDULES
 
 DATA_FORMATS = ("auto", "text", "alpaca", "chat")
-EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
 MODES = ("qat", "full", "lora")
 STATE_DTYPES = ("fp32", "bf16", "int8")
 DEMO_EXPERIMENT = "demo"
@@ -121,7 +122,8 @@ class RunConfig:
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
                                      "e.g. 512MiB, 4GiB", kind="size")
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
-    export_format: str = opt("source", "export format (source: the format it was imported from)",
+    export_format: str = opt("source", "export format (source: the format it was imported from; gguf: only for "
+                                       "a store imported from GGUF)",
                              choices=EXPORT_FORMATS, kind="str")
     merge: bool = opt(False, "LoRA: fold the adapters into a new 16-bit store RUN_DIR/merged at the end "
                              "(--export-path then exports that store)", kind="bool")
@@ -253,7 +255,7 @@ class RunConfig:
                 f"{self.describe('mode')} asks for full precision: use --mode qat (or leave --mode out)")
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             bad(f"{self.describe('state_dtype')} must be fp32, bf16 or int8 (8-bit blockwise); fp16 moments underflow")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
             bad(f"{self.describe('device')} must be cpu, cuda, cuda:N or mps")
         try:
             if self.memory_budget_bytes <= 0:
@@ -375,8 +377,10 @@ def parse_size(value) -> int:
 
 # ---------------------------------------------------------------------- loading
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-# Other names a TOML file may use for a field (the flag aliases, without dashes): learning_rate -> lr.
-ALIASES = {alias.lstrip("-").replace("-", "_"): f.name for f in FIELDS.values() for alias in f.metadata["aliases"]}
+# Other names a TOML file may use for a field (its flag and the flag's aliases, without dashes):
+# learning_rate -> lr, prompt -> prompts.
+ALIASES = {alias.lstrip("-").replace("-", "_"): f.name for f in FIELDS.values()
+           for alias in (*f.metadata["aliases"], f.metadata["flag"] or "") if alias}
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -385,7 +389,7 @@ def flag_of(f: dataclasses.Field) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; defaults are suppressed so that only flags actually given override."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="finetune.py", argument_default=argparse.SUPPRESS,
         description="Fine-tune a BitNet or LLaMA-family model larger than memory, streaming blocks from disk. "
                     "With no MODEL, creates a small BitNet demo model and trains it on test_data/demo.txt. "
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a MODEL the demo recipe replaces the defaults the user did not set: "
                + ", ".join(f"{name}={value}" for name, value in DEMO_DEFAULTS.items()) + ".")
     parser.add_argument("model", nargs="?", metavar="MODEL", help=FIELDS["model"].metadata["help"])
+    parser.add_argument("device_argument", nargs="?", metavar="DEVICE",
+                        help="compute device, as with --device (e.g. finetune.py MODEL cpu; without a MODEL, "
+                             "finetune.py cpu trains the demo on it)")
     parser.add_argument("--config", metavar="RUN.toml", help="read settings from a TOML file (flags override it)")
     group = parser
     for f in dataclasses.fields(RunConfig):
@@ -486,7 +493,16 @@ def _resolve(base: str, path: str) -> str:
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """A validated RunConfig from defaults, ``--config FILE`` and flags (flags win)."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_intermixed_args(argv))  # intermixed: MODEL --data FILE DEVICE
+    model, device_argument = split_model_and_device(args.pop("model", None), args.pop("device_argument", None))
+    if model is not None:
+        args["model"] = model
+    try:
+        device = choose_device(device_argument, args.get("device"))
+    except ValueError as error:
+        raise RunConfigError(f"invalid run configuration: {error}") from None
+    if device is not None:
+        args["device"] = device
     config = RunConfig()
     config_path = args.pop("config", None)
     if config_path:

@@ -303,16 +303,17 @@ def default_lr(config: RunConfig, store: BlockStore) -> float:
 class Stopper:
     """Turns SIGINT/SIGTERM and the time limits into a request to stop at the next step boundary."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, clock=time.time):
         self.requested: str | None = None
         self.signal_number: int | None = None
         self.deadline = None
-        now = time.time()
+        self._clock = clock  # seconds since the epoch; tests pass a fixed one
+        now = clock()
         if config.max_hours is not None:
             self.deadline = now + config.max_hours * 3600
         if config.until is not None:
             hour, minute = map(int, config.until.split(":"))
-            target = datetime.datetime.now().replace(hour=hour, minute=minute, second=0, microsecond=0)
+            target = datetime.datetime.fromtimestamp(now).replace(hour=hour, minute=minute, second=0, microsecond=0)
             if target.timestamp() <= now:
                 target += datetime.timedelta(days=1)
             self.deadline = min(self.deadline or math.inf, target.timestamp())
@@ -339,7 +340,7 @@ class Stopper:
         """Why to stop before the next step, or None."""
         if self.requested:
             return self.requested
-        if self.deadline is not None and time.time() + next_step_seconds > self.deadline:
+        if self.deadline is not None and self._clock() + next_step_seconds > self.deadline:
             return "time limit"
         return None
 

@@ -371,6 +371,23 @@ def test_contradictory_config_values_and_bad_sizes(models, tmp_path):
     assert files_under(runs) == []
 
 
+def test_command_line_mistakes_get_one_line(models, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "exported"
+    before = digest(models["store"], models["data"])
+    negative, unknown, unknown_sub, device = run_all(
+        FINETUNE + [models["store"], "--data", models["data"], "--runs-dir", str(runs), "--lr", "-1e-3"],
+        FINETUNE + [models["store"], "--data", models["data"], "--runs-dir", str(runs), "--lerning-rate", "1e-3"],
+        CLI + ["export", models["store"], str(out), "--formt", "hf"],
+        TEST_GEN + [models["store"], "mps", "--device", "cpu", "--prompt", "hi"])
+    # One line each, not argparse's usage.
+    assert len(expect("negative-learning-rate", negative).splitlines()) == 1
+    assert len(expect("unknown-option", unknown).splitlines()) == 1
+    assert len(expect("unknown-option-subcommand", unknown_sub).splitlines()) == 1
+    assert len(expect("device-given-twice", device).splitlines()) == 1
+    assert digest(models["store"], models["data"]) == before
+    assert files_under(runs) == [] and not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- stores
 def test_store_locked_by_another_run(models, tmp_path):
     store = copy_store(models, tmp_path)

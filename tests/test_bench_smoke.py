@@ -50,7 +50,9 @@ def test_io_per_step_quick(tmp_path):
 
 
 def test_step_time_quick_with_profile(tmp_path):
-    output = run_bench("step_time.py", "--profile", workdir=tmp_path)
+    # Every profiled row is printed (--profile-min-ms 0): which rows pass the default 0.5 ms/step threshold
+    # depends on the machine's speed and load, and what is checked here is that each activity was timed.
+    output = run_bench("step_time.py", "--profile", "--profile-min-ms", "0", workdir=tmp_path)
     assert len(re.findall(r"streamed :\s+\d+\.\d+ s/step", output)) == 2, output
     assert len(re.findall(r"in-memory:\s+\d+\.\d+ s/step", output)) == 2, output
     assert len(re.findall(r"streamed / in-memory: \d+\.\d+", output)) == 2, output
@@ -58,7 +60,9 @@ def test_step_time_quick_with_profile(tmp_path):
     # The profiler found the functions it wraps (it names any it could not).
     assert "not timed" not in output, output
     for activity in ("fsync", "AdamW update", "compute: block forward / replay", "read: safetensors decode"):
-        assert activity in output, activity
+        assert re.search(rf"^\s+\d+\.\d+s\s+\d+\.\d+s\s+\d+\.\d%  {re.escape(activity)}.* \([1-9]\d* calls/step\)$",
+                         output, re.M), (activity, output)
+    assert "more under" not in output, output
 
 
 def test_forward_bound_counts_projection_bits_and_stored_tensors():

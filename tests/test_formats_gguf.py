@@ -325,6 +325,26 @@ def test_export_round_trip(tmp_path):
     assert load_tokenizer(second, b.extra["tokenizer"]).encode(" the", bos=False) == [the]
 
 
+def test_cli_exports_gguf_from_a_gguf_store_and_refuses_other_stores(tmp_path, capsys):
+    """``offload-bitnet export --format gguf`` (and ``source``, for a GGUF-imported store) write a GGUF; a store
+    without a GGUF vocabulary is refused in one line that says what to do instead."""
+    from offload_bitnet.cli import main
+    from offload_bitnet.create import create_model
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", hf_reference_model(tied=True, seed=2))
+    store = gguf_format.import_to_store(path, str(tmp_path / "a"), FP32, progress=False)
+    for format in ("gguf", "source"):
+        assert main(["export", store, str(tmp_path / format), "--format", format]) == 0
+        written = tmp_path / format / "tiny.gguf"
+        assert gguf.GGUFReader(str(written)).fields["general.architecture"].contents() == "llama", format
+    capsys.readouterr()
+    blank = create_model(str(tmp_path / "blank"), size="demo", arch="llama", n_layers=1)
+    assert main(["export", blank, str(tmp_path / "refused"), "--format", "gguf"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: store ") and "GGUF export needs one imported from GGUF. Export to hf" in err, err
+    assert not (tmp_path / "refused").exists()
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2
 def smollm2_store(tmp_path_factory, monkeypatch) -> str:
     """SmolLM2-135M-Instruct Q4_1 imported once per test session through ``ensure_store`` (test_generate.py

@@ -1,21 +1,26 @@
 import threading
-import time
 
 import pytest
 
 from offload_bitnet.streams import Prefetcher, WriteBehind
 
 
-class RecordingStore:
-    """Stands in for a BlockStore: records writes and commits, optionally slowly."""
+# Waits in these tests are on events, never on time; this bound only turns a hang into a failure.
+HANG_GUARD_S = 60
 
-    def __init__(self, write_seconds: float = 0.0):
-        self.write_seconds = write_seconds
+
+class RecordingStore:
+    """Stands in for a BlockStore: records writes and commits. With ``write_gate`` (an Event), each write
+    waits until the test sets it, so a write is in progress for exactly as long as the test needs."""
+
+    def __init__(self, write_gate: threading.Event | None = None):
+        self.write_gate = write_gate
         self.events = []
         self.lock = threading.Lock()
 
     def write(self, unit, part, tensors, step):
-        time.sleep(self.write_seconds)
+        if self.write_gate is not None:
+            assert self.write_gate.wait(HANG_GUARD_S), "the test never released the write"
         with self.lock:
             self.events.append(("write", unit, part, step))
 
@@ -33,18 +38,17 @@ def busy_writer():
 
     def hold():
         running.set()
-        release.wait(5)
+        assert release.wait(HANG_GUARD_S), "the test never released update a"
         log.append(("a", threading.current_thread() is threading.main_thread()))
         return {}
     writer.update("a", hold, 1)
-    assert running.wait(5)
+    assert running.wait(HANG_GUARD_S)
     return store, writer, log, release
 
 
-def recording_update(log, name, seconds=0.0, parts=None):
+def recording_update(log, name, parts=None):
     def make_parts():
         log.append((name, threading.current_thread() is threading.main_thread()))
-        time.sleep(seconds)
         return parts if parts is not None else {"weights": {"w": name}}
     return make_parts
 
@@ -66,21 +70,35 @@ def test_a_full_queue_makes_the_caller_run_the_oldest_update():
 def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
     _, writer, log, gate = busy_writer()
     writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
-    released = threading.Timer(0.2, gate.set)
-    released.start()
-    started = time.perf_counter()
+    # The queue is full and its oldest job is not stealable, so update("rows-2") must wait for the writer: a
+    # helper releases update "a" only once the caller is blocked waiting for room in the queue.
+    waiting, blocking_put = threading.Event(), writer._queue.put
+
+    def put(job, block=True, timeout=None):
+        if block and job is not None:
+            waiting.set()
+        return blocking_put(job, block, timeout)
+    writer._queue.put = put
+    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
+    releaser.start()
     writer.update("rows-2", recording_update(log, "rows-2"), 1, stealable=False)  # waits: nothing to take over
-    assert time.perf_counter() - started >= 0.15
+    released_before_return = gate.is_set()
+    gate.set()  # (a failure above must not leave the writer holding "a")
+    releaser.join()
+    assert released_before_return, "update() returned while the writer was still busy with the job before it"
     writer.flush()
     writer.close()
     assert log == [("a", False), ("rows-1", False), ("rows-2", False)]
 
 
 def test_pending_parts_are_served_until_written_and_failures_reach_the_caller():
-    store = RecordingStore(write_seconds=0.2)
+    write_gate = threading.Event()
+    store = RecordingStore(write_gate)
     writer = WriteBehind(store, max_pending=1)
     writer.update("a", recording_update([], "a", parts={"weights": {"w": 1}}), 3)
     assert writer.pending_part("a", "weights") == {"w": 1}  # waits for the update, not for the write
+    assert store.events == []  # the write is still held
+    write_gate.set()
     writer.flush()
     assert writer.pending_part("a", "weights") is None and ("write", "a", "weights", 3) in store.events
 
@@ -98,16 +116,20 @@ def test_pending_parts_are_served_until_written_and_failures_reach_the_caller():
 
 def test_prefetcher_yields_results_in_order_and_runs_ahead():
     prefetcher = Prefetcher(depth=1)
-    started = []
+    started, changed = [], threading.Condition()
 
     def job(i):
         def run():
-            started.append(i)
+            with changed:
+                started.append(i)
+                changed.notify_all()
             return i * i
         return run
     stream = prefetcher.stream(job(i) for i in range(5))
     assert next(stream) == 0
-    time.sleep(0.05)
-    assert started[:3] == [0, 1, 2]  # the next two are loading before they are asked for
+    # The next two load before they are asked for, and no further: job 3 is submitted by the next ``next``.
+    with changed:
+        assert changed.wait_for(lambda: len(started) >= 3, HANG_GUARD_S), started
+        assert started == [0, 1, 2]
     assert list(stream) == [1, 4, 9, 16]
     prefetcher.close()

@@ -19,6 +19,9 @@ import os
 from ..store import MANIFEST, StoreSettings
 
 FORMATS = ("hf", "meta", "gguf")
+# What export_model writes. ``gguf`` (F16/F32 llama GGUF) is for stores imported from GGUF, which carry the GGUF
+# vocabulary llama.cpp needs; other stores are refused with a message (export hf and convert with llama.cpp).
+EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
 
 
 def is_store(path: str) -> bool:
@@ -113,7 +116,8 @@ def import_model(src: str, out_dir: str, settings: StoreSettings | None = None, 
 
 def export_model(store_path: str, out_dir: str, format: str = "source", **options) -> str:
     """Export a store. ``format``: ``source`` (the format it was imported from), ``hf`` (LlamaForCausalLM
-    full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` where supported."""
+    full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` (a store imported from
+    GGUF only)."""
     from ..store import BlockStore
 
     store = BlockStore(store_path)
@@ -122,7 +126,7 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
         format = store.extra.get("source", {}).get("format", "hf")
     module_name = {"hf": "hf", "hf-bitnet": "hf", "meta": "meta", "gguf": "gguf"}.get(format)
     if module_name is None:
-        raise ValueError(f"unknown export format {format!r}; choose source, hf, hf-bitnet or meta")
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     module = importlib.import_module(f".{module_name}", __name__)
     if format == "hf-bitnet":
         options.setdefault("bitnet", True)

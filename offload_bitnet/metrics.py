@@ -15,6 +15,7 @@ import math
 import os
 import socket
 
+from .progress import format_seconds
 from .store import write_file_atomic
 
 
@@ -171,12 +172,6 @@ def lock_holder(path: str) -> str | None:
     return text
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def status_lines(run_dir: str) -> list[str]:
     """A run's state for ``offload-bitnet status``: phase, step, loss, ETA, validation and who runs it."""
     status_path = os.path.join(run_dir, "status.json")
@@ -209,7 +204,7 @@ def status_lines(run_dir: str) -> list[str]:
     holder = next((h for h in holders if h), None)
     if holder:
         eta = status.get("eta_s")
-        lines.append(f"  running: {holder}" + (f", ETA {format_duration(eta)}" if isinstance(eta, (int, float))
+        lines.append(f"  running: {holder}" + (f", ETA {format_seconds(eta)}" if isinstance(eta, (int, float))
                                                 and status.get("phase") == "training" else ""))
     else:
         lines.append("  not running" + (" (it stopped before finishing: re-run its command to resume)"

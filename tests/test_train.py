@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shlex
 import os
 import shutil
 import signal
@@ -557,3 +558,112 @@ def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path,
     for prompt, tokens in zip(prompts, result.tokens):
         answer = decode_continuation(tokenizer, prompt, tokens).strip()
         assert answer.startswith("Ahoy!") and answer.endswith("Fair winds, matey!"), answer
+
+
+# ---------------------------------------------------------------------------------------------- printed commands
+def printed(out: str, prefix: str) -> str:
+    """The command on the line of ``out`` that starts with ``prefix``."""
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def run_printed(command: str) -> int:
+    """Run a printed ``python finetune.py ...`` command literally (in this process)."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "finetune.py"], command
+    return main(words[2:])
+
+
+def folder_digest(path) -> dict:
+    return {os.path.relpath(os.path.join(folder, name), path): hashlib.sha256(open(os.path.join(folder, name),
+                                                                                   "rb").read()).hexdigest()
+            for folder, _, names in os.walk(path) for name in names}
+
+
+def test_printed_restart_command_replaces_its_own_run_and_no_other(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/demo, the default run, lives here
+    assert main(["--num-train-iters", "1", *TINY]) == 0
+    demo_before = folder_digest("runs/demo")
+    x_run = ["--experiment", "X", "--num-train-iters", "2", *TINY]
+    assert main(x_run) == 0
+    assert main(x_run) == 0  # finished: says how to start over and how to train longer
+    out = capsys.readouterr().out
+    restart = printed(out, "to train it from scratch again (this run is deleted):")
+    assert "--experiment X" in restart and restart.endswith("--restart")
+    assert "--experiment X" in printed(out, "to train it longer (N > 2):")
+    x_created = json.load(open("runs/X/run.json"))["created"]
+    time.sleep(1.1)  # run.json records its creation to the second
+    assert run_printed(restart) == 0
+    out = capsys.readouterr().out
+    deleting = printed(out, "--restart: deleting the run")
+    assert deleting.startswith(os.path.abspath("runs/X")) and "store/" in deleting and "metrics.jsonl" in deleting
+    assert json.load(open("runs/X/run.json"))["created"] != x_created
+    assert [r["step"] for r in metrics("runs/X") if r["type"] == "train"] == [1, 2]
+    assert folder_digest("runs/demo") == demo_before  # the other run is untouched
+
+
+def test_restart_never_replaces_a_run_of_another_model_that_it_does_not_name(tmp_path, capsys):
+    data = os.path.join(TEST_DATA, "text.jsonl")
+    first, second = (create_model(str(tmp_path / where / "m"), size="demo", arch="bitnet", n_layers=1)
+                     for where in ("a", "b"))
+    common = ["--data", data, "--runs-dir", str(tmp_path / "runs"), "--num-train-iters", "1", "--batch-size", "2",
+              "--max-seq-len", "32", "--no-plot"]
+    assert main([first, *common]) == 0
+    before = folder_digest(tmp_path / "runs" / "m")
+    capsys.readouterr()
+    assert main([second, *common, "--restart"]) == 1  # the same folder name "m", another model
+    err = capsys.readouterr().err
+    assert "nothing was deleted" in err and f"holds a run of {first}" in err
+    assert folder_digest(tmp_path / "runs" / "m") == before
+    named = printed(err.replace("error: ", ""), "--restart: the run folder").split("To replace that run, name it: ")[1]
+    named = named.split("; to keep it")[0]
+    assert "--experiment m" in named and named.endswith("--restart")
+    assert run_printed(named) == 0
+    assert json.load(open(tmp_path / "runs" / "m" / "run.json"))["source"] == second
+
+
+def test_every_summary_ends_with_its_outputs_and_a_working_generate_command(tmp_path, capsys):
+    assert main(tiny(tmp_path, "gen", 1)) == 0
+    out = capsys.readouterr().out
+    tail = out.rstrip().splitlines()[-4:]
+    assert tail[0] == f"outputs in {tmp_path / 'gen'}:" and tail[1] == f"  model store: {tmp_path / 'gen' / 'store'}"
+    generate = printed(out, "generate:")
+    assert generate == f"python test_gen.py {tmp_path / 'gen' / 'store'} cpu --prompt The"
+    words = shlex.split(generate)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, words[1]), *words[2:], "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "new tokens" in done.stdout + done.stderr, done.stderr
+
+
+def test_an_unmerged_lora_run_says_how_to_merge_then_generate(tmp_path, capsys):
+    assert main(tiny(tmp_path, "adapt", 1, "--mode", "lora", "--prompt", "The light", "--max-new-tokens", "3")) == 0
+    out = capsys.readouterr().out
+    merge = printed(out, "to generate with the adapters, fold them into a store first (test_gen.py reads stores):")
+    assert merge.endswith("--merge") and "--experiment adapt" in merge
+    assert printed(out, "then:") == f"python test_gen.py {tmp_path / 'adapt' / 'merged'} cpu --prompt 'The light'"
+    assert run_printed(merge) == 0  # the finished run merges its adapters
+    out = capsys.readouterr().out
+    assert f"  merged store: {tmp_path / 'adapt' / 'merged'}" in out
+    assert printed(out, "generate:") == f"python test_gen.py {tmp_path / 'adapt' / 'merged'} cpu --prompt 'The light'"
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_a_diverging_run_is_flagged_while_it_runs_and_after(tmp_path, capsys):
+    from offload_bitnet.metrics import status_lines
+
+    assert main(tiny(tmp_path, "div", 8, "--lr", "3", "--eval-every", "4")) == 0
+    out = capsys.readouterr().out
+    warning = printed(out, "warning: the run is diverging: the training loss (smoothed) is")
+    assert "--lr LR --restart" in warning and "--lr 3" not in warning
+    assert "summary: finished, but its loss DIVERGED" in out
+    assert "  WARNING: diverged: the validation loss is" in out
+    records = metrics(str(tmp_path / "div"))
+    flagged = [r for r in records if r["type"] == "diverging"]
+    assert {r["metric"] for r in flagged} == {"train", "eval"} and all(r["value"] > r["limit"] for r in flagged)
+    assert json.load(open(tmp_path / "div" / "status.json"))["diverging"]
+    lines = status_lines(str(tmp_path / "div"))
+    assert "LOSS DIVERGED" in lines[0] and any("WARNING: diverging" in line for line in lines)
+    # A healthy run is not flagged.
+    assert main(tiny(tmp_path, "calm", 4)) == 0
+    out = capsys.readouterr().out
+    assert "warning: the run is diverging" not in out and "summary: finished\n" in out and "WARNING" not in out
+    assert not [r for r in metrics(str(tmp_path / "calm")) if r["type"] == "diverging"]

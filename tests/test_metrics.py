@@ -228,3 +228,13 @@ def test_status_says_a_run_diverged(tmp_path):
     assert lines[0].startswith(f"{run_dir}: finished, LOSS DIVERGED, step 4/4")
     assert any(line.startswith("  WARNING: diverging: the training loss (smoothed) is") for line in lines)
     assert summarize(log.read())["diverged"][0]["metric"] == "train"
+
+
+def test_the_default_install_draws_the_plot():
+    import ast
+
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    call = next(node for node in ast.walk(ast.parse(setup)) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", "") == "setup")
+    requires = next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "install_requires")
+    assert "matplotlib" in requires

@@ -560,6 +560,31 @@ def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path,
         assert answer.startswith("Ahoy!") and answer.endswith("Fair winds, matey!"), answer
 
 
+def readme_quick_start_finetune() -> list[str]:
+    """The arguments of the README quick start's ``python finetune.py $GGUF ...`` command (continuation lines
+    joined)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    command = section.split("python finetune.py $GGUF", 1)[1].split("\n```", 1)[0]
+    command = command.replace("\\\n", " ").split("\n", 1)[0]
+    return shlex.split(command)
+
+
+@pytest.mark.slow
+def test_the_readme_quick_start_fine_tune_teaches_the_style(tmp_path, capsys, monkeypatch):
+    """The quick start's fine-tune, as printed in README.md (about 2-3 minutes on 2 CPU cores)."""
+    monkeypatch.chdir(ROOT)  # its --data path is relative to the checkout
+    torch.set_num_threads(os.cpu_count() or 1)
+    args = readme_quick_start_finetune()
+    assert "--prompt" in args and "--merge" in args
+    assert main([smollm2_gguf(), *args, "--runs-dir", str(tmp_path / "runs"), "--experiment", "quick"]) == 0
+    samples = [r for r in metrics(str(tmp_path / "runs" / "quick")) if r["type"] == "sample"]
+    assert samples and samples[-1]["text"].strip().startswith("Ahoy!"), samples
+    out = capsys.readouterr().out
+    assert printed(out, "generate:").startswith(f"python test_gen.py {tmp_path / 'runs' / 'quick' / 'merged'} cpu "
+                                                "--chat --prompt")
+
+
 # ---------------------------------------------------------------------------------------------- printed commands
 def printed(out: str, prefix: str) -> str:
     """The command on the line of ``out`` that starts with ``prefix``."""

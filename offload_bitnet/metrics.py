@@ -297,6 +297,8 @@ def status_lines(run_dir: str) -> list[str]:
     else:
         lines.append("  not running" + (" (it stopped before finishing: re-run its command to resume)"
                                         if status.get("phase") == "training" else ""))
+        if status.get("resume_command") and status.get("phase") != "finished":
+            lines.append(f"  resume with: {status['resume_command']}")
     where = f"  store {store} (step {status.get('store_step')})" if store else ""
     if status.get("adapter_dir"):
         where += f"; adapters {status['adapter_dir']} (step {status.get('adapter_step')})"

@@ -271,7 +271,7 @@ def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> No
             shutil.rmtree(paths.store_dir)
         if paths.origin == "demo":
             say(f"creating a {config.size} BitNet model in {paths.store_dir} (random init, seed {config.seed}); "
-                "re-running the same command resumes this run, --restart starts it over")
+                f"re-running the same command resumes this run, {command.restart} starts it over")
             from .create import create_model
 
             create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.store_mode,
@@ -687,6 +687,7 @@ class Trainer:
         findings = self.watch.findings()
         if findings:
             extra["diverging"] = [finding["message"] for finding in findings]
+        extra["resume_command"] = self.command.resume  # for `offload-bitnet status` of a stopped run
         write_status(self.paths.status, {"phase": phase, "step": step, "total_steps": self.total_steps,
                                          "store": self.store.path, "store_step": self.store.step, **extra,
                                          "updated": datetime.datetime.now().isoformat(timespec="seconds"), **values})

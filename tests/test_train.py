@@ -169,6 +169,9 @@ def test_time_limit_stops_cleanly_with_the_resume_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stopped at step 0/5 (time limit)" in out
     assert "resume with: python finetune.py --runs-dir" in out and "--max-hours 1e-9" in out
+    from offload_bitnet.metrics import status_lines
+
+    assert f"  resume with: {printed(out, 'resume with:')}" in status_lines(str(tmp_path / "t"))
     assert main(tiny(tmp_path, "t", 5)) == 0
     assert BlockStore(str(tmp_path / "t" / "store")).step == 5
 

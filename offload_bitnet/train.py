@@ -226,12 +226,18 @@ class RunLock:
 
 
 class RefusalCleanup:
-    """Removes what a run that failed before committing a step created in its run folder (the folder itself
-    when it is new, else run.json and run.lock), so that a refused run writes nothing."""
+    """Removes what a run that failed before committing a step created in its run folder (run.json, run.lock,
+    records, adapters, spill files, an unfinished store; the folder itself when it was new and is then empty),
+    so that a refused run writes nothing. A finished store created or imported here is kept: hours of import
+    must not be lost to a refusal, and re-running the command uses it."""
 
     def __init__(self, paths: RunPaths):
-        self.new_folder = None if os.path.exists(paths.run_dir) else paths.run_dir
-        self.new_files = [p for p in (paths.run_json, paths.lock) if not os.path.exists(p)]
+        self.paths = paths
+        self.new_folder = not os.path.exists(paths.run_dir)
+        candidates = (paths.run_json, paths.lock, paths.metrics, paths.status, paths.plot, paths.adapter_dir,
+                      os.path.join(paths.run_dir, "scratch"))
+        self.new_paths = [p for p in candidates if not os.path.exists(p)]
+        self.new_store = paths.origin != "store" and not os.path.exists(paths.store_dir)
         self.armed = True
 
     def disarm(self):
@@ -241,12 +247,18 @@ class RefusalCleanup:
     def undo(self):
         if not self.armed:
             return
-        if self.new_folder:
-            shutil.rmtree(self.new_folder, ignore_errors=True)
-            return
-        for path in self.new_files:
-            if os.path.exists(path):
+        doomed = list(self.new_paths)
+        if self.new_store and not store_is_complete(self.paths.store_dir):
+            doomed.append(self.paths.store_dir)
+        elif self.new_store and self.paths.run_json in doomed:
+            doomed.remove(self.paths.run_json)  # it records what the kept store was made from
+        for path in doomed:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
                 os.remove(path)
+        if self.new_folder and os.path.isdir(self.paths.run_dir) and not os.listdir(self.paths.run_dir):
+            os.rmdir(self.paths.run_dir)
 
 
 def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> None:
@@ -816,8 +828,13 @@ class Trainer:
             say(f"  export: {shown_path(self.config.export_path)}")
         prompt = self.config.prompts[0] if self.config.prompts else ("Hello!" if self.chat else "The")
         if self.lora and not merged:
-            say(f"to generate with the adapters, fold them into a store first (test_gen.py reads stores): "
-                f"{self.command.with_options('--merge')}")
+            if self.config.merge:  # a stopped run: it merges when it finishes
+                say(f"to generate with the adapters, let the run finish (it then folds them into "
+                    f"{shown_path(self.paths.merged_dir)}): {self.command.resume}")
+            else:
+                say(f"to generate with the adapters, fold them into a store first (test_gen.py reads stores"
+                    f"{'' if finished else '; the run first trains to its end'}): "
+                    f"{self.command.with_options('--merge')}")
             say(f"then: {self.command.generate(self.paths.merged_dir, self.config.device, prompt, self.chat)}")
         else:
             model = self.paths.merged_dir if self.lora else self.store.path

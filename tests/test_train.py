@@ -695,3 +695,22 @@ def test_a_diverging_run_is_flagged_while_it_runs_and_after(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: the run is diverging" not in out and "summary: finished\n" in out and "WARNING" not in out
     assert not [r for r in metrics(str(tmp_path / "calm")) if r["type"] == "diverging"]
+
+
+# ---------------------------------------------------------------------------------------------- refused runs
+def test_a_refused_run_writes_nothing(tmp_path, capsys):
+    store_path = create_model(str(tmp_path / "held"), size="demo", arch="bitnet", n_layers=1)
+    holder = BlockStore(store_path, writable=True)  # another run trains this store
+    try:
+        assert main([store_path, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir",
+                     str(tmp_path / "runs"), "--num-train-iters", "1", "--no-plot"]) == 1
+    finally:
+        holder.close()
+    assert "is in use by pid" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs" / "held")  # no run.json, no run.lock, no folder
+    # Refused after the demo store was made (the prompt does not fit the context): the store is kept for the
+    # next attempt, nothing else is left.
+    assert main(tiny(tmp_path, "long", 1, "--prompt", "x" * 5000)) == 1
+    assert "Shorten it" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "long")) == ["run.json", "store"]
+    assert main(tiny(tmp_path, "long", 1)) == 0 and BlockStore(str(tmp_path / "long" / "store")).step == 1

@@ -7,7 +7,13 @@ Run folder ``RUNS_DIR/EXPERIMENT/``::
     adapter/        --mode lora: the adapters (PEFT format) and their optimizer state; the store stays frozen
     merged/         --mode lora --merge: the adapters folded into a new 16-bit store
     run.json        what the run was made from (checked when re-running the same experiment)
+    run.lock        who runs it (one run per folder)
     metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
+
+Every command the run prints (``run_commands.RunCommand``) repeats its arguments, so it acts on this run only;
+``--restart`` says what it deletes first. A run that fails before committing a step removes what it created
+(``RefusalCleanup``), keeping only a finished store it made. A loss far above its start is flagged while the
+run goes on (``metrics.DivergenceWatch``) and in the summary.
 
 Resuming: each optimizer step commits, atomically with the weights (LoRA: with the adapters, in
 ``adapter/adapter_state.json``), a ``train_state``: the run it belongs to, the step, the data position

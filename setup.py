@@ -7,11 +7,12 @@ setup(
     packages=find_packages(include=["offload_bitnet", "offload_bitnet.*"]),
     python_requires=">=3.10",
     # torch: install torch==2.13.0 first (the CPU build); an unpinned install pulls a multi-GB CUDA build.
+    # matplotlib: loss.png is part of every run's output, so it is installed by default.
     install_requires=["torch", "numpy", "safetensors", "sentencepiece", "psutil", "crc32c", "tokenizers", "jinja2",
-                      "gguf"],
+                      "gguf", "matplotlib"],
     extras_require={
         "test": ["pytest", "transformers", "accelerate", "peft", "matplotlib", "tiktoken"],
-        "plot": ["matplotlib"],
+        "plot": [],  # kept so that `pip install -e ".[plot]"` still works; matplotlib is a default requirement
     },
     entry_points={"console_scripts": ["offload-bitnet=offload_bitnet.cli:main"]},
 )

@@ -2,7 +2,8 @@
 state, for watching a run from elsewhere) and ``loss.png`` (train and validation loss).
 
 Records carry ``"type"``: ``train`` (one per optimizer step), ``eval`` (validation loss), ``skip`` (a step
-skipped for a non-finite loss or gradient) or ``sample`` (generated text). A resumed run first drops records
+skipped for a non-finite loss or gradient), ``sample`` (generated text) or ``diverging`` (a loss went far above
+its start: ``DivergenceWatch``; ``recovered`` when it came back below the limit). A resumed run first drops records
 past the store's committed step, so the file always describes the weights on disk.
 
 ``offload-bitnet status RUN_DIR`` (``print_status``) and ``offload-bitnet plot RUN_DIR`` (``plot_run``) read
@@ -15,6 +16,7 @@ import math
 import os
 import socket
 
+from .progress import format_seconds
 from .store import write_file_atomic
 
 
@@ -87,6 +89,7 @@ def summarize(records: list[dict]) -> dict:
         "last_val_loss": evals[-1]["val_loss"] if evals else None,
         "last_val_step": evals[-1]["step"] if evals else None,
         "skipped": len(skips),
+        "diverged": DivergenceWatch.of(records).findings(),
     }
 
 
@@ -100,13 +103,93 @@ def write_status(path: str, status: dict):
     write_file_atomic(path, (json.dumps(status, indent=1) + "\n").encode())
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
-    out, average = [], 0.0
-    for index, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** index))
-    return out
+class SmoothedLoss:
+    """Exponential moving average with Adam's bias correction: the average of the values seen so far, weighted
+    ``weight`` per step back, so it starts at the first value instead of being pulled toward 0."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.average = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> float:
+        """Take in the next value; returns the smoothed value at it."""
+        self.count += 1
+        self.average = self.weight * self.average + (1 - self.weight) * value
+        return self.average / (1 - self.weight ** self.count)
+
+
+def smoothing_weight(count: int) -> float:
+    """The plot's smoothing for a curve of ``count`` points: a window of a tenth of the run, 1 to 50 steps.
+
+    A moving average trails a falling loss by about its window, so a fixed window of 10 steps would draw the
+    smoothed line above every raw point of a 20-step run; a window of a tenth keeps the lag at a tenth of the
+    run (a run of under 20 steps is not smoothed at all)."""
+    window = min(max(count / 10, 1.0), 50.0)
+    return 1.0 - 1.0 / window
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Bias-corrected exponential moving average of ``values`` (``weight``: default from their count)."""
+    average = SmoothedLoss(smoothing_weight(len(values)) if weight is None else weight)
+    return [average.add(value) for value in values]
+
+
+# A run diverges when its loss ends far above where it started. The training loss is judged smoothed (over
+# about 10 steps, so that one hard batch is no alarm); validation losses as they are. "Far above" is more than
+# DIVERGENCE_MARGIN nats and more than DIVERGENCE_SHARE of the start: a fine-tune starting at 2.0 nats is flagged
+# above 3.0, a demo model from random init (5.6 nats) above 7.0. During a quantization warmup (quant mix below
+# 1) the loss rises by design: such records are not judged, and the start is the first one at the full mix.
+DIVERGENCE_WEIGHT = 0.9
+DIVERGENCE_MARGIN = 1.0
+DIVERGENCE_SHARE = 0.25
+
+
+def divergence_limit(start: float) -> float:
+    """The loss above which a run that started at ``start`` counts as diverging."""
+    return start + max(DIVERGENCE_MARGIN, DIVERGENCE_SHARE * abs(start))
+
+
+class DivergenceWatch:
+    """Follows a run's train and eval records and tells whether its loss is now far above its start."""
+
+    def __init__(self):
+        self.smoothed = SmoothedLoss(DIVERGENCE_WEIGHT)
+        self.start: dict[str, float] = {}
+        self.now: dict[str, tuple[int, float]] = {}
+
+    @classmethod
+    def of(cls, records: list[dict]) -> "DivergenceWatch":
+        watch = cls()
+        for record in records:
+            watch.add(record)
+        return watch
+
+    def add(self, record: dict):
+        """Take in a ``train`` or ``eval`` record (others are ignored)."""
+        kind = record.get("type")
+        if kind not in ("train", "eval") or record.get("quant_mix", 1.0) < 1.0:
+            return
+        value = record["loss"] if kind == "train" else record["val_loss"]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        if kind == "train":
+            value = self.smoothed.add(value)
+        self.start.setdefault(kind, value)
+        self.now[kind] = (record.get("step", 0), value)
+
+    def findings(self) -> list[dict]:
+        """One entry per loss that is now above its limit: what, at which step, its value, start and limit."""
+        found = []
+        for kind, label in (("train", "training loss (smoothed)"), ("eval", "validation loss")):
+            if kind in self.now:
+                step, value = self.now[kind]
+                limit = divergence_limit(self.start[kind])
+                if value > limit:
+                    found.append({"metric": kind, "step": step, "value": value, "start": self.start[kind],
+                                  "limit": limit, "message": f"the {label} is {value:.4g} at step {step}, far above "
+                                  f"its start {self.start[kind]:.4g} (limit {limit:.4g})"})
+        return found
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
@@ -128,8 +211,10 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
     if train:
         steps = [r["step"] for r in train]
         losses = [r["loss"] for r in train]
-        axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        axes.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="train loss (smoothed)")
+        axes.plot(steps, losses, color="tab:blue", alpha=0.6, linewidth=1.2, marker="." if len(steps) <= 50 else None,
+                  label="train loss")
+        if smoothing_weight(len(losses)) > 0:  # a run too short to smooth shows its raw losses only
+            axes.plot(steps, smooth(losses), color="navy", linewidth=2, label="train loss (smoothed)")
     if evals:
         axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
                   linewidth=2, label="validation loss")
@@ -171,12 +256,6 @@ def lock_holder(path: str) -> str | None:
     return text
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def status_lines(run_dir: str) -> list[str]:
     """A run's state for ``offload-bitnet status``: phase, step, loss, ETA, validation and who runs it."""
     status_path = os.path.join(run_dir, "status.json")
@@ -192,7 +271,9 @@ def status_lines(run_dir: str) -> list[str]:
     summary = summarize(records)
     step, total = status.get("step", 0), status.get("total_steps") or 0
     share = f" ({100 * step / total:.0f}%)" if total else ""
-    lines = [f"{run_dir}: {status.get('phase', '?')}, step {step}/{total}{share}, updated {status.get('updated', '?')}"]
+    diverged = ", LOSS DIVERGED" if summary["diverged"] else ""
+    lines = [f"{run_dir}: {status.get('phase', '?')}{diverged}, step {step}/{total}{share}, "
+             f"updated {status.get('updated', '?')}"]
     if summary["last_loss"] is not None:
         lr = status.get("lr")
         lines.append(f"  train loss {summary['last_loss']:.4f} (first {summary['first_loss']:.4f})"
@@ -203,17 +284,21 @@ def status_lines(run_dir: str) -> list[str]:
                      f"{summary['best_val_loss']:.4f} at step {summary['best_val_step']}")
     if summary["skipped"]:
         lines.append(f"  {summary['skipped']} step(s) skipped for a non-finite loss or gradient")
+    for finding in summary["diverged"]:
+        lines.append(f"  WARNING: diverging: {finding['message']}; the learning rate is likely too high")
     store = status.get("store")
     holders = [lock_holder(path) for path in (os.path.join(run_dir, "run.lock"),
                                               os.path.join(store, "lock") if store else "")]
     holder = next((h for h in holders if h), None)
     if holder:
         eta = status.get("eta_s")
-        lines.append(f"  running: {holder}" + (f", ETA {format_duration(eta)}" if isinstance(eta, (int, float))
+        lines.append(f"  running: {holder}" + (f", ETA {format_seconds(eta)}" if isinstance(eta, (int, float))
                                                 and status.get("phase") == "training" else ""))
     else:
         lines.append("  not running" + (" (it stopped before finishing: re-run its command to resume)"
                                         if status.get("phase") == "training" else ""))
+        if status.get("resume_command") and status.get("phase") != "finished":
+            lines.append(f"  resume with: {status['resume_command']}")
     where = f"  store {store} (step {status.get('store_step')})" if store else ""
     if status.get("adapter_dir"):
         where += f"; adapters {status['adapter_dir']} (step {status.get('adapter_step')})"

@@ -6,10 +6,13 @@ import time
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
+    """A duration with its units, the one format of every ETA and elapsed time: ``45s``, ``3m20s``, ``1h02m``."""
+    seconds = int(round(max(seconds, 0)))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Progress:

@@ -1,13 +1,16 @@
 """Learning-rate and weight-decay schedules, as pure functions of the optimizer step.
 
 A schedule is recomputed from the step number alone, so a resumed run continues on exactly the same curve.
-Steps count from 1 (the first optimizer step) to ``total_steps``.
+Steps count from 1 (the first optimizer step) to ``total_steps``. A decay reaches ``eta_min`` *after* the last
+step (at step ``total_steps + 1``, which never runs), as Hugging Face's and PyTorch's schedulers do: every step
+trains at a rate above ``eta_min``, and ``--num-train-iters 1`` trains at the peak instead of doing nothing.
 
 * ``constant``: linear warmup to the peak, then the peak.
-* ``cosine``: linear warmup to the peak, then cosine decay to ``eta_min`` at the last step.
+* ``cosine``: linear warmup to the peak (reached at the last warmup step), then cosine decay from the peak (the
+  first step after the warmup) towards ``eta_min``.
 * ``two-stage`` (the BitNet b1.58 recipe): stage 1 warms up and follows a cosine decay planned over the
-  whole run; at the midpoint the rate drops sharply to ``stage2_lr_fraction * peak`` and decays by cosine to
-  ``eta_min`` over stage 2. Weight decay is ``weight_decay`` in stage 1 and 0 in stage 2.
+  whole run; at the midpoint the rate drops sharply to ``stage2_lr_fraction * peak`` and decays by cosine
+  towards ``eta_min`` over stage 2. Weight decay is ``weight_decay`` in stage 1 and 0 in stage 2.
 
 ``quant_mix`` is the quantization warmup of a full-precision model turned ternary (Hugging Face's
 "Fine-tuning LLMs to 1.58bit"): the mix rises linearly from 0 (full precision) to 1 (ternary) over the first
@@ -50,13 +53,14 @@ class Schedule:
             return self.peak_lr * step / self.warmup_steps
         if self.kind == "constant":
             return self.peak_lr
-        if self.kind == "cosine":
-            return cosine(self.peak_lr, self.eta_min, step - self.warmup_steps, self.total_steps - self.warmup_steps)
-        if step < self.stage2_start:
+        # Decays count the steps done before this one, over the decay's steps: the first decay step is at its
+        # start value and eta_min comes one step after the last.
+        decay_steps = self.total_steps - self.warmup_steps
+        if self.kind == "cosine" or step < self.stage2_start:
             # Stage 1 rides the cosine of the full run, so the drop at the midpoint is from about half the peak.
-            return cosine(self.peak_lr, self.eta_min, step - self.warmup_steps, self.total_steps - self.warmup_steps)
+            return cosine(self.peak_lr, self.eta_min, step - self.warmup_steps - 1, decay_steps)
         stage2_peak = max(self.peak_lr * self.stage2_lr_fraction, self.eta_min)
-        return cosine(stage2_peak, self.eta_min, step - self.stage2_start, self.total_steps - self.stage2_start)
+        return cosine(stage2_peak, self.eta_min, step - self.stage2_start, self.total_steps - self.stage2_start + 1)
 
     def weight_decay_at(self, step: int) -> float:
         """Weight decay of optimizer step ``step``: constant, except 0 in stage 2 of ``two-stage``."""

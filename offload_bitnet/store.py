@@ -508,6 +508,7 @@ class BlockStore:
         """Delete the files kept for reuse and release the write lock (if held)."""
         if self._lock_handle is not None:
             self.remove_recycled_files()
+            self._lock_handle.truncate(0)  # no holder line left for `offload-bitnet status` to take as running
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
             self._lock_handle = None

@@ -7,7 +7,13 @@ Run folder ``RUNS_DIR/EXPERIMENT/``::
     adapter/        --mode lora: the adapters (PEFT format) and their optimizer state; the store stays frozen
     merged/         --mode lora --merge: the adapters folded into a new 16-bit store
     run.json        what the run was made from (checked when re-running the same experiment)
+    run.lock        who runs it (one run per folder)
     metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
+
+Every command the run prints (``run_commands.RunCommand``) repeats its arguments, so it acts on this run only;
+``--restart`` says what it deletes first. A run that fails before committing a step removes what it created
+(``RefusalCleanup``), keeping only a finished store it made. A loss far above its start is flagged while the
+run goes on (``metrics.DivergenceWatch``) and in the summary.
 
 Resuming: each optimizer step commits, atomically with the weights (LoRA: with the adapters, in
 ``adapter/adapter_state.json``), a ``train_state``: the run it belongs to, the step, the data position
@@ -28,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -42,11 +47,13 @@ from .config import ConfigError
 from .engine import EngineOptions, StreamingEngine
 from .errors import pipe_safe, quiet_broken_pipe
 from .lora import LoRAConfig
-from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
+from .metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
 from .progress import format_seconds
+from .run_commands import RunCommand, shown_path
 from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
 from .schedule import make_schedule, quant_mix
+from .sizing import human
 from .store import BlockStore, StoreError, StoreSettings, no_master_weights
 from .tokenizer import ByteTokenizer
 from .streams import ActivationStash
@@ -68,13 +75,6 @@ def say(message: str = ""):
 
 def mib(count: float) -> str:
     return f"{count / 2**20:.1f}MiB"
-
-
-def human_bytes(count: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} B"
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -145,18 +145,58 @@ def source_label(config: RunConfig) -> str:
     return f"new {config.size} BitNet model (seed {config.seed})" if config.is_demo else os.path.abspath(config.model)
 
 
+def run_outputs(paths: RunPaths) -> list[str]:
+    """What ``clear_run`` removes, as it exists now: the run's records, its adapters and merge, and a store made
+    in the run folder (never one trained in place)."""
+    files = [p for p in (paths.metrics, paths.status, paths.plot, paths.run_json) if os.path.exists(p)]
+    folders = [p for p in (paths.adapter_dir, paths.merged_dir) if os.path.isdir(p)]
+    if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
+        folders.append(paths.store_dir)
+    elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
+        folders.append(os.path.join(paths.run_dir, "store"))  # a LoRA base copy made before runs shared the cache
+    return files + folders
+
+
 def clear_run(paths: RunPaths):
     """Remove what a previous run left in the run folder (and a store made there, never one trained in place)."""
-    for path in (paths.metrics, paths.status, paths.plot, paths.run_json):
-        if os.path.exists(path):
+    for path in run_outputs(paths):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
             os.remove(path)
-    for folder in (paths.adapter_dir, paths.merged_dir):
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-    if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
-        shutil.rmtree(paths.store_dir)
-    elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
-        shutil.rmtree(os.path.join(paths.run_dir, "store"))  # a LoRA base copy made before runs shared the cache
+
+
+def folder_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def restart_run(config: RunConfig, paths: RunPaths, command: RunCommand):
+    """--restart: delete the run this command names, after saying what goes. A run folder holding a run of
+    another model is deleted only when the command names it with --experiment (a model that merely shares
+    its folder name with another must not replace that one's run)."""
+    recorded = read_json(paths.run_json)
+    if recorded and recorded.get("source") != source_label(config) and config.source_of("experiment") == "default":
+        raise TrainError(f"--restart: the run folder {paths.run_dir} holds a run of {recorded.get('source')}, not of "
+                         f"{source_label(config)}; nothing was deleted. To replace that run, name it: "
+                         f"{command.restart_named(config.experiment_name)}; to keep it, "
+                         "choose another name with --experiment NAME.")
+    doomed = run_outputs(paths)
+    status = read_json(paths.status) or {}
+    if not doomed:
+        say(f"--restart: {paths.run_dir} holds no previous run; starting it")
+        return
+    what = f"a run of {recorded.get('source')}" if recorded else "a run"
+    if status.get("step") is not None:
+        what += f" at step {status['step']}/{status.get('total_steps', '?')} ({status.get('phase', '?')})"
+    say(f"--restart: deleting the run {paths.run_dir} ({what}): " + ", ".join(
+        f"{os.path.relpath(p, paths.run_dir)}{'/' if os.path.isdir(p) else ''} ({human(folder_bytes(p))})"
+        for p in doomed))
+    if paths.origin == "store" and not config.is_lora:
+        say(f"--restart: training already written into {paths.store_dir} cannot be undone; "
+            "a new run starts from its current weights")
+    clear_run(paths)
 
 
 def training_kind(config: RunConfig) -> str:
@@ -165,8 +205,8 @@ def training_kind(config: RunConfig) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run folder: a LoRA run opens its store read-only (no store lock), so this keeps
-    two runs from writing the same adapters."""
+    """An exclusive lock on a run folder, held by every run: it keeps two runs from writing the same records,
+    adapters (a LoRA run opens its store read-only, without the store's lock) or store being created."""
 
     def __init__(self, path: str):
         self.path = path
@@ -185,30 +225,66 @@ class RunLock:
         self.handle.flush()
 
     def release(self):
+        if self.handle is None:
+            return
+        self.handle.truncate(0)  # `offload-bitnet status` must not take a live process that ran it for its holder
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
+        self.handle = None
 
 
-def prepare_store(config: RunConfig, paths: RunPaths) -> None:
+class RefusalCleanup:
+    """Removes what a run that failed before committing a step created in its run folder (run.json, run.lock,
+    records, adapters, spill files, an unfinished store; the folder itself when it was new and is then empty),
+    so that a refused run writes nothing. A finished store created or imported here is kept: hours of import
+    must not be lost to a refusal, and re-running the command uses it."""
+
+    def __init__(self, paths: RunPaths):
+        self.paths = paths
+        self.new_folder = not os.path.exists(paths.run_dir)
+        candidates = (paths.run_json, paths.lock, paths.metrics, paths.status, paths.plot, paths.adapter_dir,
+                      os.path.join(paths.run_dir, "scratch"))
+        self.new_paths = [p for p in candidates if not os.path.exists(p)]
+        self.new_store = paths.origin != "store" and not os.path.exists(paths.store_dir)
+        self.armed = True
+
+    def disarm(self):
+        """The run has committed a step (or ended cleanly): whatever it wrote is part of it now."""
+        self.armed = False
+
+    def undo(self):
+        if not self.armed:
+            return
+        doomed = list(self.new_paths)
+        if self.new_store and not store_is_complete(self.paths.store_dir):
+            doomed.append(self.paths.store_dir)
+        elif self.new_store and self.paths.run_json in doomed:
+            doomed.remove(self.paths.run_json)  # it records what the kept store was made from
+        for path in doomed:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        if self.new_folder and os.path.isdir(self.paths.run_dir) and not os.listdir(self.paths.run_dir):
+            os.rmdir(self.paths.run_dir)
+
+
+def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> None:
     """Create (demo) or import the store into the run folder unless a finished one is already there."""
     os.makedirs(paths.run_dir, exist_ok=True)
     if config.restart:
-        if paths.origin == "store" and not config.is_lora:
-            say(f"--restart: training already written into {paths.store_dir} cannot be undone; "
-                "a new run starts from its current weights")
-        else:
-            say(f"--restart: removing the previous run in {paths.run_dir}")
-        clear_run(paths)
+        restart_run(config, paths, command)
     recorded = read_json(paths.run_json)
+    replace = command.restart_named(config.experiment_name)
     if recorded and recorded.get("source") != source_label(config):
         raise TrainError(f"the run folder {paths.run_dir} belongs to a run of {recorded.get('source')}, not "
-                         f"{source_label(config)}. Choose another name with --experiment NAME, or pass --restart "
-                         "to replace that run.")
+                         f"{source_label(config)}. Choose another name with --experiment NAME, or replace that run "
+                         f"(it is deleted): {replace}")
     if recorded and recorded.get("training", "weights") != training_kind(config):
         was = "a LoRA run (--mode lora)" if recorded.get("training") == "lora" else "a run that trains the weights"
         raise TrainError(f"the run folder {paths.run_dir} holds {was}; this command asks for "
                          f"{'LoRA' if config.is_lora else 'training the weights'}. Choose another name with "
-                         "--experiment NAME, or pass --restart to replace that run.")
+                         f"--experiment NAME, or replace that run (it is deleted): {replace}")
     if paths.origin == "cache":
         from .formats import ensure_store
 
@@ -219,7 +295,7 @@ def prepare_store(config: RunConfig, paths: RunPaths) -> None:
             shutil.rmtree(paths.store_dir)
         if paths.origin == "demo":
             say(f"creating a {config.size} BitNet model in {paths.store_dir} (random init, seed {config.seed}); "
-                "re-running the same command resumes this run, --restart starts it over")
+                f"re-running the same command resumes this run, {command.restart} starts it over")
             from .create import create_model
 
             create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.store_mode,
@@ -349,12 +425,15 @@ class Stopper:
 class Trainer:
     """One fine-tuning run over an open engine."""
 
-    def __init__(self, config: RunConfig, engine: StreamingEngine, paths: RunPaths, resume_command: str):
+    def __init__(self, config: RunConfig, engine: StreamingEngine, paths: RunPaths, command: RunCommand):
         self.config = config
         self.engine = engine
         self.store = engine.store
         self.paths = paths
-        self.resume_command = resume_command
+        self.command = command
+        self.watch = DivergenceWatch()  # rebuilt from the kept records when the run starts
+        self.diverging: set[str] = set()
+        self.steps_run = 0  # steps this process committed (trained or skipped)
         self.lora = engine.adapters is not None
         # Quantization warmup: each step says which mix of full-precision and ternary weights it trains.
         self.warmup = config.quant_warmup if self.store.settings.mode == "qat" and not self.lora else 0
@@ -417,11 +496,11 @@ class Trainer:
             where = self.paths.adapter_dir if self.lora else self.store.path
             raise TrainError(f"{where} is at step {step_now}, but its run state says {saved['base_step']} + "
                              f"{saved.get('step')} steps ({saved.get('skipped_steps', 0)} skipped): it was changed "
-                             "outside this run. Pass --restart to start a new run.")
+                             f"outside this run. Start a new run: {self.command.restart}")
         if self.lora and saved.get("base_store_step") != self.store.step:
             raise TrainError(f"the adapters in {self.paths.adapter_dir} were trained on {self.store.path} at step "
                              f"{saved.get('base_store_step')}, but that store is now at step {self.store.step}: its "
-                             "weights changed under the adapters. Pass --restart to train new adapters on it.")
+                             f"weights changed under the adapters. Train new adapters on it: {self.command.restart}")
         self.check_fingerprint(saved.get("fingerprint", {}))
         return dict(saved, fingerprint=self.fingerprint)
 
@@ -432,8 +511,8 @@ class Trainer:
             details = "; ".join("the data files' contents changed" if key == "data_sha256" else
                                 f"{key}: was {saved[key]!r}, now {self.fingerprint[key]!r}" for key in changed)
             raise TrainError(f"this run in {self.paths.run_dir} was started with different settings ({details}), so "
-                             "resuming would not continue the same run. Re-run with the original settings, pass "
-                             "--restart to start over, or use a new --experiment NAME.")
+                             "resuming would not continue the same run. Re-run with the original settings, use a "
+                             f"new --experiment NAME, or start over (the run is deleted): {self.command.restart}")
         if any(saved.get(key) != self.fingerprint[key] for key in LENGTH_KEYS if key in saved):
             say(f"note: the run length changed; the schedule is re-planned for {self.total_steps} steps from here on")
 
@@ -470,6 +549,8 @@ class Trainer:
             dropped_note = f"; dropped {dropped} metric records of uncommitted steps" if dropped else ""
             say(f"resuming {self.paths.run_dir} at step {start}/{self.total_steps} (optimizer step "
                 f"{self.committed_step()}){dropped_note}")
+        self.watch = DivergenceWatch.of(self.metrics.read())
+        self.diverging = {finding["metric"] for finding in self.watch.findings()}
         self.print_header()
         if start == 0 and config.eval_at_start and self.dataset.val:
             self.evaluate_baseline()
@@ -499,6 +580,7 @@ class Trainer:
                 stats = engine.train_step(micro, lr=lr, weight_decay=weight_decay, quant_mix=mix,
                                           commit_extra={**base_extra, STATE_KEY: done})
                 step_times.append(time.perf_counter() - began)
+                self.steps_run += 1
                 if stats.skipped:
                     skipped_in_row += 1
                     state = self.state_after(state, step, lr, weight_decay, tokens, mix, skipped=True)
@@ -509,7 +591,7 @@ class Trainer:
                     continue
                 if not math.isfinite(stats.loss):  # the engine skips such steps; never record one as trained
                     raise TrainError(f"the engine applied step {step} with loss {stats.loss}; the run cannot trust "
-                                     "its weights. --restart starts over.")
+                                     f"its weights. Start over with: {self.command.restart}")
                 skipped_in_row = 0
                 state = done
                 self.record_step(step, stats, lr, weight_decay, mix, step_times, session_started)
@@ -538,7 +620,7 @@ class Trainer:
             return EXIT_OK
         say(f"stopped at step {last_step}/{self.total_steps} ({stop_reason}); the "
             f"{'adapters are' if self.lora else 'store is'} saved at that step.")
-        say(f"resume with: {self.resume_command}")
+        say(f"resume with: {self.command.resume}")
         return EXIT_OK if stop_reason == "time limit" else 128 + (stopper.signal_number or 2)
 
     def record_skip(self, step: int, stats, lr: float, in_row: int):
@@ -561,7 +643,8 @@ class Trainer:
                          f"{stats.skipped}; lr {lr:.3g}). Nothing of those steps was applied: {where} holds optimizer "
                          f"step {self.committed_step()}, the last good one. Likely causes: a learning rate too high "
                          "for this model (lower --lr), or data the model cannot handle. Re-running the same command "
-                         "continues after the skipped batches; to change --lr, use --restart or a new --experiment.")
+                         "continues after the skipped batches; to change --lr, start over with a lower one: "
+                         f"{self.command.restart_with_lr()} (or use a new --experiment NAME)")
 
     # ------------------------------------------------------------------ reporting
     def print_header(self):
@@ -607,6 +690,7 @@ class Trainer:
         if mix is not None:
             record["quant_mix"] = mix
         self.metrics.append(record)
+        self.watch_divergence(record)
         if step % self.config.log_every == 0 or step == self.total_steps or step == 1:
             mixed = f" mix {mix:.2f}" if mix is not None else ""
             say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e}{mixed} | {stats.tokens} tok "
@@ -615,8 +699,29 @@ class Trainer:
                 f"peak RSS {mib(stats.peak_rss)} | ETA {format_seconds(eta)}")
         self.write_status(step, "training", loss=stats.loss, lr=lr, eta_s=round(eta, 1), elapsed_s=round(elapsed, 1))
 
+    def watch_divergence(self, record: dict):
+        """Warn (and record in metrics.jsonl) when a loss goes far above its start, and when it comes back
+        (the rule: metrics.DivergenceWatch)."""
+        self.watch.add(record)
+        findings = {finding["metric"]: finding for finding in self.watch.findings()}
+        for metric in findings.keys() - self.diverging:
+            finding = findings[metric]
+            say(f"warning: the run is diverging: {finding['message']}. The learning rate (peak {self.lr:g}) is "
+                f"likely too high; stop it (Ctrl-C) and start over with a lower one: {self.command.restart_with_lr()}")
+            self.metrics.append({"type": "diverging", **finding, "time": round(time.time(), 3)})
+        for metric in self.diverging - findings.keys():
+            say(f"note: the {'training' if metric == 'train' else 'validation'} loss is back below its divergence "
+                f"limit at step {record['step']}")
+            self.metrics.append({"type": "recovered", "metric": metric, "step": record["step"],
+                                 "time": round(time.time(), 3)})
+        self.diverging = set(findings)
+
     def write_status(self, step: int, phase: str, **values):
         extra = {"adapter_dir": self.paths.adapter_dir, "adapter_step": self.committed_step()} if self.lora else {}
+        findings = self.watch.findings()
+        if findings:
+            extra["diverging"] = [finding["message"] for finding in findings]
+        extra["resume_command"] = self.command.resume  # for `offload-bitnet status` of a stopped run
         write_status(self.paths.status, {"phase": phase, "step": step, "total_steps": self.total_steps,
                                          "store": self.store.path, "store_step": self.store.step, **extra,
                                          "updated": datetime.datetime.now().isoformat(timespec="seconds"), **values})
@@ -649,6 +754,7 @@ class Trainer:
         if mix is not None:
             record["quant_mix"] = mix
         self.metrics.append(record)
+        self.watch_divergence(record)
         details = ", ".join(filter(None, [label, f"quant mix {mix:g}" if mix is not None else ""]))
         say(f"validation at step {step}{f' ({details})' if details else ''}: loss {loss:.4f} perplexity "
             f"{perplexity(loss):.2f} ({count} tokens, {time.perf_counter() - began:.1f}s)")
@@ -706,7 +812,8 @@ class Trainer:
     def print_summary(self, finished: bool):
         summary = summarize(self.metrics.read())
         say("")
-        say("summary: " + ("finished" if finished else "stopped early"))
+        diverged = ", but its loss DIVERGED" if summary["diverged"] else ""
+        say("summary: " + ("finished" if finished else "stopped early") + diverged)
         say(f"  steps {summary['steps']}/{self.total_steps}, {summary['tokens']:,} trained tokens, "
             f"{format_seconds(summary['train_seconds'])} of training"
             + (f", {summary['skipped']} step(s) skipped (non-finite)" if summary.get("skipped") else ""))
@@ -719,17 +826,41 @@ class Trainer:
         if summary["last_val_loss"] is not None:
             say(f"  last validation loss {summary['last_val_loss']:.4f} (perplexity "
                 f"{perplexity(summary['last_val_loss']):.2f}) at step {summary['last_val_step']}")
-        say(f"  model store: {self.store.path}" + (" (unchanged)" if self.lora else ""))
-        if self.lora:
-            say(f"  adapters (PEFT format): {self.paths.adapter_dir}")
-            if finished and self.config.merge:
-                say(f"  merged store: {self.paths.merged_dir}")
-        plot = f"; plot: {self.paths.plot}" if os.path.exists(self.paths.plot) else ""
-        say(f"  metrics: {self.paths.metrics}{plot}")
-        if finished and self.config.export_path:
-            say(f"  export: {self.config.export_path}")
+        for finding in summary["diverged"]:
+            say(f"  WARNING: diverged: {finding['message']}")
+        if summary["diverged"]:
+            say(f"  the learning rate (peak {self.lr:g}) is likely too high; start over with a lower one: "
+                f"{self.command.restart_with_lr()}")
         if summary["first_loss"] is not None:
-            say(f"first loss {summary['first_loss']:.2f} -> last loss {summary['last_loss']:.2f}")
+            say(f"  first loss {summary['first_loss']:.2f} -> last loss {summary['last_loss']:.2f}")
+        self.print_outputs(finished)
+
+    def print_outputs(self, finished: bool):
+        """The end of every summary: where the outputs are and the command that generates from them."""
+        say(f"outputs in {shown_path(self.paths.run_dir)}:")
+        say(f"  model store: {shown_path(self.store.path)}" + (" (unchanged)" if self.lora else ""))
+        merged = self.lora and store_is_complete(self.paths.merged_dir)
+        if self.lora:
+            say(f"  adapters (PEFT format): {shown_path(self.paths.adapter_dir)}")
+            if merged:
+                say(f"  merged store: {shown_path(self.paths.merged_dir)}")
+        plot = f"; plot: {shown_path(self.paths.plot)}" if os.path.exists(self.paths.plot) else ""
+        say(f"  metrics: {shown_path(self.paths.metrics)}{plot}")
+        if finished and self.config.export_path:
+            say(f"  export: {shown_path(self.config.export_path)}")
+        prompt = self.config.prompts[0] if self.config.prompts else ("Hello!" if self.chat else "The")
+        if self.lora and not merged:
+            if self.config.merge:  # a stopped run: it merges when it finishes
+                say(f"to generate with the adapters, let the run finish (it then folds them into "
+                    f"{shown_path(self.paths.merged_dir)}): {self.command.resume}")
+            else:
+                say(f"to generate with the adapters, fold them into a store first (test_gen.py reads stores"
+                    f"{'' if finished else '; the run first trains to its end'}): "
+                    f"{self.command.with_options('--merge')}")
+            say(f"then: {self.command.generate(self.paths.merged_dir, self.config.device, prompt, self.chat)}")
+        else:
+            model = self.paths.merged_dir if self.lora else self.store.path
+            say(f"generate: {self.command.generate(model, self.config.device, prompt, self.chat)}")
 
     def already_finished(self, state: dict) -> int:
         say(f"{self.paths.run_dir} already holds a finished run ({state['step']}/{self.total_steps} steps); "
@@ -737,9 +868,8 @@ class Trainer:
         if self.lora and self.config.merge and not store_is_complete(self.paths.merged_dir):
             self.finish_outputs(keep_export=True)  # --merge added after the run finished: the adapters suffice
         self.print_summary(True)
-        demo = " " if self.config.is_demo else " MODEL ... "
-        say(f"to train it from scratch again: python finetune.py{demo}--restart; to train longer: add "
-            f"--num-train-iters N (N > {self.total_steps}) or --num-epochs E")
+        say(f"to train it from scratch again (this run is deleted): {self.command.restart}")
+        say(f"to train it longer (N > {self.total_steps}): {self.command.longer()}")
         return EXIT_OK
 
 
@@ -858,8 +988,7 @@ def check_device(device: str):
 
 def resume_command(argv: list[str], prog: str) -> str:
     """The command that continues this run: the same arguments, without --restart."""
-    kept = [a for a in argv if a not in ("--restart", "--dry-run", "--plot-only", "--recalibrate")]
-    return f"{prog} {shlex.join(kept)}".strip()
+    return RunCommand(argv, prog).resume
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -878,22 +1007,43 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         # Malformed, empty or non-UTF-8 data fails here, before anything is written, imported or locked (the
         # byte tokenizer reads every record; the model's own tokenizer checks again once the store is open).
         load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)
-    if config.is_lora:
+    # A refused run writes nothing: a store trained in place is opened (and locked: one run per store; a LoRA
+    # base is only read) and checked before the run folder is made; then the run folder's lock is taken.
+    store = BlockStore(paths.store_dir, writable=not config.is_lora) if paths.origin == "store" else None
+    cleanup = RefusalCleanup(paths)
+    try:
+        if store is not None:
+            check_store_settings(config, store)
         os.makedirs(paths.run_dir, exist_ok=True)
-        lock = RunLock(paths.lock)  # the store is opened read-only, without its write lock: one run per folder
-        try:
-            return train(config, paths, argv, prog)
-        finally:
-            lock.release()
-    return train(config, paths, argv, prog)
+        lock = RunLock(paths.lock)
+    except BaseException:
+        if store is not None:
+            store.close()
+        cleanup.undo()
+        raise
+    try:
+        return train(config, paths, RunCommand(argv, prog), cleanup, store)
+    except Exception:
+        lock.release()
+        cleanup.undo()  # a no-op once the run has committed a step
+        raise
+    finally:
+        lock.release()
 
 
-def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int:
-    """Prepare the store, open it (read-only under LoRA, which never writes it) and run the Trainer."""
-    prepare_store(config, paths)
-    # Writable takes the store's write lock: one run per store. A LoRA base is only read.
-    store = BlockStore(paths.store_dir, writable=not config.is_lora)
-    remove_leftover_temporaries(paths.run_dir)  # this run holds the store's or the run folder's lock now
+def train(config: RunConfig, paths: RunPaths, command: RunCommand, cleanup: RefusalCleanup,
+          store: BlockStore | None = None) -> int:
+    """Prepare the store, open it (read-only under LoRA, which never writes it) unless ``store`` is it already
+    open, and run the Trainer (``cleanup`` is disarmed once the Trainer is ready to start)."""
+    try:
+        prepare_store(config, paths, command)
+        if store is None:  # writable takes the store's write lock; a LoRA base is only read
+            store = BlockStore(paths.store_dir, writable=not config.is_lora)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    remove_leftover_temporaries(paths.run_dir)  # this run holds the run folder's lock (and the store's) now
     try:
         check_store_settings(config, store)
         engine = StreamingEngine(store, engine_options(config, store, paths))
@@ -906,7 +1056,14 @@ def train(config: RunConfig, paths: RunPaths, argv: list[str], prog: str) -> int
         store.close()
         raise
     try:
-        return Trainer(config, engine, paths, resume_command(argv, prog)).run()
+        trainer = Trainer(config, engine, paths, command)
+        try:
+            result = trainer.run()
+        finally:
+            if trainer.steps_run:
+                cleanup.disarm()
+        cleanup.disarm()
+        return result
     finally:
         engine.close()
 
@@ -927,7 +1084,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except BrokenPipeError:  # `finetune.py ... | head`: the reader is gone; the store keeps its last commit
         return quiet_broken_pipe()
     except KeyboardInterrupt:
-        print("\naborted; the store keeps its last committed step. Re-run the same command to resume.",
+        print(f"\naborted; the store keeps its last committed step. Resume with: {RunCommand(argv, prog).resume}",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - every failure becomes one readable paragraph

@@ -106,9 +106,9 @@ def files_under(path) -> list[str]:
 
 
 def assert_run_folder_clean(runs_dir):
-    """A failed run leaves no model, no metrics, nothing but (for a MODEL that is a store) the run.json that
-    train.py records before it loads the data (see test_a_failed_run_writes_nothing_in_its_run_folder)."""
-    assert all(name.endswith(os.sep + "run.json") for name in files_under(runs_dir)), files_under(runs_dir)
+    """A failed run leaves nothing in the runs folder: no model, no metrics, no run.json, no run.lock."""
+    assert files_under(runs_dir) == [] and not os.listdir(runs_dir) if os.path.isdir(runs_dir) else True, \
+        files_under(runs_dir)
 
 
 # ---------------------------------------------------------------------------------------------- the doc

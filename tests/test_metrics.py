@@ -156,3 +156,85 @@ def test_plot_run_draws_the_png(tmp_path, capsys):
     assert "loss plot:" in capsys.readouterr().out
     with open(os.path.join(run_dir, "loss.png"), "rb") as handle:
         assert handle.read(4) == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- smoothing
+def test_smoothing_is_unbiased_from_the_first_point():
+    from offload_bitnet.metrics import SmoothedLoss
+
+    average = SmoothedLoss(0.9)
+    assert [average.add(3.0) for _ in range(5)] == pytest.approx([3.0] * 5)  # an uncorrected EMA starts at 0.3
+    assert smooth([4.0, 2.0], weight=0.9)[1] == pytest.approx((0.09 * 4 + 0.1 * 2) / 0.19)
+
+
+def test_a_short_run_is_not_drawn_above_every_raw_point():
+    falling = [3.0, 2.8, 2.5, 2.3, 2.2, 2.0, 1.9]  # a quick-start run: 7 falling losses
+    assert smooth(falling) == pytest.approx(falling)  # too short to smooth: no lag at all
+    run = [5.0 - 0.1 * step for step in range(30)]  # 30 steps of a straight fall
+    smoothed = smooth(run)
+    lag = max(s - r for s, r in zip(smoothed, run))
+    assert lag < 0.25  # a window of 3 steps: under 3 steps' fall (0.3); a fixed 0.9 weight lags ~0.9
+    assert max(s - r for s, r in zip(smooth(run, weight=0.9), run)) > 0.6
+
+
+def test_a_long_run_is_smoothed():
+    noise = [2.0 + (0.5 if step % 2 else -0.5) for step in range(400)]
+    smoothed = smooth(noise)[100:]
+    assert max(smoothed) - min(smoothed) < 0.05  # the +-0.5 zigzag is averaged out (window 40)
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_divergence_rule_margin_smoothing_and_recovery():
+    from offload_bitnet.metrics import DivergenceWatch, divergence_limit
+
+    assert divergence_limit(2.0) == pytest.approx(3.0) and divergence_limit(5.6) == pytest.approx(7.0)
+    watch = DivergenceWatch()
+    watch.add({"type": "eval", "step": 0, "val_loss": 2.0})
+    for step, loss in enumerate([2.0, 1.9, 4.5, 1.8, 1.7], 1):  # one hard batch is no alarm
+        watch.add({"type": "train", "step": step, "loss": loss})
+    assert watch.findings() == []
+    for step in range(6, 12):
+        watch.add({"type": "train", "step": step, "loss": 40.0})
+    (train,) = watch.findings()
+    assert train["metric"] == "train" and train["step"] == 11 and train["start"] == 2.0
+    assert train["value"] > 3.0 and "far above its start 2" in train["message"]
+    watch.add({"type": "eval", "step": 11, "val_loss": 3.5})
+    assert [f["metric"] for f in watch.findings()] == ["train", "eval"]
+    for step in range(12, 60):  # it comes back
+        watch.add({"type": "train", "step": step, "loss": 1.5})
+    watch.add({"type": "eval", "step": 60, "val_loss": 1.6})
+    assert watch.findings() == []
+
+
+def test_divergence_ignores_a_quantization_warmup():
+    from offload_bitnet.metrics import DivergenceWatch
+
+    records = [{"type": "eval", "step": 0, "val_loss": 3.0, "quant_mix": 0.0},
+               {"type": "eval", "step": 0, "val_loss": 18.8, "quant_mix": 1.0}]
+    records += [{"type": "train", "step": s, "loss": 2.7 + s, "quant_mix": s / 10} for s in range(1, 10)]
+    records += [{"type": "train", "step": s, "loss": 12.8 - 0.1 * s, "quant_mix": 1.0} for s in range(10, 30)]
+    records += [{"type": "eval", "step": 30, "val_loss": 10.4, "quant_mix": 1.0}]
+    assert DivergenceWatch.of(records).findings() == []  # judged from the ternary start (12.8 and 18.8)
+    assert summarize(records)["diverged"] == []
+
+
+def test_status_says_a_run_diverged(tmp_path):
+    run_dir = tmp_path / "div"
+    log = MetricsLog(str(run_dir / "metrics.jsonl"))
+    for step, loss in enumerate([5.5, 30.0, 700.0, 743.0], 1):
+        log.append({"type": "train", "step": step, "loss": loss})
+    write_status(str(run_dir / "status.json"), {"phase": "finished", "step": 4, "total_steps": 4})
+    lines = status_lines(str(run_dir))
+    assert lines[0].startswith(f"{run_dir}: finished, LOSS DIVERGED, step 4/4")
+    assert any(line.startswith("  WARNING: diverging: the training loss (smoothed) is") for line in lines)
+    assert summarize(log.read())["diverged"][0]["metric"] == "train"
+
+
+def test_the_default_install_draws_the_plot():
+    import ast
+
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    call = next(node for node in ast.walk(ast.parse(setup)) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", "") == "setup")
+    requires = next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "install_requires")
+    assert "matplotlib" in requires

@@ -1,6 +1,7 @@
 import datetime
 import hashlib
 import json
+import shlex
 import os
 import shutil
 import signal
@@ -153,6 +154,9 @@ def test_time_limit_stops_cleanly_with_the_resume_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stopped at step 0/5 (time limit)" in out
     assert "resume with: python finetune.py --runs-dir" in out and "--max-hours 1e-9" in out
+    from offload_bitnet.metrics import status_lines
+
+    assert f"  resume with: {printed(out, 'resume with:')}" in status_lines(str(tmp_path / "t"))
     assert main(tiny(tmp_path, "t", 5)) == 0
     assert BlockStore(str(tmp_path / "t" / "store")).step == 5
 
@@ -573,3 +577,156 @@ def test_a_run_with_tokenizer_option_stores_it_in_its_own_copy(tmp_path, capsys)
     store = BlockStore(str(tmp_path / "runs" / "hf" / "store"))
     assert store.step == 1 and store.extra["tokenizer"]["kind"] == "hf"
     assert load_tokenizer(store.path, store.extra["tokenizer"]).vocab_size == 257
+def readme_quick_start_finetune() -> list[str]:
+    """The arguments of the README quick start's ``python finetune.py $GGUF ...`` command (continuation lines
+    joined)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    command = section.split("python finetune.py $GGUF", 1)[1].split("\n```", 1)[0]
+    command = command.replace("\\\n", " ").split("\n", 1)[0]
+    return shlex.split(command)
+
+
+@pytest.mark.slow
+def test_the_readme_quick_start_fine_tune_teaches_the_style(tmp_path, capsys, monkeypatch):
+    """The quick start's fine-tune, as printed in README.md (about 2-3 minutes on 2 CPU cores)."""
+    monkeypatch.chdir(ROOT)  # its --data path is relative to the checkout
+    torch.set_num_threads(os.cpu_count() or 1)
+    args = readme_quick_start_finetune()
+    assert "--prompt" in args and "--merge" in args
+    assert main([smollm2_gguf(), *args, "--runs-dir", str(tmp_path / "runs"), "--experiment", "quick"]) == 0
+    samples = [r for r in metrics(str(tmp_path / "runs" / "quick")) if r["type"] == "sample"]
+    assert samples and samples[-1]["text"].strip().startswith("Ahoy!"), samples
+    out = capsys.readouterr().out
+    assert printed(out, "generate:").startswith(f"python test_gen.py {tmp_path / 'runs' / 'quick' / 'merged'} cpu "
+                                                "--chat --prompt")
+
+
+# ---------------------------------------------------------------------------------------------- printed commands
+def printed(out: str, prefix: str) -> str:
+    """The command on the line of ``out`` that starts with ``prefix``."""
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def run_printed(command: str) -> int:
+    """Run a printed ``python finetune.py ...`` command literally (in this process)."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "finetune.py"], command
+    return main(words[2:])
+
+
+def folder_digest(path) -> dict:
+    return {os.path.relpath(os.path.join(folder, name), path): hashlib.sha256(open(os.path.join(folder, name),
+                                                                                   "rb").read()).hexdigest()
+            for folder, _, names in os.walk(path) for name in names}
+
+
+def test_printed_restart_command_replaces_its_own_run_and_no_other(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/demo, the default run, lives here
+    assert main(["--num-train-iters", "1", *TINY]) == 0
+    demo_before = folder_digest("runs/demo")
+    x_run = ["--experiment", "X", "--num-train-iters", "2", *TINY]
+    assert main(x_run) == 0
+    assert main(x_run) == 0  # finished: says how to start over and how to train longer
+    out = capsys.readouterr().out
+    restart = printed(out, "to train it from scratch again (this run is deleted):")
+    assert "--experiment X" in restart and restart.endswith("--restart")
+    assert "--experiment X" in printed(out, "to train it longer (N > 2):")
+    record = json.load(open("runs/X/run.json"))
+    x_created = record["created"] = "2000-01-01T00:00:00"  # a mark the restarted run must replace (no clock wait)
+    with open("runs/X/run.json", "w") as handle:
+        json.dump(record, handle)
+    assert run_printed(restart) == 0
+    out = capsys.readouterr().out
+    deleting = printed(out, "--restart: deleting the run")
+    assert deleting.startswith(os.path.abspath("runs/X")) and "store/" in deleting and "metrics.jsonl" in deleting
+    assert json.load(open("runs/X/run.json"))["created"] != x_created
+    assert [r["step"] for r in metrics("runs/X") if r["type"] == "train"] == [1, 2]
+    assert folder_digest("runs/demo") == demo_before  # the other run is untouched
+
+
+def test_restart_never_replaces_a_run_of_another_model_that_it_does_not_name(tmp_path, capsys):
+    data = os.path.join(TEST_DATA, "text.jsonl")
+    first, second = (create_model(str(tmp_path / where / "m"), size="demo", arch="bitnet", n_layers=1)
+                     for where in ("a", "b"))
+    common = ["--data", data, "--runs-dir", str(tmp_path / "runs"), "--num-train-iters", "1", "--batch-size", "2",
+              "--max-seq-len", "32", "--no-plot"]
+    assert main([first, *common]) == 0
+    before = folder_digest(tmp_path / "runs" / "m")
+    capsys.readouterr()
+    assert main([second, *common, "--restart"]) == 1  # the same folder name "m", another model
+    err = capsys.readouterr().err
+    assert "nothing was deleted" in err and f"holds a run of {first}" in err
+    assert folder_digest(tmp_path / "runs" / "m") == before
+    named = printed(err.replace("error: ", ""), "--restart: the run folder").split("To replace that run, name it: ")[1]
+    named = named.split("; to keep it")[0]
+    assert "--experiment m" in named and named.endswith("--restart")
+    assert run_printed(named) == 0
+    assert json.load(open(tmp_path / "runs" / "m" / "run.json"))["source"] == second
+
+
+def test_every_summary_ends_with_its_outputs_and_a_working_generate_command(tmp_path, capsys):
+    assert main(tiny(tmp_path, "gen", 1)) == 0
+    out = capsys.readouterr().out
+    tail = out.rstrip().splitlines()[-4:]
+    assert tail[0] == f"outputs in {tmp_path / 'gen'}:" and tail[1] == f"  model store: {tmp_path / 'gen' / 'store'}"
+    generate = printed(out, "generate:")
+    assert generate == f"python test_gen.py {tmp_path / 'gen' / 'store'} cpu --prompt The"
+    words = shlex.split(generate)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, words[1]), *words[2:], "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "new tokens" in done.stdout + done.stderr, done.stderr
+
+
+def test_an_unmerged_lora_run_says_how_to_merge_then_generate(tmp_path, capsys):
+    assert main(tiny(tmp_path, "adapt", 1, "--mode", "lora", "--prompt", "The light", "--max-new-tokens", "3")) == 0
+    out = capsys.readouterr().out
+    merge = printed(out, "to generate with the adapters, fold them into a store first (test_gen.py reads stores):")
+    assert merge.endswith("--merge") and "--experiment adapt" in merge
+    assert printed(out, "then:") == f"python test_gen.py {tmp_path / 'adapt' / 'merged'} cpu --prompt 'The light'"
+    assert run_printed(merge) == 0  # the finished run merges its adapters
+    out = capsys.readouterr().out
+    assert f"  merged store: {tmp_path / 'adapt' / 'merged'}" in out
+    assert printed(out, "generate:") == f"python test_gen.py {tmp_path / 'adapt' / 'merged'} cpu --prompt 'The light'"
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_a_diverging_run_is_flagged_while_it_runs_and_after(tmp_path, capsys):
+    from offload_bitnet.metrics import status_lines
+
+    assert main(tiny(tmp_path, "div", 8, "--lr", "3", "--eval-every", "4")) == 0
+    out = capsys.readouterr().out
+    warning = printed(out, "warning: the run is diverging: the training loss (smoothed) is")
+    assert "--lr LR --restart" in warning and "--lr 3" not in warning
+    assert "summary: finished, but its loss DIVERGED" in out
+    assert "  WARNING: diverged: the validation loss is" in out
+    records = metrics(str(tmp_path / "div"))
+    flagged = [r for r in records if r["type"] == "diverging"]
+    assert {r["metric"] for r in flagged} == {"train", "eval"} and all(r["value"] > r["limit"] for r in flagged)
+    assert json.load(open(tmp_path / "div" / "status.json"))["diverging"]
+    lines = status_lines(str(tmp_path / "div"))
+    assert "LOSS DIVERGED" in lines[0] and any("WARNING: diverging" in line for line in lines)
+    # A healthy run is not flagged.
+    assert main(tiny(tmp_path, "calm", 4)) == 0
+    out = capsys.readouterr().out
+    assert "warning: the run is diverging" not in out and "summary: finished\n" in out and "WARNING" not in out
+    assert not [r for r in metrics(str(tmp_path / "calm")) if r["type"] == "diverging"]
+
+
+# ---------------------------------------------------------------------------------------------- refused runs
+def test_a_refused_run_writes_nothing(tmp_path, capsys):
+    store_path = create_model(str(tmp_path / "held"), size="demo", arch="bitnet", n_layers=1)
+    holder = BlockStore(store_path, writable=True)  # another run trains this store
+    try:
+        assert main([store_path, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir",
+                     str(tmp_path / "runs"), "--num-train-iters", "1", "--no-plot"]) == 1
+    finally:
+        holder.close()
+    assert "is in use by pid" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs" / "held")  # no run.json, no run.lock, no folder
+    # Refused after the demo store was made (the prompt does not fit the context): the store is kept for the
+    # next attempt, nothing else is left.
+    assert main(tiny(tmp_path, "long", 1, "--prompt", "x" * 5000)) == 1
+    assert "Shorten it" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "long")) == ["run.json", "store"]
+    assert main(tiny(tmp_path, "long", 1)) == 0 and BlockStore(str(tmp_path / "long" / "store")).step == 1

@@ -406,16 +406,21 @@ class Plan:
     prediction: StepPrediction
 
 
-def make_plan(config: RunConfig, paths) -> Plan:
+def make_plan(config: RunConfig, paths, command=None) -> Plan:
     """Check the run as the run checks it, read its model and data, calibrate and predict a step; writes
-    nothing but the calibration cache."""
+    nothing but the calibration cache. ``command`` (a ``RunCommand``): the run folder is checked as the run
+    checks it (a --restart would replace what it holds)."""
     from . import train
 
     train.check_device(config.device)
+    if command is not None and not config.restart:
+        train.check_run_folder(config, paths, command)
     if config.data:
         train.load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)  # the run's first check, as it makes it
     planned = planned_model(config, paths)
     dataset = train.load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
+    train.check_prompts(config, planned.tokenizer, bool(dataset) and "chat" in dataset.stats.kinds,
+                        planned.config.max_seq_len)
     base_rss = current_rss_bytes()  # what the trainer holds before its first step: torch, tokenizer, data
     steps = train.total_steps(config, dataset) if dataset else config.num_train_iters
     if planned.disk is None:
@@ -428,11 +433,11 @@ def make_plan(config: RunConfig, paths) -> Plan:
     return Plan(planned, dataset, steps, batches, calibration, prediction)
 
 
-def dry_run(config: RunConfig, paths) -> int:
+def dry_run(config: RunConfig, paths, command=None) -> int:
     """Print the plan without creating, importing or training anything; refuse what the run would refuse."""
     from .train import EXIT_OK, say
 
-    plan = make_plan(config, paths)
+    plan = make_plan(config, paths, command)
     if plan.dataset:
         say(plan.dataset.summary())
         for note in plan.dataset.stats.notes(config.max_seq_len):

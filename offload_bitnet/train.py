@@ -269,11 +269,9 @@ class RefusalCleanup:
             os.rmdir(self.paths.run_dir)
 
 
-def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> None:
-    """Create (demo) or import the store into the run folder unless a finished one is already there."""
-    os.makedirs(paths.run_dir, exist_ok=True)
-    if config.restart:
-        restart_run(config, paths, command)
+def check_run_folder(config: RunConfig, paths: RunPaths, command: RunCommand) -> dict | None:
+    """Refuse a run folder that holds another run (of another model, or the other kind of training); returns
+    the folder's run record (None: a new run)."""
     recorded = read_json(paths.run_json)
     replace = command.restart_named(config.experiment_name)
     if recorded and recorded.get("source") != source_label(config):
@@ -285,6 +283,24 @@ def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> No
         raise TrainError(f"the run folder {paths.run_dir} holds {was}; this command asks for "
                          f"{'LoRA' if config.is_lora else 'training the weights'}. Choose another name with "
                          f"--experiment NAME, or replace that run (it is deleted): {replace}")
+    return recorded
+
+
+def check_prompts(config: RunConfig, tokenizer, chat: bool, context: int):
+    """Refuse a --prompt that does not fit the model's context (now, not after hours of training)."""
+    for prompt in config.prompts:
+        length = len(encode_prompt(tokenizer, prompt, chat))
+        if length >= context:
+            raise TrainError(f"the prompt {prompt[:40]!r}... has {length} tokens; the model's context is "
+                             f"{context}. Shorten it.")
+
+
+def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> None:
+    """Create (demo) or import the store into the run folder unless a finished one is already there."""
+    os.makedirs(paths.run_dir, exist_ok=True)
+    if config.restart:
+        restart_run(config, paths, command)
+    recorded = check_run_folder(config, paths, command)
     if paths.origin == "cache":
         from .formats import ensure_store
 
@@ -451,11 +467,7 @@ class Trainer:
         self.fingerprint = dict(resume_fingerprint(config), lr=self.lr,
                                 data_sha256=files_digest(config.data + config.val_data))
         self.chat = "chat" in self.dataset.stats.kinds  # prompts become user turns, like the training data
-        for prompt in config.prompts:  # fail now, not after hours of training
-            length = len(encode_prompt(self.tokenizer, prompt, self.chat))
-            if length >= self.store.config.max_seq_len:
-                raise TrainError(f"the prompt {prompt[:40]!r}... has {length} tokens; the model's context is "
-                                 f"{self.store.config.max_seq_len}. Shorten it.")
+        check_prompts(config, self.tokenizer, self.chat, self.store.config.max_seq_len)
 
     # ------------------------------------------------------------------ resume state
     # Where the committed step and its extra live: the store's manifest, or for LoRA the adapter checkpoint
@@ -1001,7 +1013,7 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
     if config.dry_run:
         from .plan import dry_run  # plan.py calls this module's checks, so it is imported when needed
 
-        return dry_run(config, paths)
+        return dry_run(config, paths, RunCommand(argv, prog))
     check_device(config.device)
     if config.data:
         # Malformed, empty or non-UTF-8 data fails here, before anything is written, imported or locked (the

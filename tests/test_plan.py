@@ -129,6 +129,26 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, capsys):
     assert "bad.jsonl" in capsys.readouterr().err
 
 
+def test_dry_run_refuses_a_run_folder_of_another_run_and_a_prompt_longer_than_the_context(tmp_path, capsys):
+    store = create_model(str(tmp_path / "demo"), size="demo", arch="bitnet")
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--experiment", "shared", "--num-train-iters", "1", *TINY]
+    assert main([store, "--data", DEMO_DATA, *runs]) == 0  # a run of this store holds runs/shared
+    capsys.readouterr()
+    other = create_model(str(tmp_path / "other"), size="demo", arch="bitnet", seed=1)
+    refused = [other, "--data", DEMO_DATA, *runs]
+    assert main([*refused, "--dry-run"]) == 1
+    planned = capsys.readouterr().err
+    assert main(refused) == 1
+    assert planned == capsys.readouterr().err and "belongs to a run of" in planned
+    assert main([*refused, "--restart", "--dry-run"]) == 0  # --restart would replace that run: nothing to refuse
+    capsys.readouterr()
+
+    long_prompt = ["--prompt", "x" * 5000]
+    assert main([store, "--data", DEMO_DATA, *plan_args(tmp_path, "long", *TINY, *long_prompt)]) == 1
+    assert "the model's context is" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs" / "long")
+
+
 # ---------------------------------------------------------------------------------------------- calibration
 def test_calibration_is_cached_per_machine_and_recalibrate_measures_again(tmp_path, probes, capsys):
     args = plan_args(tmp_path, "cal", "--num-train-iters", "2", *TINY)

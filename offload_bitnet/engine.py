@@ -298,20 +298,21 @@ class StreamingEngine:
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
             masters = self.layout.masters(unit, weights, shadow, self.device,
                                           None if shadow is not None else torch.float32)
-            return unit, masters, self._load_moments(unit) if with_moments else None
+            return unit, masters, self._optim_part(unit) if with_moments else None
         return job
 
     def _moments_job(self, unit: str):
-        return lambda: self._load_moments(unit)
+        return lambda: self._optim_part(unit)
 
-    def _load_moments(self, unit: str, stored: bool = False) -> dict:
-        """A unit's fp32 moments. ``stored``: as the store has them, not as a pending write has them (for the
-        writer thread, where every earlier write already is in the store)."""
+    def _optim_part(self, unit: str, stored: bool = False) -> dict:
+        """A unit's moments as stored (decoded one tensor at a time by its update); ``{}`` before the first
+        update. ``stored``: as the store has them, not as a pending write has them (for the writer thread,
+        where every earlier write already is in the store)."""
         if stored:
             part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
         else:
             part = self._read(unit, "optim")
-        return self.layout.moments(part, unit_shapes(self.config, unit), self.device)
+        return part or {}
 
     def _frozen_job(self, unit: str):
         """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
@@ -603,11 +604,46 @@ class StreamingEngine:
         step, optim, lr = ctx.step, self._step_optim, ctx.lr
         state = {}
 
+        def moments_of(names) -> dict:
+            """fp32 moments of ``names``, decoded from the stored part (read now when none was loaded)."""
+            if "optim" not in state:
+                state["optim"] = moments if moments is not None else self._optim_part(unit, stored=True)
+            return self.layout.moments(state["optim"], {n: masters[n].shape for n in names}, self.device)
+
+        def finish(parts: dict, unit_moments: dict):
+            """Check the new weights of ``parts`` and add the encoded moments."""
+            # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
+            # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
+            # large that the 16-bit weights overflow.
+            for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
+                if stored.is_floating_point():
+                    _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
+                                                           "gradient or learning rate)")
+            parts["optim"] = self.layout.encode_moments(unit_moments)
+            return parts
+
+        def update_each() -> dict[str, dict[str, torch.Tensor]]:
+            """The whole update, one tensor at a time: the fp32 master and moments of one projection exist at
+            once, not a block's worth (a 70B block is 3.4 GB in fp32, with its moments 10 GB)."""
+            parts: dict[str, dict] = {}
+            for name in list(masters):
+                unit_moments = moments_of([name])
+                master = self.layout.float32(masters[name].detach())
+                exp_avg, exp_avg_sq = unit_moments[name]
+                adamw_update(master, grads.pop(name).float(), exp_avg, exp_avg_sq, step, optim, lr)
+                for part, tensors in finish(self.layout.encode(unit, {name: master}), unit_moments).items():
+                    parts.setdefault(part, {}).update(tensors)
+                del master, unit_moments, exp_avg, exp_avg_sq
+            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+            return parts
+
         def update(rows: slice | None = None, final: bool = True) -> dict[str, dict[str, torch.Tensor]]:
             fault_point("update")
+            if rows is None and not keep_masters:
+                return update_each()
             index = slice(None) if rows is None else rows
-            if not state:
-                state["moments"] = moments if moments is not None else self._load_moments(unit, stored=True)
+            if "masters" not in state:
+                state["moments"] = moments_of(list(masters))
                 state["masters"] = {name: self.layout.empty(master.shape, torch.float32, master.device) if keep_masters
                                     else self.layout.float32(master.detach()) for name, master in masters.items()}
             masters_32, unit_moments = state["masters"], state["moments"]
@@ -619,15 +655,7 @@ class StreamingEngine:
                              optim, lr)
             if not final:
                 return {}
-            parts = self.layout.encode(unit, masters_32)
-            # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
-            # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
-            # large that the 16-bit weights overflow.
-            for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
-                if stored.is_floating_point():
-                    _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
-                                                           "gradient or learning rate)")
-            parts["optim"] = self.layout.encode_moments(unit_moments)
+            parts = finish(self.layout.encode(unit, masters_32), unit_moments)
             self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
             return parts
 

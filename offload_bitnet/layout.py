@@ -99,14 +99,17 @@ class Layout:
         return masters
 
     def moments(self, optim_part: dict | None, shapes: dict[str, tuple], device) -> dict[str, tuple]:
-        """fp32 (exp_avg, exp_avg_sq) per master (``shapes``: name -> shape); zeros before the first update."""
+        """fp32 (exp_avg, exp_avg_sq) per master (``shapes``: name -> shape); zeros before the first update
+        (``optim_part`` None or empty)."""
         moments = {}
         for name, shape in shapes.items():
-            if optim_part is None:
+            if not optim_part:
                 moments[name] = tuple(self.empty(shape, torch.float32, device).zero_() for _ in "mv")
             elif self.blockwise_state:
-                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), shape)
-                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), shape)
+                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), shape,
+                                                  out=self.empty(shape, torch.float32, "cpu"))
+                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), shape,
+                                                  out=self.empty(shape, torch.float32, "cpu"))
                 moments[name] = (exp_avg.to(device), exp_avg_sq.to(device))
             else:
                 moments[name] = (self._as(optim_part[f"{name}.exp_avg"], torch.float32, device),

@@ -41,7 +41,7 @@ from .buffers import BufferPool
 from .faults import fault_point
 from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
-from .model import ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
+from .model import LazyWeight, ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
 from .store import BlockStore, block_unit, encoded_size, unit_shapes
 from .streams import ActivationStash, Prefetcher, WriteBehind
@@ -198,6 +198,12 @@ class EngineOptions:
     # a cap that does not grow with depth (peak memory stays a few blocks).
     memo_budget_bytes: int | None = None
     ce_chunk_tokens: int = 1024
+    # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
+    # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
+    # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
+    # pass, on the prefetch thread, which overlaps the compute. The default makes 7B and 13B blocks (0.8 and
+    # 1.3 GB) dense and 34B and up lazy.
+    dense_block_bytes: int = 2 << 30
     prefetch_depth: int = 1
     max_pending_writes: int = 1
     optim: AdamWConfig = field(default_factory=AdamWConfig)
@@ -271,18 +277,38 @@ class StreamingEngine:
             tensors[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32)
         return tensors
 
-    def _forward_job(self, unit: str):
-        """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up)."""
+    def _lazy(self, unit: str) -> bool:
+        """Whether a unit's projections are made one at a time (``model.LazyWeight``) rather than all at once:
+        blocks whose dense compute weights exceed ``dense_block_bytes``."""
+        dense = self.config.block_param_count() * torch.empty((), dtype=self.dtype).element_size()
+        return unit.startswith("block.") and dense > self.options.dense_block_bytes
+
+    def _lazy_weights(self, unit: str, names, make_one, keep: bool, requires_grad: bool = False) -> dict:
+        """``{name: tensor}`` with each projection a LazyWeight of ``make_one(name)``; norms made at once."""
+        projections = self.config.projection_shapes
+        return {name: LazyWeight(functools.partial(make_one, name), keep, requires_grad) if name in projections
+                else make_one(name) for name in names}
+
+    def _forward_job(self, unit: str, keep: bool = False):
+        """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up).
+        ``keep``: the step has several micro-batches (lazy projections are made once per pass, see _lazy)."""
         def job():
             fault_point("prefetch")
             weights = self._read(unit, "weights", will_modify=False)
             if unit == "embed":
                 # As stored: a lookup converts only the rows it gathers (``_embed``), not the whole table.
                 return {"weight": weights["weight"].to(self.device)}
+            lazy = self._lazy(unit)
             if self.quant_mix != 1 and self._needs_shadow(unit):
                 masters = self.layout.masters(unit, weights, self._read(unit, "shadow", will_modify=False),
-                                              self.device)
+                                              self.device, None if lazy else torch.float32)
+                if lazy:
+                    return self._lazy_weights(unit, list(masters), lambda name: self._compute_weights(
+                        unit, {name: masters[name]})[name], keep)
                 return self._compute_weights(unit, masters)
+            if lazy:
+                return self._lazy_weights(unit, self.layout.param_names(weights), lambda name: self.layout.forward_tensor(
+                    weights, name, self.dtype, self.device), keep)
             return self.layout.forward_tensors(unit, weights, self.dtype, self.device)
         return job
 
@@ -296,8 +322,10 @@ class StreamingEngine:
         def job():
             weights = self._read(unit, "weights")
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
-            masters = self.layout.masters(unit, weights, shadow, self.device,
-                                          None if shadow is not None else torch.float32)
+            # As stored where the update converts them (16-bit shadows; lazy blocks make compute weights one at
+            # a time), else fp32.
+            as_stored = shadow is not None or self._lazy(unit)
+            masters = self.layout.masters(unit, weights, shadow, self.device, None if as_stored else torch.float32)
             return unit, masters, self._optim_part(unit) if with_moments else None
         return job
 
@@ -314,9 +342,9 @@ class StreamingEngine:
             part = self._read(unit, "optim")
         return part or {}
 
-    def _frozen_job(self, unit: str):
+    def _frozen_job(self, unit: str, keep: bool = False):
         """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
-        job = self._forward_job(unit)
+        job = self._forward_job(unit, keep)
         return lambda: (unit, job(), None)
 
     def _head_unit(self) -> str:
@@ -402,8 +430,9 @@ class StreamingEngine:
         try:
             # One stream of loads for both passes: the first backward units load while the last blocks run forward.
             forward_units, backward_units = self._step_units()
-            loads = self.prefetcher.stream(itertools.chain((self._forward_job(u) for u in forward_units),
-                                                           self._backward_jobs(backward_units)))
+            keep = len(ctx.ids) > 1
+            loads = self.prefetcher.stream(itertools.chain((self._forward_job(u, keep) for u in forward_units),
+                                                           self._backward_jobs(backward_units, keep)))
             hidden = self._forward_pass(ctx, forward_units, loads)
             loss = self._backward_pass(ctx, hidden, commit_extra, loads)
             self.step = ctx.step
@@ -425,7 +454,7 @@ class StreamingEngine:
             backward.append("embed")
         return ["embed"] + blocks, backward
 
-    def _backward_jobs(self, units: list[str]):
+    def _backward_jobs(self, units: list[str], keep: bool = False):
         """Load jobs of the backward pass, in the order it takes them. Blocks' moments are left to their updates
         on the writer thread (read when the update runs, so queued updates hold no moments). The embedding's
         update ends the step on this thread: its moments load with it, and then (untied) its zeroed gradient, into
@@ -433,7 +462,7 @@ class StreamingEngine:
         masters: its update starts during the cross-entropy, which overlaps their load."""
         for unit in units:
             if self.adapters is not None:
-                yield self._frozen_job(unit)
+                yield self._frozen_job(unit, keep)
             elif unit == "head":
                 yield self._update_job(unit, with_moments=False)
                 yield self._moments_job(unit)
@@ -518,6 +547,13 @@ class StreamingEngine:
             if lora:
                 leaves = masters  # frozen base tensors
                 params = self._block_params(layer, masters, trainable_adapters=True)
+            elif self._lazy(unit):
+                leaves = self._lazy_weights(unit, list(masters), lambda name: self._compute_weights(
+                    unit, {name: masters[name]})[name], keep=len(ctx.ids) > 1, requires_grad=True)
+                for leaf in leaves.values():
+                    if isinstance(leaf, torch.Tensor):
+                        leaf.requires_grad_()
+                params = leaves
             else:
                 leaves = {n: t.requires_grad_() for n, t in self._compute_weights(unit, masters).items()}
                 params = leaves

@@ -78,16 +78,16 @@ class Layout:
 
     def forward_tensors(self, unit: str, weights_part: dict, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         """The compute tensors forward needs, from the ``weights`` part only."""
-        tensors = {}
-        for name in self.param_names(weights_part):
-            if f"{name}.packed" in weights_part:
-                packed = weights_part[f"{name}.packed"].to(device)
-                tensors[name] = unpack_weight(packed, weights_part[f"{name}.scale"].to(device), dtype,
-                                              out=self.empty((packed.shape[0] * 4, *packed.shape[1:]), dtype, device))
-            else:
-                value = weights_part[name]
-                tensors[name] = self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
-        return tensors
+        return {name: self.forward_tensor(weights_part, name, dtype, device) for name in self.param_names(weights_part)}
+
+    def forward_tensor(self, weights_part: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """One compute tensor of ``forward_tensors`` (a projection unpacked, or converted from 16 bits)."""
+        if f"{name}.packed" in weights_part:
+            packed = weights_part[f"{name}.packed"].to(device)
+            return unpack_weight(packed, weights_part[f"{name}.scale"].to(device), dtype,
+                                 out=self.empty((packed.shape[0] * 4, *packed.shape[1:]), dtype, device))
+        value = weights_part[name]
+        return self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
 
     def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device,
                 dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
 from .model import LazyWeight, ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
 from .store import BlockStore, block_unit, encoded_size, unit_shapes
-from .streams import ActivationStash, Prefetcher, WriteBehind
+from .streams import ActivationStash, Prefetcher, ResidentWeights, WriteBehind
 from .ternary import quantize_weight
 
 IGNORE_INDEX = -100
@@ -198,6 +198,11 @@ class EngineOptions:
     # a cap that does not grow with depth (peak memory stays a few blocks).
     memo_budget_bytes: int | None = None
     ce_chunk_tokens: int = 1024
+    # RAM for forward parts (packed projections, norms, embedding, head) kept across steps, as read (see
+    # streams.ResidentWeights): with room for all of them, forward reads nothing after the first step and a
+    # LoRA base is read once per run. 0: off (every step reads them). A budget of its own, beside the
+    # activation budget, so that turning it on never makes block inputs spill.
+    resident_bytes: int = 0
     # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
     # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
     # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
@@ -246,6 +251,7 @@ class StreamingEngine:
         if memo_budget is None:
             memo_budget = 2 * 4 * self.config.block_param_count()
         self.stash = ActivationStash(self.options.activation_budget_bytes, scratch, memo_budget)
+        self.resident = ResidentWeights(self.options.resident_bytes)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):
@@ -260,7 +266,17 @@ class StreamingEngine:
                 return {name: self.pool.copy(tensor) for name, tensor in pending.items()}
         if part == "optim" and not self.store.has_part(unit, part):
             return None
-        return self.store.read(unit, part, self.pool)
+        if part != "weights":
+            return self.store.read(unit, part, self.pool)
+        kept = self.resident.get(unit)
+        if kept is not None:
+            return kept if not will_modify else {name: self.pool.copy(tensor) for name, tensor in kept.items()}
+        # Kept tensors live for the run: plain memory, not the pool's (whose buffers are recycled per unit).
+        tensors = self.store.read(unit, part, None if self.resident.budget_bytes > 0 else self.pool)
+        self.resident.offer(unit, tensors)
+        if will_modify and self.resident.get(unit) is tensors:
+            return {name: self.pool.copy(tensor) for name, tensor in tensors.items()}
+        return tensors
 
     def _needs_shadow(self, unit: str) -> bool:
         return self.store.settings.mode == "qat" and unit.startswith("block.")
@@ -606,6 +622,7 @@ class StreamingEngine:
     def _discard_step(self):
         """Undo a step abandoned half-way: drop its written files (the store stays at its committed step) or
         reload the adapters from their last checkpoint."""
+        self.resident.clear()  # it may hold forward parts of the abandoned updates
         if self.adapters is not None:
             directory = self.options.adapter_dir
             if os.path.exists(os.path.join(directory, ADAPTER_PROGRESS)):
@@ -658,6 +675,12 @@ class StreamingEngine:
             parts["optim"] = self.layout.encode_moments(unit_moments)
             return parts
 
+        def made(parts: dict) -> dict:
+            """The update's parts are final: the new forward part replaces the kept one (if kept)."""
+            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+            self.resident.replace(unit, parts["weights"])
+            return parts
+
         def update_each() -> dict[str, dict[str, torch.Tensor]]:
             """The whole update, one tensor at a time: the fp32 master and moments of one projection exist at
             once, not a block's worth (a 70B block is 3.4 GB in fp32, with its moments 10 GB)."""
@@ -670,8 +693,7 @@ class StreamingEngine:
                 for part, tensors in finish(self.layout.encode(unit, {name: master}), unit_moments).items():
                     parts.setdefault(part, {}).update(tensors)
                 del master, unit_moments, exp_avg, exp_avg_sq
-            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
-            return parts
+            return made(parts)
 
         def update(rows: slice | None = None, final: bool = True) -> dict[str, dict[str, torch.Tensor]]:
             fault_point("update")
@@ -691,9 +713,7 @@ class StreamingEngine:
                              optim, lr)
             if not final:
                 return {}
-            parts = finish(self.layout.encode(unit, masters_32), unit_moments)
-            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
-            return parts
+            return made(finish(self.layout.encode(unit, masters_32), unit_moments))
 
         return update
 
@@ -717,5 +737,6 @@ class StreamingEngine:
                 self.writer.close()
             self.prefetcher.close()
             self.stash.clear()
+            self.resident.clear()
             self.store.close()
             self.pool.release()

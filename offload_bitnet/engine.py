@@ -173,6 +173,11 @@ class StepStats:
     peak_rss: int
     spilled_bytes: int = 0
     skipped: str | None = None   # why the step was skipped (non-finite loss or gradient), else None
+    # The main thread's time apart from its own compute: waiting for loads, waiting for the writer (both in
+    # ``io_wait_s``), and running queued updates itself because the writer's queue was full (in compute_s).
+    load_wait_s: float = 0.0
+    writer_wait_s: float = 0.0
+    writer_work_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -203,6 +208,10 @@ class EngineOptions:
     # LoRA base is read once per run. 0: off (every step reads them). A budget of its own, beside the
     # activation budget, so that turning it on never makes block inputs spill.
     resident_bytes: int = 0
+    # Unused buffers the engine's BufferPool may keep for reuse (it spares page faults; see buffers.py).
+    # None: two units' worth of fp32 work (a dense block's compute weights, or the embedding), which is what
+    # one step reuses; not a fixed share of RAM, which at 7B was 6 GB of idle buffers counted in the peak.
+    pool_bytes: int | None = None
     # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
     # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
     # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
@@ -226,7 +235,8 @@ class StreamingEngine:
         self.device = torch.device(self.options.device)
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
         self.config = store.config
-        self.pool = BufferPool()
+        self.pool = BufferPool(self.options.pool_bytes if self.options.pool_bytes is not None
+                               else self._default_pool_bytes())
         self.layout = Layout(store.settings, self.pool)
         self.quantize = 1.0 if store.settings.mode == "qat" else 0.0
         self.quant_mix = 1.0
@@ -252,6 +262,12 @@ class StreamingEngine:
             memo_budget = 2 * 4 * self.config.block_param_count()
         self.stash = ActivationStash(self.options.activation_budget_bytes, scratch, memo_budget)
         self.resident = ResidentWeights(self.options.resident_bytes)
+
+    def _default_pool_bytes(self) -> int:
+        cfg, size = self.config, torch.empty((), dtype=self.dtype).element_size()
+        block = cfg.block_param_count() * size if not self._lazy("block.000") else \
+            max(o * i for o, i in cfg.projection_shapes.values()) * 4
+        return 2 * max(block, cfg.vocab_size * cfg.dim * 4)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):
@@ -441,6 +457,8 @@ class StreamingEngine:
         read_before = self.store.bytes_read
         self._submitted_bytes = 0
         wait_before = self._wait_seconds()
+        load_before = self.prefetcher.wait_seconds
+        writer_before = (self.writer.wait_seconds, self.writer.stolen_seconds) if self.writer else (0.0, 0.0)
         ctx = _StepContext(self, micro_batches, self.step + 1, lr)
         skipped = None
         try:
@@ -460,7 +478,10 @@ class StreamingEngine:
         return StepStats(step=self.step, loss=loss, tokens=ctx.n_tokens, wall_s=time.perf_counter() - started,
                          io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
                          bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
-                         spilled_bytes=self.stash.spilled_bytes, skipped=skipped)
+                         spilled_bytes=self.stash.spilled_bytes, skipped=skipped,
+                         load_wait_s=self.prefetcher.wait_seconds - load_before,
+                         writer_wait_s=self.writer.wait_seconds - writer_before[0] if self.writer else 0.0,
+                         writer_work_s=self.writer.stolen_seconds - writer_before[1] if self.writer else 0.0)
 
     def _step_units(self) -> tuple[list[str], list[str]]:
         """The units a training step loads in its forward pass and in its backward pass, in order."""

@@ -75,6 +75,7 @@ class WriteBehind:
         self._changed = threading.Condition()
         self._error: BaseException | None = None
         self.wait_seconds = 0.0
+        self.stolen_seconds = 0.0  # time callers spent running queued updates themselves (queue full)
         self._thread = threading.Thread(target=self._run, name="offload-writer", daemon=True)
         self._thread.start()
 
@@ -155,7 +156,9 @@ class WriteBehind:
                 pass
             stolen = self._steal_write()
             if stolen is not None:
+                started = time.perf_counter()
                 self._run_one(stolen)
+                self.stolen_seconds += time.perf_counter() - started
                 continue
             started = time.perf_counter()  # a commit or a job only the writer runs is next: wait for it to take it
             try:

@@ -580,7 +580,9 @@ class Trainer:
                   "weight_decay": weight_decay, "tokens": stats.tokens, "wall_s": round(stats.wall_s, 4),
                   "compute_s": round(stats.compute_s, 4), "io_wait_s": round(stats.io_wait_s, 4),
                   "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
-                  "spilled_bytes": stats.spilled_bytes, "epoch": round(self.order.epoch_at(step), 4),
+                  "spilled_bytes": stats.spilled_bytes, "load_wait_s": round(stats.load_wait_s, 4),
+                  "writer_wait_s": round(stats.writer_wait_s, 4), "writer_work_s": round(stats.writer_work_s, 4),
+                  "epoch": round(self.order.epoch_at(step), 4),
                   "time": round(time.time(), 3)}
         if mix is not None:
             record["quant_mix"] = mix

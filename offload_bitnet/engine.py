@@ -208,9 +208,9 @@ class EngineOptions:
     # LoRA base is read once per run. 0: off (every step reads them). A budget of its own, beside the
     # activation budget, so that turning it on never makes block inputs spill.
     resident_bytes: int = 0
-    # Unused buffers the engine's BufferPool may keep for reuse (it spares page faults; see buffers.py).
-    # None: two units' worth of fp32 work (a dense block's compute weights, or the embedding), which is what
-    # one step reuses; not a fixed share of RAM, which at 7B was 6 GB of idle buffers counted in the peak.
+    # Bytes the engine's BufferPool may hold before it releases unused buffers (reuse spares page faults; see
+    # buffers.py). None: two units' worth of fp32 work (a dense block's compute weights, or the embedding), at
+    # least 1 GiB; not a fixed share of RAM, which at 7B let 6 GB of buffers into the peak.
     pool_bytes: int | None = None
     # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
     # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
@@ -267,7 +267,8 @@ class StreamingEngine:
         cfg, size = self.config, torch.empty((), dtype=self.dtype).element_size()
         block = cfg.block_param_count() * size if not self._lazy("block.000") else \
             max(o * i for o, i in cfg.projection_shapes.values()) * 4
-        return 2 * max(block, cfg.vocab_size * cfg.dim * 4)
+        # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
+        return max(1 << 30, 2 * max(block, cfg.vocab_size * cfg.dim * 4))
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):

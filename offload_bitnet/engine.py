@@ -298,6 +298,13 @@ class StreamingEngine:
     def _needs_shadow(self, unit: str) -> bool:
         return self.store.settings.mode == "qat" and unit.startswith("block.")
 
+    def _shadow_in_update(self, unit: str) -> bool:
+        """Whether a ternary block's backward computes from its packed weights and leaves the 16-bit shadow to
+        the update, which reads it on the writer thread (as it reads the moments): at full quantization the
+        unpacked weights are the quantized shadow, bit for bit, so neither the main thread nor a queued update
+        holds the shadow (at 7B that is 0.4 GB per block in flight)."""
+        return self._needs_shadow(unit) and self.quant_mix == 1
+
     def _compute_weights(self, unit: str, masters: dict) -> dict[str, torch.Tensor]:
         """Compute tensors from masters (fp32, or 16-bit shadows): fake-quantized (mixed by ``quant_mix``)
         ternary projections."""
@@ -354,6 +361,8 @@ class StreamingEngine:
         the backward pass only quantizes; a queued update then holds half the bytes) and its moments."""
         def job():
             weights = self._read(unit, "weights")
+            if self._shadow_in_update(unit):
+                return unit, weights, None  # the weights part as it is: the backward pass makes the compute weights
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
             # As stored where the update converts them (16-bit shadows; lazy blocks make compute weights one at
             # a time), else fp32.
@@ -582,9 +591,24 @@ class StreamingEngine:
         for _ in range(cfg.n_layers):
             unit, masters, moments = next(loads)
             layer = int(unit.split(".")[1])
+            update_masters = masters
             if lora:
                 leaves = masters  # frozen base tensors
                 params = self._block_params(layer, masters, trainable_adapters=True)
+            elif self._shadow_in_update(unit):
+                weights = masters  # the weights part: compute weights unpacked from it; the update reads the shadow
+                if self._lazy(unit):
+                    leaves = self._lazy_weights(unit, self.layout.param_names(weights), lambda name: (
+                        self.layout.forward_tensor(weights, name, self.dtype, self.device)), keep=len(ctx.ids) > 1,
+                        requires_grad=True)
+                else:
+                    leaves = self.layout.forward_tensors(unit, weights, self.dtype, self.device)
+                for leaf in leaves.values():
+                    if isinstance(leaf, torch.Tensor):
+                        leaf.requires_grad_()
+                params = leaves
+                update_masters = {name: None if self.layout.is_ternary(unit, name) else leaf
+                                  for name, leaf in leaves.items()}
             elif self._lazy(unit):
                 leaves = self._lazy_weights(unit, list(masters), lambda name: self._compute_weights(
                     unit, {name: masters[name]})[name], keep=len(ctx.ids) > 1, requires_grad=True)
@@ -621,8 +645,9 @@ class StreamingEngine:
             else:
                 # Straight-through: dL/dW_q is the gradient of the shadow weight.
                 grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}
-                self._apply_update(unit, masters, grads_by_name, moments, ctx)
-            del leaves, params
+                del masters
+                self._apply_update(unit, update_masters, grads_by_name, moments, ctx)
+            del leaves, params, update_masters
 
         if lora:
             self.adapters.save(self.options.adapter_dir, ctx.step, commit_extra, base_model=self.store.path)
@@ -679,11 +704,22 @@ class StreamingEngine:
         step, optim, lr = ctx.step, self._step_optim, ctx.lr
         state = {}
 
+        shapes = unit_shapes(self.config, unit)
+
         def moments_of(names) -> dict:
             """fp32 moments of ``names``, decoded from the stored part (read now when none was loaded)."""
             if "optim" not in state:
                 state["optim"] = moments if moments is not None else self._optim_part(unit, stored=True)
-            return self.layout.moments(state["optim"], {n: masters[n].shape for n in names}, self.device)
+            return self.layout.moments(state["optim"], {n: shapes[n] for n in names}, self.device)
+
+        def master_of(name: str) -> torch.Tensor:
+            """A master as given, or (None: see _shadow_in_update) from the stored shadow, read on first use;
+            every earlier write of the unit is in the store by the time its update runs."""
+            if masters[name] is not None:
+                return masters[name]
+            if "shadow" not in state:
+                state["shadow"] = self.store.read(unit, "shadow", self.pool)
+            return state["shadow"][name]
 
         def finish(parts: dict, unit_moments: dict):
             """Check the new weights of ``parts`` and add the encoded moments."""
@@ -709,7 +745,7 @@ class StreamingEngine:
             parts: dict[str, dict] = {}
             for name in list(masters):
                 unit_moments = moments_of([name])
-                master = self.layout.float32(masters[name].detach())
+                master = self.layout.float32(master_of(name).detach())
                 exp_avg, exp_avg_sq = unit_moments[name]
                 adamw_update(master, grads.pop(name).float(), exp_avg, exp_avg_sq, step, optim, lr)
                 for part, tensors in finish(self.layout.encode(unit, {name: master}), unit_moments).items():

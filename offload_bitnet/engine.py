@@ -20,7 +20,10 @@ optimizer moments), whatever G is. Three threads share the work:
 
 Memory stays a few units whatever the depth: the queue holds one update, loads run one unit ahead, buffers
 come from a pool that reuses them (``buffers.py``), and the replay's projection memos (``model.ProjectionMemo``,
-which spare the replay its matmuls) are capped at two blocks' worth. The engine knows scheduling, prefetch
+which spare the replay its matmuls) are capped at two blocks' worth. Within a unit it stays a few
+projections: updates run one tensor at a time, a ternary block's backward computes from its packed weights
+(the update reads the shadow itself), and blocks above ``dense_block_bytes`` make each projection only while
+a matmul needs it (``model.LazyWeight``). Forward parts may stay resident across steps (``resident_bytes``). The engine knows scheduling, prefetch
 and RNG replay, nothing about file formats.
 """
 from __future__ import annotations

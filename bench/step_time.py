@@ -169,7 +169,9 @@ class Timers:
             total_cpu = sum(self.cpu[(kind, label)] for _, label in rows)
             print(f"    [{kind} thread: {total / steps:.3f}s wall, {total_cpu / steps:.3f}s CPU in timed regions]")
             for seconds, label in rows:
-                if seconds / steps >= 0.0005:
+                # Every activity that ran (not only those above a time threshold): what is listed must not
+                # depend on how fast the machine was.
+                if self.calls[(kind, label)] > 0:
                     print(f"      {seconds / steps:7.3f}s {self.cpu[(kind, label)] / steps:7.3f}s "
                           f"{100 * seconds / max(wall, 1e-9):5.1f}%  {label} "
                           f"({self.calls[(kind, label)] // steps} calls/step)")

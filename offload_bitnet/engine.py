@@ -374,6 +374,11 @@ class StreamingEngine:
             return unit, masters, self._optim_part(unit) if with_moments else None
         return job
 
+    def _read_stored(self, unit: str, part: str) -> dict:
+        """A part as the store has it, for an update (on the writer thread, or on main when it takes a queued
+        update over): every earlier write of the unit is in the store by then."""
+        return self.store.read(unit, part, self.pool)
+
     def _moments_job(self, unit: str):
         return lambda: self._optim_part(unit)
 
@@ -382,7 +387,7 @@ class StreamingEngine:
         update. ``stored``: as the store has them, not as a pending write has them (for the writer thread,
         where every earlier write already is in the store)."""
         if stored:
-            part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
+            part = self._read_stored(unit, "optim") if self.store.has_part(unit, "optim") else None
         else:
             part = self._read(unit, "optim")
         return part or {}
@@ -721,7 +726,7 @@ class StreamingEngine:
             if masters[name] is not None:
                 return masters[name]
             if "shadow" not in state:
-                state["shadow"] = self.store.read(unit, "shadow", self.pool)
+                state["shadow"] = self._read_stored(unit, "shadow")
             return state["shadow"][name]
 
         def finish(parts: dict, unit_moments: dict):

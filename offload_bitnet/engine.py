@@ -779,7 +779,12 @@ class StreamingEngine:
                              optim, lr)
             if not final:
                 return {}
-            return made(finish(self.layout.encode(unit, masters_32), unit_moments))
+            parts = made(finish(self.layout.encode(unit, masters_32), unit_moments))
+            # The fp32 masters and moments are encoded now: let them go although the caller (an untied head's
+            # row-range jobs) may keep this function until the step ends (at 13B: 2 GB).
+            state.clear()
+            del masters_32, unit_moments
+            return parts
 
         return update
 

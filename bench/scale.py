@@ -28,7 +28,9 @@ row         store                                   training                    
 70b-lora    70B bitnet, packed-only (no shadow)     LoRA r=8, 1 step, 1 x 64; test_gen 8 tokens  peak RSS <= 12 GiB
 ==========  ======================================  ==========================================  ====================
 
-``--quick`` runs the same rows on the ``tiny`` size (seconds; targets printed, not enforced): a smoke test of
+``--probe-width 7B --probe-layers 2`` (``--probe-lora``, ``--probe-micro``, ``--probe-seq``) trains a store of a
+real width with 1-2 blocks under a peak-memory sampler that prints where each thread was at the peak: the
+per-block part of a big model's memory, in minutes. ``--quick`` runs the same rows on the ``tiny`` size (seconds; targets printed, not enforced): a smoke test of
 the bench itself. ``--store PATH`` trains an existing store instead of creating one (it is never deleted).
 
 Usage: ``python bench/scale.py [7b] [13b] [70b-lora] [--dir DIR] [--keep] [--quick] [--store PATH]
@@ -49,6 +51,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 GIB = 1 << 30
 ROWS = {
@@ -87,6 +90,80 @@ def child_train(result_path: str, argv: list[str]) -> int:
         json.dump({"exit": code, "steps": steps, "seconds": time.perf_counter() - started,
                    "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, handle)
     return code
+
+
+# ------------------------------------------------------------------------------------------ probe
+class PeakSampler:
+    """Samples this process's RSS every few ms; at each new peak, records where every thread is in the
+    package (the innermost offload_bitnet frames): what was running when memory was highest."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.where, self._stop = 0, [], False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        import threading
+        import traceback
+
+        while not self._stop:
+            rss = self.rss()
+            if rss > self.peak + (32 << 20):
+                self.peak, self.where = rss, []
+                names = {t.ident: t.name for t in threading.enumerate()}
+                for ident, frame in sys._current_frames().items():
+                    if ident == threading.get_ident():
+                        continue
+                    frames = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)
+                              if "offload_bitnet" in f.filename][-4:]
+                    self.where.append(f"  [{names.get(ident, ident)}] " + " <- ".join(reversed(frames)))
+            time.sleep(0.003)
+
+    def stop(self):
+        self._stop = True
+        self._thread.join()
+
+
+def probe(args) -> int:
+    """A store of a real width with only ``--probe-layers`` blocks, trained by the engine with a peak sampler:
+    the per-block part of a big model's peak memory, in minutes instead of hours (a bench-only helper)."""
+    import torch
+
+    from _common import make_store, token_batch
+    from offload_bitnet.config import config_for_size
+    from offload_bitnet.engine import EngineOptions, StreamingEngine
+    from offload_bitnet.lora import LoRAConfig
+    from offload_bitnet.store import BlockStore
+
+    config = config_for_size(args.probe_width, "bitnet", n_layers=args.probe_layers)
+    work = tempfile.mkdtemp(prefix="probe-", dir=args.dir)
+    try:
+        make_store(os.path.join(work, "store"), config, "qat", state_dtype="int8")
+        options = EngineOptions(seed=0)
+        if args.probe_lora:
+            options.lora, options.adapter_dir = LoRAConfig(rank=8), os.path.join(work, "adapters")
+        sampler = PeakSampler()
+        engine = StreamingEngine(BlockStore(os.path.join(work, "store"), writable=not args.probe_lora), options)
+        batch = [(token_batch(config, args.probe_seq), None)] * args.probe_micro
+        print(f"probe: {args.probe_width} width, {args.probe_layers} block(s), {'lora' if args.probe_lora else 'qat'}, "
+              f"G={args.probe_micro} x {args.probe_seq} tokens, torch threads {torch.get_num_threads()}")
+        for _ in range(args.probe_steps):
+            stats = engine.train_step(batch)
+            print(stats.line(), f"| sampled peak {gib(sampler.peak)}", flush=True)
+        engine.close()
+        sampler.stop()
+        print(f"peak RSS {gib(sampler.peak)}; where the threads were at the peak:")
+        print("\n".join(sampler.where))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -325,7 +402,17 @@ def main(argv=None) -> int:
     parser.add_argument("--store", help="train this existing store instead of creating one (never deleted)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the children (default: torch's)")
     parser.add_argument("--resident-budget", default="0", help="finetune.py --resident-budget (default 0: off)")
+    parser.add_argument("--probe-width", help="instead of the rows: a store of this size's width (e.g. 7B) with "
+                        "--probe-layers blocks, trained with a peak-memory sampler")
+    parser.add_argument("--probe-layers", type=int, default=2)
+    parser.add_argument("--probe-micro", type=int, default=4, help="micro-batches per probe step")
+    parser.add_argument("--probe-seq", type=int, default=128)
+    parser.add_argument("--probe-steps", type=int, default=2)
+    parser.add_argument("--probe-lora", action="store_true", help="probe a LoRA step (rank 8) instead of qat")
     args = parser.parse_args(argv)
+    if args.probe_width:
+        os.makedirs(args.dir, exist_ok=True)
+        return probe(args)
     rows = args.rows or list(ROWS)
     if args.store and len(rows) != 1:
         parser.error("--store trains one row's store: name exactly one row")

@@ -3,7 +3,7 @@
 The engine's ``StepStats`` gives a step's total; to split it, the bench opens the store through a subclass of
 ``BlockStore`` that records every read and write with the phase it belongs to. The phase comes from the
 engine's load jobs (``_forward_job``: what forward streams; ``_update_job`` and ``_moments_job``: what the
-backward pass loads; ``_load_moments``: the moments an update reads), which a subclass of ``StreamingEngine``
+backward pass loads; ``_read_stored``: the moments and shadow an update reads), which a subclass of ``StreamingEngine``
 wraps; the tag is thread-local, so it is exact whichever thread reads. Nothing in the engine or store is changed.
 
 Target (``qat``): forward reads <= 2.1 bits per ternary projection weight plus the bytes of the
@@ -53,8 +53,8 @@ class RecordingStore(BlockStore):
 class PhaseEngine(StreamingEngine):
     """Tags the reads of forward load jobs as ``forward`` and of the backward pass's load jobs as ``backward``."""
 
-    def _forward_job(self, unit):
-        job = super()._forward_job(unit)
+    def _forward_job(self, unit, keep=False):
+        job = super()._forward_job(unit, keep)
         return lambda: _tagged("forward", job)
 
     def _update_job(self, unit, with_moments=True):
@@ -65,8 +65,8 @@ class PhaseEngine(StreamingEngine):
         job = super()._moments_job(unit)
         return lambda: _tagged("backward", job)
 
-    def _load_moments(self, unit, stored=False):  # also called by the updates, on the writer or main thread
-        return _tagged("backward", lambda: super(PhaseEngine, self)._load_moments(unit, stored))
+    def _read_stored(self, unit, part):  # called by the updates, on the writer or main thread
+        return _tagged("backward", lambda: super(PhaseEngine, self)._read_stored(unit, part))
 
 
 def _tagged(name, job):

@@ -15,42 +15,85 @@ import torch
 
 BLOCK = 256
 LOG_LEVELS = 254  # codes 1..255
+# Blocks coded or decoded at a time: the temporaries of the log-scale arithmetic (about ten fp32 copies of
+# what is in work) then stay a few MiB, instead of ten copies of a whole projection (a 70B projection is
+# 235M values: 9 GiB of temporaries). Blocks are independent, so the result does not depend on the chunking.
+CHUNK_BLOCKS = 4096
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().float().reshape(-1)
+def _chunks(numel: int):
+    """``(first value, value count)`` of each run of at most CHUNK_BLOCKS blocks covering ``numel`` values."""
+    step = CHUNK_BLOCKS * BLOCK
+    for start in range(0, numel, step):
+        yield start, min(step, numel - start)
+
+
+def _blocks(flat: torch.Tensor) -> torch.Tensor:
+    """A run of values as fp32 blocks ``[n, BLOCK]``, zero-padded to whole blocks."""
+    flat = flat.float()
     pad = -flat.numel() % BLOCK
     if pad:
         flat = torch.cat((flat, flat.new_zeros(pad)))
     return flat.reshape(-1, BLOCK)
 
 
-def _unblock(blocks: torch.Tensor, shape) -> torch.Tensor:
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+def _encode(x: torch.Tensor, code, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``code(blocks) -> (codes, log2_range)`` run chunk by chunk into ``q`` [n_blocks, BLOCK] and ``log2_range``."""
+    flat = x.detach().reshape(-1)
+    n_blocks = -(-flat.numel() // BLOCK)
+    q = torch.empty(n_blocks, BLOCK, dtype=dtype, device=x.device)
+    log2_range = torch.empty(n_blocks, 2, dtype=torch.float32, device=x.device)
+    for start, count in _chunks(flat.numel()):
+        rows = slice(start // BLOCK, start // BLOCK + -(-count // BLOCK))
+        q[rows], log2_range[rows] = code(_blocks(flat[start:start + count]))
+    return {"q": q, "log2_range": log2_range}
+
+
+def _decode(part: dict[str, torch.Tensor], shape, value, out: torch.Tensor | None) -> torch.Tensor:
+    """``value(codes, log2_range) -> fp32 blocks`` run chunk by chunk into ``out`` (fp32, ``shape``)."""
+    q, log2_range = part["q"], part["log2_range"]
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+    flat = out.view(-1)
+    for start, count in _chunks(flat.numel()):
+        rows = slice(start // BLOCK, start // BLOCK + -(-count // BLOCK))
+        flat[start:start + count] = value(q[rows].float(), log2_range[rows]).reshape(-1)[:count]
+    return out
+
+
+def _signed_codes(blocks: torch.Tensor):
+    magnitude = _log_codes(blocks.abs(), levels=126)
+    return torch.where(blocks < 0, -magnitude["q"], magnitude["q"]), magnitude["log2_range"]
+
+
+def _signed_values(codes: torch.Tensor, log2_range: torch.Tensor) -> torch.Tensor:
+    magnitude = _log_values(codes.abs(), log2_range, levels=126)
+    return torch.where(codes < 0, -magnitude, magnitude)
 
 
 def encode_signed(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """int8 codes [n_blocks, BLOCK]: the sign, and |x| on the block's log scale (``encode_log``) in 1..127."""
-    blocks = _blocks(x)
-    magnitude = _log_codes(blocks.abs(), levels=126)
-    codes = torch.where(blocks < 0, -magnitude["q"], magnitude["q"]).to(torch.int8)
-    return {"q": codes, "log2_range": magnitude["log2_range"]}
+    return _encode(x, _signed_codes, torch.int8)
 
 
-def decode_signed(part: dict[str, torch.Tensor], shape) -> torch.Tensor:
-    codes = part["q"].float()
-    magnitude = _log_values(codes.abs(), part["log2_range"], levels=126)
-    return _unblock(torch.where(codes < 0, -magnitude, magnitude), shape)
+def decode_signed(part: dict[str, torch.Tensor], shape, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 values of ``encode_signed`` codes (into ``out`` when given)."""
+    return _decode(part, shape, _signed_values, out)
+
+
+def _log_codes_of(blocks: torch.Tensor):
+    part = _log_codes(blocks.clamp(min=0), levels=LOG_LEVELS)
+    return part["q"], part["log2_range"]
 
 
 def encode_log(v: torch.Tensor) -> dict[str, torch.Tensor]:
     """uint8 codes [n_blocks, BLOCK] and per-block (min, max) of log2 of the positive values [n_blocks, 2]."""
-    part = _log_codes(_blocks(v).clamp(min=0), levels=LOG_LEVELS)
-    return {"q": part["q"].to(torch.uint8), "log2_range": part["log2_range"]}
+    return _encode(v, _log_codes_of, torch.uint8)
 
 
-def decode_log(part: dict[str, torch.Tensor], shape) -> torch.Tensor:
-    return _unblock(_log_values(part["q"].float(), part["log2_range"], levels=LOG_LEVELS), shape)
+def decode_log(part: dict[str, torch.Tensor], shape, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 values of ``encode_log`` codes (into ``out`` when given)."""
+    return _decode(part, shape, lambda codes, log2_range: _log_values(codes, log2_range, levels=LOG_LEVELS), out)
 
 
 def _log_codes(blocks: torch.Tensor, levels: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,10 @@ optimizer moments), whatever G is. Three threads share the work:
 
 Memory stays a few units whatever the depth: the queue holds one update, loads run one unit ahead, buffers
 come from a pool that reuses them (``buffers.py``), and the replay's projection memos (``model.ProjectionMemo``,
-which spare the replay its matmuls) are capped at two blocks' worth. The engine knows scheduling, prefetch
+which spare the replay its matmuls) are capped at two blocks' worth. Within a unit it stays a few
+projections: updates run one tensor at a time, a ternary block's backward computes from its packed weights
+(the update reads the shadow itself), and blocks above ``dense_block_bytes`` make each projection only while
+a matmul needs it (``model.LazyWeight``). Forward parts may stay resident across steps (``resident_bytes``). The engine knows scheduling, prefetch
 and RNG replay, nothing about file formats.
 """
 from __future__ import annotations
@@ -41,10 +44,10 @@ from .buffers import BufferPool
 from .faults import fault_point
 from .layout import Layout
 from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
-from .model import ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
+from .model import LazyWeight, ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from .optim import AdamWConfig, adamw_update
 from .store import BlockStore, block_unit, encoded_size, unit_shapes
-from .streams import ActivationStash, Prefetcher, WriteBehind
+from .streams import ActivationStash, Prefetcher, ResidentWeights, WriteBehind
 from .ternary import quantize_weight
 
 IGNORE_INDEX = -100
@@ -173,6 +176,11 @@ class StepStats:
     peak_rss: int
     spilled_bytes: int = 0
     skipped: str | None = None   # why the step was skipped (non-finite loss or gradient), else None
+    # The main thread's time apart from its own compute: waiting for loads, waiting for the writer (both in
+    # ``io_wait_s``), and running queued updates itself because the writer's queue was full (in compute_s).
+    load_wait_s: float = 0.0
+    writer_wait_s: float = 0.0
+    writer_work_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -198,6 +206,21 @@ class EngineOptions:
     # a cap that does not grow with depth (peak memory stays a few blocks).
     memo_budget_bytes: int | None = None
     ce_chunk_tokens: int = 1024
+    # RAM for forward parts (packed projections, norms, embedding, head) kept across steps, as read (see
+    # streams.ResidentWeights): with room for all of them, forward reads nothing after the first step and a
+    # LoRA base is read once per run. 0: off (every step reads them). A budget of its own, beside the
+    # activation budget, so that turning it on never makes block inputs spill.
+    resident_bytes: int = 0
+    # Bytes the engine's BufferPool may hold before it releases unused buffers (reuse spares page faults; see
+    # buffers.py). None: two units' worth of fp32 work (a dense block's compute weights, or the embedding), at
+    # least 1 GiB; not a fixed share of RAM, which at 7B let 6 GB of buffers into the peak.
+    pool_bytes: int | None = None
+    # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
+    # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
+    # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
+    # pass, on the prefetch thread, which overlaps the compute. The default makes 7B and 13B blocks (0.8 and
+    # 1.3 GB) dense and 34B and up lazy.
+    dense_block_bytes: int = 2 << 30
     prefetch_depth: int = 1
     max_pending_writes: int = 1
     optim: AdamWConfig = field(default_factory=AdamWConfig)
@@ -215,7 +238,8 @@ class StreamingEngine:
         self.device = torch.device(self.options.device)
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
         self.config = store.config
-        self.pool = BufferPool()
+        self.pool = BufferPool(self.options.pool_bytes if self.options.pool_bytes is not None
+                               else self._default_pool_bytes())
         self.layout = Layout(store.settings, self.pool)
         self.quantize = 1.0 if store.settings.mode == "qat" else 0.0
         self.quant_mix = 1.0
@@ -240,6 +264,14 @@ class StreamingEngine:
         if memo_budget is None:
             memo_budget = 2 * 4 * self.config.block_param_count()
         self.stash = ActivationStash(self.options.activation_budget_bytes, scratch, memo_budget)
+        self.resident = ResidentWeights(self.options.resident_bytes)
+
+    def _default_pool_bytes(self) -> int:
+        cfg, size = self.config, torch.empty((), dtype=self.dtype).element_size()
+        block = cfg.block_param_count() * size if not self._lazy("block.000") else \
+            max(o * i for o, i in cfg.projection_shapes.values()) * 4
+        # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
+        return max(1 << 30, 2 * max(block, cfg.vocab_size * cfg.dim * 4))
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):
@@ -254,10 +286,27 @@ class StreamingEngine:
                 return {name: self.pool.copy(tensor) for name, tensor in pending.items()}
         if part == "optim" and not self.store.has_part(unit, part):
             return None
-        return self.store.read(unit, part, self.pool)
+        if part != "weights":
+            return self.store.read(unit, part, self.pool)
+        kept = self.resident.get(unit)
+        if kept is not None:
+            return kept if not will_modify else {name: self.pool.copy(tensor) for name, tensor in kept.items()}
+        # Kept tensors live for the run: plain memory, not the pool's (whose buffers are recycled per unit).
+        tensors = self.store.read(unit, part, None if self.resident.budget_bytes > 0 else self.pool)
+        self.resident.offer(unit, tensors)
+        if will_modify and self.resident.get(unit) is tensors:
+            return {name: self.pool.copy(tensor) for name, tensor in tensors.items()}
+        return tensors
 
     def _needs_shadow(self, unit: str) -> bool:
         return self.store.settings.mode == "qat" and unit.startswith("block.")
+
+    def _shadow_in_update(self, unit: str) -> bool:
+        """Whether a ternary block's backward computes from its packed weights and leaves the 16-bit shadow to
+        the update, which reads it on the writer thread (as it reads the moments): at full quantization the
+        unpacked weights are the quantized shadow, bit for bit, so neither the main thread nor a queued update
+        holds the shadow (at 7B that is 0.4 GB per block in flight)."""
+        return self._needs_shadow(unit) and self.quant_mix == 1
 
     def _compute_weights(self, unit: str, masters: dict) -> dict[str, torch.Tensor]:
         """Compute tensors from masters (fp32, or 16-bit shadows): fake-quantized (mixed by ``quant_mix``)
@@ -271,18 +320,38 @@ class StreamingEngine:
             tensors[name] = weight.to(self.dtype if weight.dim() >= 2 else torch.float32)
         return tensors
 
-    def _forward_job(self, unit: str):
-        """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up)."""
+    def _lazy(self, unit: str) -> bool:
+        """Whether a unit's projections are made one at a time (``model.LazyWeight``) rather than all at once:
+        blocks whose dense compute weights exceed ``dense_block_bytes``."""
+        dense = self.config.block_param_count() * torch.empty((), dtype=self.dtype).element_size()
+        return unit.startswith("block.") and dense > self.options.dense_block_bytes
+
+    def _lazy_weights(self, unit: str, names, make_one, keep: bool, requires_grad: bool = False) -> dict:
+        """``{name: tensor}`` with each projection a LazyWeight of ``make_one(name)``; norms made at once."""
+        projections = self.config.projection_shapes
+        return {name: LazyWeight(functools.partial(make_one, name), keep, requires_grad) if name in projections
+                else make_one(name) for name in names}
+
+    def _forward_job(self, unit: str, keep: bool = False):
+        """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up).
+        ``keep``: the step has several micro-batches (lazy projections are made once per pass, see _lazy)."""
         def job():
             fault_point("prefetch")
             weights = self._read(unit, "weights", will_modify=False)
             if unit == "embed":
                 # As stored: a lookup converts only the rows it gathers (``_embed``), not the whole table.
                 return {"weight": weights["weight"].to(self.device)}
+            lazy = self._lazy(unit)
             if self.quant_mix != 1 and self._needs_shadow(unit):
                 masters = self.layout.masters(unit, weights, self._read(unit, "shadow", will_modify=False),
-                                              self.device)
+                                              self.device, None if lazy else torch.float32)
+                if lazy:
+                    return self._lazy_weights(unit, list(masters), lambda name: self._compute_weights(
+                        unit, {name: masters[name]})[name], keep)
                 return self._compute_weights(unit, masters)
+            if lazy:
+                return self._lazy_weights(unit, self.layout.param_names(weights), lambda name: self.layout.forward_tensor(
+                    weights, name, self.dtype, self.device), keep)
             return self.layout.forward_tensors(unit, weights, self.dtype, self.device)
         return job
 
@@ -295,27 +364,37 @@ class StreamingEngine:
         the backward pass only quantizes; a queued update then holds half the bytes) and its moments."""
         def job():
             weights = self._read(unit, "weights")
+            if self._shadow_in_update(unit):
+                return unit, weights, None  # the weights part as it is: the backward pass makes the compute weights
             shadow = self._read(unit, "shadow") if self._needs_shadow(unit) else None
-            masters = self.layout.masters(unit, weights, shadow, self.device,
-                                          None if shadow is not None else torch.float32)
-            return unit, masters, self._load_moments(unit) if with_moments else None
+            # As stored where the update converts them (16-bit shadows; lazy blocks make compute weights one at
+            # a time), else fp32.
+            as_stored = shadow is not None or self._lazy(unit)
+            masters = self.layout.masters(unit, weights, shadow, self.device, None if as_stored else torch.float32)
+            return unit, masters, self._optim_part(unit) if with_moments else None
         return job
 
-    def _moments_job(self, unit: str):
-        return lambda: self._load_moments(unit)
+    def _read_stored(self, unit: str, part: str) -> dict:
+        """A part as the store has it, for an update (on the writer thread, or on main when it takes a queued
+        update over): every earlier write of the unit is in the store by then."""
+        return self.store.read(unit, part, self.pool)
 
-    def _load_moments(self, unit: str, stored: bool = False) -> dict:
-        """A unit's fp32 moments. ``stored``: as the store has them, not as a pending write has them (for the
-        writer thread, where every earlier write already is in the store)."""
+    def _moments_job(self, unit: str):
+        return lambda: self._optim_part(unit)
+
+    def _optim_part(self, unit: str, stored: bool = False) -> dict:
+        """A unit's moments as stored (decoded one tensor at a time by its update); ``{}`` before the first
+        update. ``stored``: as the store has them, not as a pending write has them (for the writer thread,
+        where every earlier write already is in the store)."""
         if stored:
-            part = self.store.read(unit, "optim", self.pool) if self.store.has_part(unit, "optim") else None
+            part = self._read_stored(unit, "optim") if self.store.has_part(unit, "optim") else None
         else:
             part = self._read(unit, "optim")
-        return self.layout.moments(part, unit_shapes(self.config, unit), self.device)
+        return part or {}
 
-    def _frozen_job(self, unit: str):
+    def _frozen_job(self, unit: str, keep: bool = False):
         """Load a unit LoRA training keeps frozen (forward tensors; no masters, no moments)."""
-        job = self._forward_job(unit)
+        job = self._forward_job(unit, keep)
         return lambda: (unit, job(), None)
 
     def _head_unit(self) -> str:
@@ -396,13 +475,16 @@ class StreamingEngine:
         read_before = self.store.bytes_read
         self._submitted_bytes = 0
         wait_before = self._wait_seconds()
+        load_before = self.prefetcher.wait_seconds
+        writer_before = (self.writer.wait_seconds, self.writer.stolen_seconds) if self.writer else (0.0, 0.0)
         ctx = _StepContext(self, micro_batches, self.step + 1, lr)
         skipped = None
         try:
             # One stream of loads for both passes: the first backward units load while the last blocks run forward.
             forward_units, backward_units = self._step_units()
-            loads = self.prefetcher.stream(itertools.chain((self._forward_job(u) for u in forward_units),
-                                                           self._backward_jobs(backward_units)))
+            keep = len(ctx.ids) > 1
+            loads = self.prefetcher.stream(itertools.chain((self._forward_job(u, keep) for u in forward_units),
+                                                           self._backward_jobs(backward_units, keep)))
             hidden = self._forward_pass(ctx, forward_units, loads)
             loss = self._backward_pass(ctx, hidden, commit_extra, loads)
             self.step = ctx.step
@@ -414,7 +496,10 @@ class StreamingEngine:
         return StepStats(step=self.step, loss=loss, tokens=ctx.n_tokens, wall_s=time.perf_counter() - started,
                          io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
                          bytes_written=self._submitted_bytes, peak_rss=peak_rss_bytes(),
-                         spilled_bytes=self.stash.spilled_bytes, skipped=skipped)
+                         spilled_bytes=self.stash.spilled_bytes, skipped=skipped,
+                         load_wait_s=self.prefetcher.wait_seconds - load_before,
+                         writer_wait_s=self.writer.wait_seconds - writer_before[0] if self.writer else 0.0,
+                         writer_work_s=self.writer.stolen_seconds - writer_before[1] if self.writer else 0.0)
 
     def _step_units(self) -> tuple[list[str], list[str]]:
         """The units a training step loads in its forward pass and in its backward pass, in order."""
@@ -424,7 +509,7 @@ class StreamingEngine:
             backward.append("embed")
         return ["embed"] + blocks, backward
 
-    def _backward_jobs(self, units: list[str]):
+    def _backward_jobs(self, units: list[str], keep: bool = False):
         """Load jobs of the backward pass, in the order it takes them. Blocks' moments are left to their updates
         on the writer thread (read when the update runs, so queued updates hold no moments). The embedding's
         update ends the step on this thread: its moments load with it, and then (untied) its zeroed gradient, into
@@ -432,7 +517,7 @@ class StreamingEngine:
         masters: its update starts during the cross-entropy, which overlaps their load."""
         for unit in units:
             if self.adapters is not None:
-                yield self._frozen_job(unit)
+                yield self._frozen_job(unit, keep)
             elif unit == "head":
                 yield self._update_job(unit, with_moments=False)
                 yield self._moments_job(unit)
@@ -514,9 +599,31 @@ class StreamingEngine:
         for _ in range(cfg.n_layers):
             unit, masters, moments = next(loads)
             layer = int(unit.split(".")[1])
+            update_masters = masters
             if lora:
                 leaves = masters  # frozen base tensors
                 params = self._block_params(layer, masters, trainable_adapters=True)
+            elif self._shadow_in_update(unit):
+                weights = masters  # the weights part: compute weights unpacked from it; the update reads the shadow
+                if self._lazy(unit):
+                    leaves = self._lazy_weights(unit, self.layout.param_names(weights), lambda name: (
+                        self.layout.forward_tensor(weights, name, self.dtype, self.device)), keep=len(ctx.ids) > 1,
+                        requires_grad=True)
+                else:
+                    leaves = self.layout.forward_tensors(unit, weights, self.dtype, self.device)
+                for leaf in leaves.values():
+                    if isinstance(leaf, torch.Tensor):
+                        leaf.requires_grad_()
+                params = leaves
+                update_masters = {name: None if self.layout.is_ternary(unit, name) else leaf
+                                  for name, leaf in leaves.items()}
+            elif self._lazy(unit):
+                leaves = self._lazy_weights(unit, list(masters), lambda name: self._compute_weights(
+                    unit, {name: masters[name]})[name], keep=len(ctx.ids) > 1, requires_grad=True)
+                for leaf in leaves.values():
+                    if isinstance(leaf, torch.Tensor):
+                        leaf.requires_grad_()
+                params = leaves
             else:
                 leaves = {n: t.requires_grad_() for n, t in self._compute_weights(unit, masters).items()}
                 params = leaves
@@ -546,8 +653,9 @@ class StreamingEngine:
             else:
                 # Straight-through: dL/dW_q is the gradient of the shadow weight.
                 grads_by_name = {n: leaf.grad.float() for n, leaf in leaves.items()}
-                self._apply_update(unit, masters, grads_by_name, moments, ctx)
-            del leaves, params
+                del masters
+                self._apply_update(unit, update_masters, grads_by_name, moments, ctx)
+            del leaves, params, update_masters
 
         if lora:
             self.adapters.save(self.options.adapter_dir, ctx.step, commit_extra, base_model=self.store.path)
@@ -569,6 +677,7 @@ class StreamingEngine:
     def _discard_step(self):
         """Undo a step abandoned half-way: drop its written files (the store stays at its committed step) or
         reload the adapters from their last checkpoint."""
+        self.resident.clear()  # it may hold forward parts of the abandoned updates
         if self.adapters is not None:
             directory = self.options.adapter_dir
             if os.path.exists(os.path.join(directory, ADAPTER_PROGRESS)):
@@ -603,11 +712,62 @@ class StreamingEngine:
         step, optim, lr = ctx.step, self._step_optim, ctx.lr
         state = {}
 
+        shapes = unit_shapes(self.config, unit)
+
+        def moments_of(names) -> dict:
+            """fp32 moments of ``names``, decoded from the stored part (read now when none was loaded)."""
+            if "optim" not in state:
+                state["optim"] = moments if moments is not None else self._optim_part(unit, stored=True)
+            return self.layout.moments(state["optim"], {n: shapes[n] for n in names}, self.device)
+
+        def master_of(name: str) -> torch.Tensor:
+            """A master as given, or (None: see _shadow_in_update) from the stored shadow, read on first use;
+            every earlier write of the unit is in the store by the time its update runs."""
+            if masters[name] is not None:
+                return masters[name]
+            if "shadow" not in state:
+                state["shadow"] = self._read_stored(unit, "shadow")
+            return state["shadow"][name]
+
+        def finish(parts: dict, unit_moments: dict):
+            """Check the new weights of ``parts`` and add the encoded moments."""
+            # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
+            # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
+            # large that the 16-bit weights overflow.
+            for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
+                if stored.is_floating_point():
+                    _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
+                                                           "gradient or learning rate)")
+            parts["optim"] = self.layout.encode_moments(unit_moments)
+            return parts
+
+        def made(parts: dict) -> dict:
+            """The update's parts are final: the new forward part replaces the kept one (if kept)."""
+            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+            self.resident.replace(unit, parts["weights"])
+            return parts
+
+        def update_each() -> dict[str, dict[str, torch.Tensor]]:
+            """The whole update, one tensor at a time: the fp32 master and moments of one projection exist at
+            once, not a block's worth (a 70B block is 3.4 GB in fp32, with its moments 10 GB)."""
+            parts: dict[str, dict] = {}
+            for name in list(masters):
+                unit_moments = moments_of([name])
+                master = self.layout.float32(master_of(name).detach())
+                exp_avg, exp_avg_sq = unit_moments[name]
+                adamw_update(master, grads.pop(name).float(), exp_avg, exp_avg_sq, step, optim, lr)
+                for part, tensors in finish(self.layout.encode(unit, {name: master}), unit_moments).items():
+                    parts.setdefault(part, {}).update(tensors)
+                del master, unit_moments, exp_avg, exp_avg_sq
+            return made(parts)
+
         def update(rows: slice | None = None, final: bool = True) -> dict[str, dict[str, torch.Tensor]]:
             fault_point("update")
+            if rows is None and not keep_masters:
+                return update_each()
             index = slice(None) if rows is None else rows
-            if not state:
-                state["moments"] = moments if moments is not None else self._load_moments(unit, stored=True)
+            if "masters" not in state:
+                state["moments"] = moments_of(list(masters))
                 state["masters"] = {name: self.layout.empty(master.shape, torch.float32, master.device) if keep_masters
                                     else self.layout.float32(master.detach()) for name, master in masters.items()}
             masters_32, unit_moments = state["masters"], state["moments"]
@@ -619,16 +779,11 @@ class StreamingEngine:
                              optim, lr)
             if not final:
                 return {}
-            parts = self.layout.encode(unit, masters_32)
-            # Every master reaches these parts (qat: the shadow, and the scale derived from it), and a non-finite
-            # gradient makes its weight non-finite, so this one check also catches bad gradients; and an lr so
-            # large that the 16-bit weights overflow.
-            for name, stored in {**parts["weights"], **parts.get("shadow", {})}.items():
-                if stored.is_floating_point():
-                    _check_finite(unit, name, stored, what="weight after the update (from a non-finite or huge "
-                                                           "gradient or learning rate)")
-            parts["optim"] = self.layout.encode_moments(unit_moments)
-            self._submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+            parts = made(finish(self.layout.encode(unit, masters_32), unit_moments))
+            # The fp32 masters and moments are encoded now: let them go although the caller (an untied head's
+            # row-range jobs) may keep this function until the step ends (at 13B: 2 GB).
+            state.clear()
+            del masters_32, unit_moments
             return parts
 
         return update
@@ -653,5 +808,6 @@ class StreamingEngine:
                 self.writer.close()
             self.prefetcher.close()
             self.stash.clear()
+            self.resident.clear()
             self.store.close()
             self.pool.release()

@@ -92,16 +92,16 @@ class Layout:
 
     def forward_tensors(self, unit: str, weights_part: dict, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         """The compute tensors forward needs, from the ``weights`` part only."""
-        tensors = {}
-        for name in self.param_names(weights_part):
-            if f"{name}.packed" in weights_part:
-                packed = weights_part[f"{name}.packed"].to(device)
-                tensors[name] = unpack_weight(packed, weights_part[f"{name}.scale"].to(device), dtype,
-                                              out=self.empty((packed.shape[0] * 4, *packed.shape[1:]), dtype, device))
-            else:
-                value = weights_part[name]
-                tensors[name] = self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
-        return tensors
+        return {name: self.forward_tensor(weights_part, name, dtype, device) for name in self.param_names(weights_part)}
+
+    def forward_tensor(self, weights_part: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """One compute tensor of ``forward_tensors`` (a projection unpacked, or converted from 16 bits)."""
+        if f"{name}.packed" in weights_part:
+            packed = weights_part[f"{name}.packed"].to(device)
+            return unpack_weight(packed, weights_part[f"{name}.scale"].to(device), dtype,
+                                 out=self.empty((packed.shape[0] * 4, *packed.shape[1:]), dtype, device))
+        value = weights_part[name]
+        return self._as(value, torch.float32 if value.dim() < 2 else dtype, device)
 
     def masters(self, unit: str, weights_part: dict, shadow_part: dict | None, device,
                 dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
@@ -118,14 +118,17 @@ class Layout:
         return masters
 
     def moments(self, optim_part: dict | None, shapes: dict[str, tuple], device) -> dict[str, tuple]:
-        """fp32 (exp_avg, exp_avg_sq) per master (``shapes``: name -> shape); zeros before the first update."""
+        """fp32 (exp_avg, exp_avg_sq) per master (``shapes``: name -> shape); zeros before the first update
+        (``optim_part`` None or empty)."""
         moments = {}
         for name, shape in shapes.items():
-            if optim_part is None:
+            if not optim_part:
                 moments[name] = tuple(self.empty(shape, torch.float32, device).zero_() for _ in "mv")
             elif self.blockwise_state:
-                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), shape)
-                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), shape)
+                exp_avg = blockwise.decode_signed(_subpart(optim_part, f"{name}.exp_avg"), shape,
+                                                  out=self.empty(shape, torch.float32, "cpu"))
+                exp_avg_sq = blockwise.decode_log(_subpart(optim_part, f"{name}.exp_avg_sq"), shape,
+                                                  out=self.empty(shape, torch.float32, "cpu"))
                 moments[name] = (exp_avg.to(device), exp_avg_sq.to(device))
             else:
                 moments[name] = (self._as(optim_part[f"{name}.exp_avg"], torch.float32, device),

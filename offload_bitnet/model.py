@@ -123,6 +123,59 @@ class _LinearFromOutput(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+class LazyWeight:
+    """A projection weight made when a matmul needs it and dropped after it, so that a block's projections are
+    never all dense at once (a 70B block is 3.4 GB in fp32; its 2-bit packed form 0.2 GB).
+
+    ``make()`` returns the dense weight in the compute dtype, bit-identical on every call. ``keep``: the first
+    made tensor is kept for later calls (a step with several micro-batches uses each weight once per
+    micro-batch; the kept tensors then cost one block, as dense weights did). ``requires_grad``: the backward
+    pass sums the weight's gradient into ``grad``, as autograd does for a leaf."""
+
+    def __init__(self, make, keep: bool = False, requires_grad: bool = False):
+        self.make_dense, self.keep, self.requires_grad = make, keep, requires_grad
+        self.grad: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self._kept is not None:
+            return self._kept
+        weight = self.make_dense()
+        if self.keep:
+            self._kept = weight
+        return weight
+
+
+class _LazyLinear(torch.autograd.Function):
+    """``F.linear(x, weight.dense())`` that saves only ``x``: backward makes the weight again. ``output``: the
+    result already known from a memo (no matmul, no weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, output):
+        ctx.save_for_backward(x)
+        ctx.weight = weight
+        if output is not None:
+            return output.view_as(output)
+        return F.linear(x, weight.dense())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        dense = weight.dense()
+        # The products of autograd's backward of F.linear, in its orientation (as _LinearFromOutput).
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_2d.mm(dense).view(x.shape) if ctx.needs_input_grad[0] else None
+        del dense
+        if weight.requires_grad:
+            grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
+            if weight.grad is None:
+                weight.grad = grad_weight
+            else:
+                weight.grad.add_(grad_weight)
+        return grad_x, None, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, quantize: float, memo: ProjectionMemo | None = None,
            name: str = "") -> torch.Tensor:
     """``x W^T``; with ``quantize`` the input is fake-quantized to 8 bits (BitLinear). A fraction below 1 mixes
@@ -132,6 +185,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, quantize: float, memo: Project
         x = ste_quantize_activation(x)
     elif quantize:
         x = x + quantize * (ste_quantize_activation(x) - x)
+    if isinstance(weight, LazyWeight):
+        known = memo.outputs.pop(name) if memo is not None and memo.replaying else None
+        output = _LazyLinear.apply(x, weight, known)
+        if memo is not None and not memo.replaying:
+            memo.outputs[name] = output
+        return output
     if memo is None:
         return F.linear(x, weight)
     if memo.replaying:

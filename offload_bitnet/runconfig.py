@@ -121,6 +121,9 @@ class RunConfig:
     device: str = opt("cpu", "compute device: cpu, cuda, cuda:N or mps", kind="str")
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
                                      "e.g. 512MiB, 4GiB", kind="size")
+    resident_budget: str = opt("0", "RAM for keeping the forward weights (packed projections, norms, embedding, "
+                                    "head) across steps, so later steps do not read them again (0: off), "
+                                    "e.g. 20GiB", kind="size")
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
     export_format: str = opt("source", "export format (source: the format it was imported from; gguf: only for "
                                        "a store imported from GGUF)",
@@ -169,6 +172,10 @@ class RunConfig:
     @property
     def memory_budget_bytes(self) -> int:
         return parse_size(self.memory_budget)
+
+    @property
+    def resident_budget_bytes(self) -> int:
+        return parse_size(self.resident_budget)
 
     @property
     def is_lora(self) -> bool:
@@ -262,6 +269,10 @@ class RunConfig:
                 bad(f"{self.describe('memory_budget')} must be positive")
         except ValueError as error:
             bad(f"{self.describe('memory_budget')}: {error}")
+        try:
+            self.resident_budget_bytes
+        except ValueError as error:
+            bad(f"{self.describe('resident_budget')}: {error}")
         if self.max_hours is not None and not self.max_hours > 0:
             bad(f"{self.describe('max_hours')} must be positive")
         if self.until is not None and not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", self.until):

@@ -75,6 +75,7 @@ class WriteBehind:
         self._changed = threading.Condition()
         self._error: BaseException | None = None
         self.wait_seconds = 0.0
+        self.stolen_seconds = 0.0  # time callers spent running queued updates themselves (queue full)
         self._thread = threading.Thread(target=self._run, name="offload-writer", daemon=True)
         self._thread.start()
 
@@ -155,7 +156,9 @@ class WriteBehind:
                 pass
             stolen = self._steal_write()
             if stolen is not None:
+                started = time.perf_counter()
                 self._run_one(stolen)
+                self.stolen_seconds += time.perf_counter() - started
                 continue
             started = time.perf_counter()  # a commit or a job only the writer runs is next: wait for it to take it
             try:
@@ -301,3 +304,52 @@ class ActivationStash:
         self.kept_bytes = 0
         self.reserved_bytes = 0
         shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+class ResidentWeights:
+    """Forward parts (``weights``: packed projections, norms, embedding, head) kept in RAM across steps, as
+    read, up to ``budget_bytes``: after the first step the forward pass (and a LoRA run's backward) reads no
+    forward bytes from disk. Units are admitted in the order they are first read while they fit.
+
+    An update's new forward part replaces the kept one when the update makes it (``replace``), so a read never
+    sees a stale version; ``clear`` drops everything (an abandoned step)."""
+
+    def __init__(self, budget_bytes: int = 0):
+        self.budget_bytes = budget_bytes
+        self.kept_bytes = 0
+        self._parts: dict[str, tuple[dict, int]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(tensors: dict) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def get(self, unit: str) -> dict | None:
+        with self._lock:
+            entry = self._parts.get(unit)
+        return None if entry is None else entry[0]
+
+    def offer(self, unit: str, tensors: dict):
+        """Keep ``tensors`` (a unit's forward part, which nobody changes in place) if they fit."""
+        if self.budget_bytes <= 0:
+            return
+        size = self._size(tensors)
+        with self._lock:
+            old = self._parts.get(unit, (None, 0))[1]
+            if self.kept_bytes - old + size <= self.budget_bytes:
+                self._parts[unit] = (tensors, size)
+                self.kept_bytes += size - old
+
+    def replace(self, unit: str, tensors: dict):
+        """An update made a new forward part of ``unit``: keep it instead of the old one (if ``unit`` is kept)."""
+        with self._lock:
+            if unit not in self._parts:
+                return
+            old = self._parts.pop(unit)[1]
+            self.kept_bytes -= old
+        self.offer(unit, tensors)
+
+    def clear(self):
+        with self._lock:
+            self._parts.clear()
+            self.kept_bytes = 0

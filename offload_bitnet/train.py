@@ -697,7 +697,9 @@ class Trainer:
                   "weight_decay": weight_decay, "tokens": stats.tokens, "wall_s": round(stats.wall_s, 4),
                   "compute_s": round(stats.compute_s, 4), "io_wait_s": round(stats.io_wait_s, 4),
                   "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
-                  "spilled_bytes": stats.spilled_bytes, "epoch": round(self.order.epoch_at(step), 4),
+                  "spilled_bytes": stats.spilled_bytes, "load_wait_s": round(stats.load_wait_s, 4),
+                  "writer_wait_s": round(stats.writer_wait_s, 4), "writer_work_s": round(stats.writer_work_s, 4),
+                  "epoch": round(self.order.epoch_at(step), 4),
                   "time": round(time.time(), 3)}
         if mix is not None:
             record["quant_mix"] = mix
@@ -984,6 +986,7 @@ def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None 
                           targets=config.lora_target_list, init_seed=config.seed)
     return EngineOptions(device=config.device, dropout=config.dropout, seed=config.seed,
                          activation_budget_bytes=config.memory_budget_bytes,
+                         resident_bytes=config.resident_budget_bytes,
                          optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
                                            beta2=config.adam_beta2, eps=config.adam_eps,
                                            weight_decay=config.weight_decay),

@@ -304,3 +304,67 @@ def test_the_untied_heads_update_starts_while_the_cross_entropy_still_computes(t
     assert events[:6] == ["cross-entropy returned"] + ["head update queued (writer only)"] * 4 + \
         ["cross-entropy returned"]
     assert events.count("head update queued (writer only)") == 4
+
+
+@pytest.mark.parametrize("arch", ["bitnet", "llama"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_projections_made_one_at_a_time_change_nothing(tmp_path, arch, micro):
+    """Blocks above ``dense_block_bytes`` make each projection when a matmul needs it and drop it after
+    (``model.LazyWeight``); the stores must come out identical to whole blocks made dense, with memos and
+    without, and with the quantization warm-up mix."""
+    results = {}
+    for name, dense_bytes in (("dense", 1 << 40), ("lazy", 0)):
+        for memo_budget in (None, 0):
+            path = create_model(str(tmp_path / f"{name}-{memo_budget}"), size="demo", arch=arch, n_layers=3)
+            engine = StreamingEngine(BlockStore(path, writable=True),
+                                     EngineOptions(optim=AdamWConfig(lr=1e-3), dropout=0.1,
+                                                   dense_block_bytes=dense_bytes, memo_budget_bytes=memo_budget))
+            generator = torch.Generator().manual_seed(3)
+            losses = [engine.train_step([(torch.randint(0, 256, (1, 16), generator=generator), None)
+                                         for _ in range(micro)], quant_mix=mix).loss for mix in (0.5, 1.0)]
+            engine.close()
+            results[(name, memo_budget)] = losses, _store_tensors(path)
+    reference_losses, reference = results[("dense", None)]
+    for key, (losses, stored) in results.items():
+        assert losses == reference_losses, key
+        for part_key, part in reference.items():
+            for tensor_name, tensor in part.items():
+                assert torch.equal(tensor, stored[part_key][tensor_name]), (key, part_key, tensor_name)
+
+
+@pytest.mark.parametrize("arch", ["bitnet", "llama"])
+def test_resident_forward_parts_are_read_once_and_change_nothing(tmp_path, arch, monkeypatch):
+    """With ``resident_bytes`` room for every forward part, steps after the first read no ``weights`` part
+    from disk (the updates' new versions are kept as they are made), and the stores come out bit-identical to
+    a run that reads every part every step."""
+    results, reads = {}, {}
+    original_read = BlockStore.read
+    for name, budget in (("streamed", 0), ("resident", 1 << 30)):
+        path = create_model(str(tmp_path / name), size="demo", arch=arch, n_layers=3)
+        log = reads[name] = []
+
+        def logging_read(store, unit, part, pool=None):
+            log.append((len(stats), unit, part))
+            return original_read(store, unit, part, pool)
+
+        monkeypatch.setattr(BlockStore, "read", logging_read)
+        engine = StreamingEngine(BlockStore(path, writable=True),
+                                 EngineOptions(optim=AdamWConfig(lr=1e-3), dropout=0.1, resident_bytes=budget))
+        generator = torch.Generator().manual_seed(3)
+        stats = []
+        for _ in range(3):
+            stats.append(engine.train_step([(torch.randint(0, 256, (1, 16), generator=generator), None)
+                                            for _ in range(2)]))
+        engine.close()
+        monkeypatch.undo()
+        results[name] = [s.loss for s in stats], _store_tensors(path)
+    weights_reads = lambda name, step: [r for r in reads[name] if r[0] == step and r[2] == "weights"]  # noqa: E731
+    assert weights_reads("resident", 1) == [] and weights_reads("resident", 2) == []
+    first = [unit for _, unit, _ in weights_reads("resident", 0)]
+    assert sorted(first) == sorted(BlockStore(str(tmp_path / "resident")).units)  # once each, not again in backward
+    assert len(weights_reads("streamed", 0)) > len(first)
+    assert len(weights_reads("streamed", 2)) > 0
+    assert results["streamed"][0] == results["resident"][0]
+    for key, part in results["streamed"][1].items():
+        for tensor_name, tensor in part.items():
+            assert torch.equal(tensor, results["resident"][1][key][tensor_name]), (key, tensor_name)

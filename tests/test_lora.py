@@ -103,3 +103,45 @@ def test_lora_config_is_validated():
         LoRAConfig(targets=("qkv",))
     with pytest.raises(ValueError, match="rank must be positive"):
         LoRAConfig(rank=0)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_lora_on_projections_made_one_at_a_time_changes_nothing(tmp_path, micro):
+    """A base whose blocks are above ``dense_block_bytes`` is unpacked one projection at a time in forward and
+    in the LoRA backward (``model.LazyWeight``): the adapters must come out bit-identical."""
+    path = create_model(str(tmp_path / "base"), size="demo", arch="bitnet", n_layers=2)
+    adapters = {}
+    for name, dense_bytes in (("dense", 1 << 40), ("lazy", 0)):
+        engine = StreamingEngine(BlockStore(path), EngineOptions(
+            lora=LoRAConfig(rank=4, alpha=8, dropout=0.1), adapter_dir=str(tmp_path / name), seed=0,
+            optim=AdamWConfig(lr=1e-2), dense_block_bytes=dense_bytes))
+        losses = [engine.train_step(_batches(micro, seed=step)).loss for step in range(3)]
+        engine.close()
+        adapters[name] = losses, AdapterSet.load(str(tmp_path / name), engine.config).weights
+    assert adapters["dense"][0] == adapters["lazy"][0]
+    for key, mats in adapters["dense"][1].items():
+        for matrix, tensor in mats.items():
+            assert torch.equal(tensor, adapters["lazy"][1][key][matrix]), (key, matrix)
+
+
+def test_lora_base_kept_resident_is_read_once_per_run(tmp_path):
+    """With ``resident_bytes`` room for the base's forward parts, a LoRA run reads its base once (step 1:
+    once per unit, not again in backward; later steps: nothing), with bit-identical adapters."""
+    path = create_model(str(tmp_path / "base"), size="demo", arch="bitnet", n_layers=2)
+    runs = {}
+    for name, budget in (("streamed", 0), ("resident", 1 << 30)):
+        engine = StreamingEngine(BlockStore(path), EngineOptions(
+            lora=LoRAConfig(rank=4, alpha=8), adapter_dir=str(tmp_path / name), seed=0,
+            optim=AdamWConfig(lr=1e-2), resident_bytes=budget))
+        stats = [engine.train_step(_batches(2, seed=step)) for step in range(3)]
+        engine.close()
+        runs[name] = stats, AdapterSet.load(str(tmp_path / name), engine.config).weights
+    forward_bytes = sum(entry["bytes"] for parts in BlockStore(path).manifest["files"].values()
+                        for part, entry in parts.items() if part == "weights")
+    streamed, resident = runs["streamed"][0], runs["resident"][0]
+    assert resident[0].bytes_read == forward_bytes and streamed[0].bytes_read > forward_bytes
+    assert resident[1].bytes_read == resident[2].bytes_read == 0 and streamed[2].bytes_read > 0
+    assert [s.loss for s in streamed] == [s.loss for s in resident]
+    for key, mats in runs["streamed"][1].items():
+        for matrix, tensor in mats.items():
+            assert torch.equal(tensor, runs["resident"][1][key][matrix]), (key, matrix)

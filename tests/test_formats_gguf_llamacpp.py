@@ -134,10 +134,41 @@ def test_smollm2_through_hf_and_back_exports_a_gguf_llama_cpp_agrees_with(tmp_pa
     assert result["relative"] < 0.005
 
 
+LLAMA2_SPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                          "llama2-tokenizer.model")
+
+
+@pytest.mark.parametrize("vocabulary", ["byte", "sentencepiece"])
+def test_llama_cpp_tokenizes_our_other_vocabularies_as_we_do(vocabulary, tmp_path):
+    """The byte tokenizer of created models and a sentencepiece tokenizer.model (Llama 2's), through the GGUF
+    metadata into llama.cpp's tokenizer: the same ids as ours, BOS included."""
+    from offload_bitnet.create import create_model
+    from offload_bitnet.formats.tokenizers import install_tokenizer
+
+    if vocabulary == "sentencepiece" and not os.path.isfile(LLAMA2_SPM):
+        pytest.skip("../shared/data/llama2-tokenizer.model is absent")
+    store = create_model(str(tmp_path / "store"), size="demo", arch="llama", n_layers=1,
+                         **({"vocab_size": 32000} if vocabulary == "sentencepiece" else {}))
+    if vocabulary == "sentencepiece":
+        (tmp_path / "spm").mkdir()
+        (tmp_path / "spm" / "tokenizer.model").write_bytes(open(LLAMA2_SPM, "rb").read())
+        install_tokenizer(store, str(tmp_path / "spm" / "tokenizer.model"))
+    path = export_model(store, str(tmp_path / "gguf"), format="gguf", progress=False)
+    tokenizer = load_tokenizer(store, BlockStore(store).extra.get("tokenizer"))
+    text = real_text(3000)
+    model = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        assert model.tokenize(text.encode(), add_bos=True, special=False) == tokenizer.encode(text, bos=True)
+        assert model.token_bos() == tokenizer.bos_id and model.token_eos() == tokenizer.eos_id
+    finally:
+        model.close()
+
+
 @pytest.fixture(scope="module")
 def trained_ternary(tmp_path_factory) -> str:
     """A LLaMA-architecture ternary (qat) model whose dims are multiples of 256 (TQ blocks span whole rows), with
-    the byte tokenizer, trained on the first 4 KB of the GPL-3 until its predictions are peaked.
+    the byte tokenizer, trained for 80 steps on the first 2 KB of the GPL-3 until its predictions are peaked
+    (perplexity about 9 on the bytes it saw, from 260 untrained and about 20 at the byte-frequency plateau).
 
     LLaMA, not BitNet: llama.cpp's bitnet graph hard-codes SiLU where our BitNet computes relu², so the llama
     graph (SiLU, no sub-norms) with ternary TQ weights is what llama.cpp runs correctly for a model we train."""
@@ -146,11 +177,11 @@ def trained_ternary(tmp_path_factory) -> str:
 
     folder = tmp_path_factory.mktemp("ternary")
     text = folder / "gpl.txt"
-    text.write_text(real_text(4096))
+    text.write_text(real_text(2048))
     store = create_model(str(folder / "store"), size="demo", arch="llama", mode="qat", dim=256, hidden_dim=512,
-                         n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=256, seed=0)
+                         n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=512, seed=0)
     assert main([store, "--data", str(text), "--runs-dir", str(folder / "runs"), "--experiment", "t",
-                 "--num-train-iters", "40", "--batch-size", "8", "--max-seq-len", "128", "--lr", "1e-2",
+                 "--num-train-iters", "80", "--batch-size", "8", "--max-seq-len", "256", "--lr", "5e-3",
                  "--val-fraction", "0", "--eval-every", "0", "--generate-every", "0", "--no-plot"]) == 0
     return store
 
@@ -162,11 +193,11 @@ def test_trained_ternary_model_in_tq_types_matches_in_llama_cpp(trained_ternary,
     top-1 agreement >= 95% and perplexity within 3%."""
     path = export_model(trained_ternary, str(tmp_path / gguf_type), format="gguf", gguf_type=gguf_type,
                         progress=False)
-    ids = list(real_text(4096)[:512].encode("utf-8"))
+    ids = list(real_text(512).encode("utf-8"))
     result = compare(trained_ternary, path, ids)
-    print(f"ternary LLaMA (dim 256, 2 layers, trained 40 steps) as {gguf_type.upper()}, 512 GPL-3 bytes: "
+    print(f"ternary LLaMA (dim 256, 2 layers, trained 80 steps) as {gguf_type.upper()}, 512 GPL-3 bytes: "
           f"perplexity ours {result['ours']:.4f}, llama.cpp {result['llama.cpp']:.4f} "
           f"(relative {result['relative']:.4f}), top-1 agreement {result['top1']:.4f}")
-    assert result["ours"] < 8, "the model did not learn the text: its predictions are not peaked"
+    assert result["ours"] < 12, "the model did not learn the text: its predictions are not peaked"
     assert result["top1"] >= 0.95
     assert result["relative"] < 0.03

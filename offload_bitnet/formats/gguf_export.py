@@ -106,13 +106,17 @@ def to_gguf_layout(arch: str, config: ModelConfig, name: str, weight: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- writer
-def new_writer(path: str, arch: str, config: ModelConfig, name: str | None = None, gguf_type: str | None = None):
-    """A ``gguf.GGUFWriter`` for ``path`` with ``general.*`` and the model's hyperparameters
-    (``{arch}.context_length``, heads, rope, norm epsilon, ``{arch}.hidden_activation``...) already added."""
+def new_writer(path: str, arch: str, config: ModelConfig, name: str | None = None, gguf_type: str | None = None,
+               model_keys: bool = True):
+    """A ``gguf.GGUFWriter`` for ``path`` with ``general.architecture``/``name`` (and ``file_type``) and, with
+    ``model_keys``, the model's hyperparameters (``{arch}.context_length``, heads, rope, norm epsilon,
+    ``{arch}.hidden_activation``...). An adapter file passes ``model_keys=False`` and adds ``general.type``."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name or "offload_bitnet export")
     if gguf_type:
         writer.add_file_type(file_type(gguf_type))
+    if not model_keys:
+        return writer
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.dim)
     writer.add_block_count(config.n_layers)

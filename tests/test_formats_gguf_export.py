@@ -242,3 +242,50 @@ def test_cli_and_finetune_options(tmp_path, capsys):
     with pytest.raises(RunConfigError, match="gguf_type.*applies to --export-format gguf"):
         RunConfig(model=store, data=["x.txt"], export_format="hf", gguf_type="f16").validate()
     RunConfig(model=store, data=["x.txt"], export_format="gguf", gguf_type="q8_0").validate()
+
+
+def test_llama3_rank_file_becomes_a_gpt2_vocabulary_with_its_chat_format(tmp_path):
+    """A Meta Llama 3 tiktoken rank file (here a small one trained on pydoc topics): gpt2 vocabulary with the
+    merges the ranks imply, Meta's special tokens as control tokens, <|eot_id|> as end of turn, the Llama 3
+    chat template, and the Llama 3 form of it in the Modelfile."""
+    import base64
+
+    from test_tokenizer import trained_ranks
+
+    ranks = trained_ranks(600)
+    base = len(ranks)
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    store = create_model(str(tmp_path / "a"), size="demo", arch="llama", n_layers=1, vocab_size=base + 256,
+                         bos_id=base, eos_id=base + 1)
+    install_tokenizer(store, str(folder / "tokenizer.model"))
+    assert BlockStore(store).extra["tokenizer"]["kind"] == "tiktoken"
+    path = export_model(store, str(tmp_path / "out"), format="gguf", progress=False)
+    meta = metadata(path)
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert meta["tokenizer.ggml.model"] == "gpt2" and len(tokens) == base + 256
+    assert tokens[base:base + 2] == ["<|begin_of_text|>", "<|end_of_text|>"] and tokens[base + 9] == "<|eot_id|>"
+    assert meta["tokenizer.ggml.token_type"][base + 9] == 3 and meta["tokenizer.ggml.eot_token_id"] == base + 9
+    vocabulary = set(tokens)
+    merges = [m.split(" ") for m in meta["tokenizer.ggml.merges"]]
+    assert len(merges) >= base - 256 and all(a in vocabulary and b in vocabulary and a + b in vocabulary
+                                             for a, b in merges)
+    assert "<|start_header_id|>" in meta["tokenizer.chat_template"]
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
+
+
+def test_finetune_exports_gguf_at_the_end(tmp_path):
+    from offload_bitnet.train import main
+
+    store = create_model(str(tmp_path / "a"), size="demo", arch="llama", mode="qat", dim=256, hidden_dim=256,
+                         n_heads=4, n_kv_heads=2, n_layers=1)
+    text = tmp_path / "text.txt"
+    text.write_text(open(os.path.join(ROOT, "test_data", "demo.txt")).read()[:3000])
+    assert main([store, "--data", str(text), "--runs-dir", str(tmp_path / "runs"), "--num-train-iters", "1",
+                 "--no-plot", "--export-path", str(tmp_path / "gguf"), "--export-format", "gguf",
+                 "--gguf-type", "tq1_0"]) == 0
+    written = tensors(tmp_path / "gguf" / "model.gguf")
+    assert written["blk.0.ffn_down.weight"].tensor_type == Q.TQ1_0
+    assert (tmp_path / "gguf" / "Modelfile").is_file()

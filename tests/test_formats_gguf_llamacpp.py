@@ -102,6 +102,14 @@ def test_smollm2_from_gguf_exported_as_f16_matches_in_llama_cpp(tmp_path_factory
     print(f"SmolLM2 GGUF -> store -> F16 GGUF, 256 GPL-3 tokens: perplexity ours {result['ours']:.4f}, llama.cpp "
           f"{result['llama.cpp']:.4f} (relative {result['relative']:.5f}), top-1 agreement {result['top1']:.4f}")
     assert result["relative"] < 0.005
+    # Chat through llama.cpp's own chat handling (the GGUF's template), stopping at the end-of-turn token.
+    model = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
+    try:
+        reply = model.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                             max_tokens=32, temperature=0)["choices"][0]
+    finally:
+        model.close()
+    assert "Paris" in reply["message"]["content"] and reply["finish_reason"] == "stop", reply
 
 
 def test_smollm2_through_hf_and_back_exports_a_gguf_llama_cpp_agrees_with(tmp_path_factory, monkeypatch, tmp_path):

@@ -7,7 +7,8 @@ Each format module (``hf``, ``meta``, ``gguf``) provides:
   into a new store (one unit in memory at a time), record ``manifest["extra"]["source"]`` (what export needs
   to write the source format back) and ``manifest["extra"]["tokenizer"]`` (tokenizer files go in
   ``STORE/tokenizer/``); returns the store path;
-* ``export_from_store(store: BlockStore, out_dir, **options) -> str``;
+* ``export_from_store(store: BlockStore, out_dir, **options) -> str`` (GGUF's, for any store, is in
+  ``gguf_export``);
 * ``read_config(path) -> ModelConfig`` and ``read_source(path) -> (ModelConfig, tokenizer or None)``: the
   shapes and tokenizer an import would give, from the source's metadata only (the dry-run plan).
 """

@@ -263,12 +263,16 @@ def export_from_store(store, out_dir: str, gguf_type: str | None = None, file_na
             name = gguf_tensor_name(arch, "rope_freqs")
             yield name, encode_tensor(factors, plan[name][1])
         for unit in store.units:
-            # What the forward pass computes with: a ternary projection is its codes times its scale.
-            values = layout.forward_tensors(unit, store.read(unit, "weights"), torch.float32, "cpu")
+            weights = store.read(unit, "weights")
             names = config.block_shapes if unit.startswith("block.") else ("weight",)
             for name in names:
+                # What the forward pass computes with (a ternary projection: its codes times its scale), decoded
+                # one tensor at a time so memory stays one fp32 projection even at 70B width.
+                part = {key: value for key, value in weights.items() if key == name or key.startswith(name + ".")}
+                value = layout.forward_tensors(unit, part, torch.float32, "cpu")[name]
                 tensor = gguf_tensor_name(arch, unit, name)
-                yield tensor, encode_tensor(to_gguf_layout(arch, config, name, values[name]), plan[tensor][1])
+                yield tensor, encode_tensor(to_gguf_layout(arch, config, name, value), plan[tensor][1])
+                del value
 
     bar = Progress(len(plan), f"exporting {file_name} ({gguf_type})") if progress else None
     try:

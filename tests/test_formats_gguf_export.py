@@ -289,3 +289,12 @@ def test_finetune_exports_gguf_at_the_end(tmp_path):
     written = tensors(tmp_path / "gguf" / "model.gguf")
     assert written["blk.0.ffn_down.weight"].tensor_type == Q.TQ1_0
     assert (tmp_path / "gguf" / "Modelfile").is_file()
+
+
+def test_tensor_names_for_models_and_adapters():
+    assert gguf_tensor_name("llama", "block.12", "down_proj") == "blk.12.ffn_down.weight"
+    assert gguf_tensor_name("llama", "embed") == "token_embd.weight"
+    assert gguf_tensor_name("llama", "block.0", "q_proj", suffix="lora_b") == "blk.0.attn_q.weight.lora_b"
+    assert gguf_tensor_name("bitnet", "block.1", "ffn_sub_norm") == "blk.1.ffn_sub_norm.weight"
+    with pytest.raises(GGUFError, match="llama architecture has no tensor for block.0 attn_sub_norm"):
+        gguf_tensor_name("llama", "block.0", "attn_sub_norm")

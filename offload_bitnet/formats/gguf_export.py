@@ -81,17 +81,19 @@ def gguf_architecture(config: ModelConfig, where: str = "the store") -> str:
     return "bitnet"
 
 
-def gguf_tensor_name(arch: str, unit: str, name: str = "weight", suffix: str = "weight") -> str:
+def gguf_tensor_name(arch: str, unit: str, name: str = "weight", suffix: str | None = None) -> str:
     """The GGUF name of a store tensor: ``unit`` (``embed``, ``block.N``, ``norm``, ``head``) and its short
     ``name`` (``q_proj``, ``input_layernorm``..., ``weight`` for the global units), e.g. ``blk.3.attn_q.weight``.
-    ``suffix``: ``weight``, or ``lora_a`` / ``lora_b`` for adapters. GGUFError for a tensor ``arch`` lacks."""
+    ``suffix``: ``lora_a`` / ``lora_b`` for an adapter's tensors (``blk.3.attn_q.weight.lora_a``, as llama.cpp's
+    ``convert_lora_to_gguf`` names them). GGUFError for a tensor ``arch`` lacks."""
     key = unit if not unit.startswith("block.") else name
     tensor = _store_tensors().get(key)
     model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     if tensor is None or tensor not in gguf.MODEL_TENSORS[model_arch]:
         raise GGUFError(f"llama.cpp's {arch} architecture has no tensor for {unit} {name}")
     bid = int(unit.split(".")[1]) if unit.startswith("block.") else None
-    return f"{gguf.TENSOR_NAMES[tensor].format(bid=bid)}.{suffix}"
+    name = f"{gguf.TENSOR_NAMES[tensor].format(bid=bid)}.weight"
+    return f"{name}.{suffix}" if suffix else name
 
 
 def to_gguf_layout(arch: str, config: ModelConfig, name: str, weight: torch.Tensor) -> torch.Tensor:

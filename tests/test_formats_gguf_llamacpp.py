@@ -75,6 +75,7 @@ def check_tokenizer_and_chat(store: str, gguf_path: str, text: str):
     try:
         assert model.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text, bos=False)
         template = model.metadata["tokenizer.chat_template"]
+        assert (model.token_bos(), model.token_eos()) == (tokenizer.bos_id, tokenizer.eos_id)
         bos = model.detokenize([model.token_bos()], special=True).decode()
         eos = model.detokenize([model.token_eos()], special=True).decode()
         eot = model._model.token_eot() if hasattr(model._model, "token_eot") else None
@@ -83,8 +84,7 @@ def check_tokenizer_and_chat(store: str, gguf_path: str, text: str):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     rendered = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt
     assert rendered == tokenizer.apply_chat_template(messages)
-    assert tokenizer.eos_id == BlockStore(store).config.eos_id or tokenizer.eos_id in tokenizer.stop_ids
-    if eot is not None and eot >= 0:
+    if eot is not None and eot >= 0:  # llama.cpp's end of turn is one our generation stops at
         assert eot in tokenizer.stop_ids
 
 

@@ -13,7 +13,7 @@ import sys
 from .argparsing import ArgumentParser
 from .config import SIZES
 from .errors import describe_error, pipe_safe, quiet_broken_pipe
-from .formats import EXPORT_FORMATS
+from .formats import EXPORT_FORMATS, GGUF_TYPES
 from .progress import Progress
 
 
@@ -67,7 +67,8 @@ def _import(args):
 def _export(args):
     from .formats import export_model
 
-    path = export_model(args.store, args.out, format=args.format)
+    options = {"gguf_type": args.gguf_type} if args.gguf_type else {}
+    path = export_model(args.store, args.out, format=args.format, **options)
     print(f"exported {args.store} to {path} ({args.format})")
 
 
@@ -251,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output folder")
     exp.add_argument("--format", default="source", choices=list(EXPORT_FORMATS),
                      help="source: the format it was imported from; hf: LlamaForCausalLM (BitNetForCausalLM for a "
-                          "BitNet store); hf-bitnet: packed BitNetForCausalLM; meta; gguf: F16, stores imported "
-                          "from GGUF only")
+                          "BitNet store); hf-bitnet: packed BitNetForCausalLM; meta; gguf: llama.cpp (any store; "
+                          "with a Modelfile for Ollama)")
+    exp.add_argument("--gguf-type", choices=list(GGUF_TYPES), type=str.lower,
+                     help="GGUF tensor type (default: tq2_0 for a ternary qat store, f16 otherwise; norms stay "
+                          "F32, the embedding and head F16 in tq files)")
     exp.set_defaults(run=_export)
 
     merge = command("merge", "fold LoRA adapters into a new 16-bit store")

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .argparsing import DEVICE_PATTERN, ArgumentParser, choose_device, split_model_and_device
-from .formats import EXPORT_FORMATS
+from .formats import EXPORT_FORMATS, GGUF_TYPES
 from .schedule import SCHEDULES
 
 DATA_FORMATS = ("auto", "text", "alpaca", "chat")
@@ -125,9 +125,11 @@ class RunConfig:
                                     "head) across steps, so later steps do not read them again (0: off), "
                                     "e.g. 20GiB", kind="size")
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
-    export_format: str = opt("source", "export format (source: the format it was imported from; gguf: only for "
-                                       "a store imported from GGUF)",
+    export_format: str = opt("source", "export format (source: the format it was imported from; hf, hf-bitnet, "
+                                       "meta; gguf: llama.cpp, from any store)",
                              choices=EXPORT_FORMATS, kind="str")
+    gguf_type: str | None = opt(None, "tensor type of a gguf export (default: tq2_0 for a ternary qat model, f16 "
+                                      "otherwise)", choices=GGUF_TYPES, kind="str")
     merge: bool = opt(False, "LoRA: fold the adapters into a new 16-bit store RUN_DIR/merged at the end "
                              "(--export-path then exports that store)", kind="bool")
     max_hours: float | None = opt(None, "stop cleanly at a step boundary after this many hours", kind="float")
@@ -215,6 +217,8 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 bad(f"{self.describe(f.name)} is not one of: {', '.join(choices)}")
+        if self.gguf_type and self.export_format not in ("gguf", "source"):
+            bad(f"{self.describe('gguf_type')} applies to --export-format gguf, not {self.export_format}")
         for name in ("max_seq_len", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"{self.describe(name)} must be a positive integer")

@@ -811,7 +811,8 @@ class Trainer:
             from .formats import export_model
 
             say(f"exporting {source} to {self.config.export_path} (format {self.config.export_format})")
-            export_model(source, self.config.export_path, self.config.export_format)
+            options = {"gguf_type": self.config.gguf_type} if self.config.gguf_type else {}
+            export_model(source, self.config.export_path, self.config.export_format, **options)
 
     def merge(self) -> str:
         """Fold the adapters into a new 16-bit store (RUN_DIR/merged), replacing an older merge."""

@@ -7,7 +7,8 @@ Each format module (``hf``, ``meta``, ``gguf``) provides:
   into a new store (one unit in memory at a time), record ``manifest["extra"]["source"]`` (what export needs
   to write the source format back) and ``manifest["extra"]["tokenizer"]`` (tokenizer files go in
   ``STORE/tokenizer/``); returns the store path;
-* ``export_from_store(store: BlockStore, out_dir, **options) -> str``;
+* ``export_from_store(store: BlockStore, out_dir, **options) -> str`` (GGUF's, for any store, is in
+  ``gguf_export``);
 * ``read_config(path) -> ModelConfig`` and ``read_source(path) -> (ModelConfig, tokenizer or None)``: the
   shapes and tokenizer an import would give, from the source's metadata only (the dry-run plan).
 """
@@ -19,9 +20,10 @@ import os
 from ..store import MANIFEST, StoreSettings
 
 FORMATS = ("hf", "meta", "gguf")
-# What export_model writes. ``gguf`` (F16/F32 llama GGUF) is for stores imported from GGUF, which carry the GGUF
-# vocabulary llama.cpp needs; other stores are refused with a message (export hf and convert with llama.cpp).
+# What export_model writes. ``gguf``: a llama.cpp GGUF of any store (``gguf_export``; ``--gguf-type``).
 EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
+# GGUF tensor types (``--gguf-type``); see ``gguf_export``.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "tq2_0", "tq1_0")
 
 
 def is_store(path: str) -> bool:
@@ -116,17 +118,19 @@ def import_model(src: str, out_dir: str, settings: StoreSettings | None = None, 
 
 def export_model(store_path: str, out_dir: str, format: str = "source", **options) -> str:
     """Export a store. ``format``: ``source`` (the format it was imported from), ``hf`` (LlamaForCausalLM
-    full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` (a store imported from
-    GGUF only)."""
+    full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` (llama.cpp; option
+    ``gguf_type``: f32, f16, bf16, q8_0, tq2_0, tq1_0, default tq2_0 for ternary stores and f16 otherwise)."""
     from ..store import BlockStore
 
     store = BlockStore(store_path)
     requested_source = format == "source"
     if format == "source":
         format = store.extra.get("source", {}).get("format", "hf")
-    module_name = {"hf": "hf", "hf-bitnet": "hf", "meta": "meta", "gguf": "gguf"}.get(format)
+    module_name = {"hf": "hf", "hf-bitnet": "hf", "meta": "meta", "gguf": "gguf_export"}.get(format)
     if module_name is None:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format != "gguf" and options.pop("gguf_type", None):
+        raise ValueError(f"--gguf-type applies to GGUF exports; store {store_path} exports to {format}")
     module = importlib.import_module(f".{module_name}", __name__)
     if format == "hf-bitnet":
         options.setdefault("bitnet", True)

@@ -46,12 +46,17 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
             _write_json(out_dir, GENERATION_CONFIG, _generation_config(store.config, None))
             written.append(GENERATION_CONFIG)
         return written
-    tokenizer = load_tokenizer(store.path, description)
-    if kind == "hf":
+    if kind == "hf":  # the source's own files; loaded only when generation_config.json has to be written
         from .hf import TOKENIZER_FILES
 
         written = _copy_source_files(source_dir, out_dir, TOKENIZER_FILES)
-    elif isinstance(tokenizer, SentencePieceTokenizer):  # tokenizer.model, or a GGUF llama vocabulary
+        if GENERATION_CONFIG not in written:
+            _write_json(out_dir, GENERATION_CONFIG, _generation_config(store.config,
+                                                                       load_tokenizer(store.path, description)))
+            written.append(GENERATION_CONFIG)
+        return written
+    tokenizer = load_tokenizer(store.path, description)
+    if isinstance(tokenizer, SentencePieceTokenizer):  # tokenizer.model, or a GGUF llama vocabulary
         # tokenizer.model for sentencepiece users (and llama.cpp's converter); tokenizer.json so that
         # transformers needs neither sentencepiece nor protobuf to convert it, and splits text as we do.
         with open(os.path.join(out_dir, "tokenizer.model"), "wb") as handle:

@@ -41,6 +41,7 @@ from . import data as datalib
 from .config import ConfigError
 from .engine import EngineOptions, StreamingEngine
 from .errors import pipe_safe, quiet_broken_pipe
+from .formats.adapters import peft_base_model
 from .lora import LoRAConfig
 from .metrics import MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
@@ -393,7 +394,7 @@ class Trainer:
         extra = {**{k: v for k, v in self.committed_extra().items() if k != STATE_KEY}, STATE_KEY: state}
         if self.lora:
             self.engine.adapters.save(self.paths.adapter_dir, self.engine.adapters.step, extra,
-                                      base_model=self.store.path)
+                                      base_model=self.engine.options.adapter_base or self.store.path)
         else:
             self.engine.flush()  # the writer is idle after this, so the manifest can be replaced here
             self.store.commit(self.store.step, extra)
@@ -845,7 +846,8 @@ def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None 
                          optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
                                            beta2=config.adam_beta2, eps=config.adam_eps,
                                            weight_decay=config.weight_decay),
-                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None)
+                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None,
+                         adapter_base=peft_base_model(store) if lora else None)
 
 
 def check_device(device: str):

@@ -656,14 +656,9 @@ class Trainer:
         return loss
 
     def generate(self, step: int):
-        """Greedy samples from each prompt: with offload_bitnet.generate from the store, or through the engine
-        for a LoRA run (the adapters live in the engine, not in the store)."""
-        if self.lora:
-            texts = engine_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
-                                   chat=self.chat)
-        else:
-            texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
-                                     self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
+        """Greedy samples from each prompt with offload_bitnet.generate (a LoRA run's adapters applied)."""
+        texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
+                                 self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
         if texts is None:
             return
         for prompt, text in zip(self.config.prompts, texts):
@@ -784,15 +779,16 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
                      memory_budget: int, chat: bool = False) -> list[str] | None:
-    """Greedy continuations of ``prompts`` from the weights committed so far; None (said why) when this
-    version has no ``offload_bitnet.generate``."""
+    """Greedy continuations of ``prompts`` from the weights committed so far, with the engine's LoRA adapters
+    when it has them; None (said why) when this version has no ``offload_bitnet.generate``."""
     try:
         from .generate import GenerationError, Generator, SamplingOptions, decode_continuation
     except ImportError:
         say("note: generation skipped: this version has no offload_bitnet/generate.py")
         return None
     engine.flush()  # the generator reads the store: let every update of the last step reach it
-    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget)
+    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget,
+                          adapters=engine.adapters)
     try:
         encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
         result = generator.generate(encoded, SamplingOptions(max_new_tokens=max_new_tokens, seed=seed),
@@ -803,28 +799,6 @@ def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int,
     finally:
         generator.close()
     return [decode_continuation(tokenizer, p, t) for p, t in zip(encoded, result.tokens)]
-
-
-@torch.no_grad()
-def engine_samples(engine: StreamingEngine, tokenizer, prompts: list[str], max_new_tokens: int,
-                   chat: bool = False) -> list[str]:
-    """Greedy continuations computed with ``engine.logits`` (so LoRA adapters take part). Each new token
-    re-runs the whole sequence: slow, but only for the few samples of a run."""
-    from .generate import decode_continuation
-
-    stops = set(getattr(tokenizer, "stop_ids", None) or ([engine.config.eos_id] if engine.config.eos_id is not None
-                                                         else []))
-    texts = []
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt, chat)
-        new: list[int] = []
-        while len(new) < max_new_tokens and len(ids) + len(new) < engine.config.max_seq_len:
-            token = int(engine.logits(torch.tensor([ids + new]))[0, -1].argmax())
-            if token in stops:
-                break
-            new.append(token)
-        texts.append(decode_continuation(tokenizer, ids, new))
-    return texts
 
 
 def remove_leftover_temporaries(run_dir: str):

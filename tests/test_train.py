@@ -407,10 +407,10 @@ def test_lora_samples_use_the_adapters(tmp_path, capsys):
     assert len(samples) == 1 and samples[0]["prompt"] == "The light" and samples[0]["text"]
     from offload_bitnet.engine import StreamingEngine
     from offload_bitnet.tokenizer import ByteTokenizer
-    from offload_bitnet.train import engine_samples
+    from offload_bitnet.train import generate_samples
 
     base = StreamingEngine(BlockStore(str(tmp_path / "samples" / "store")))
-    assert engine_samples(base, ByteTokenizer(), ["The light"], 5) != [samples[0]["text"]]
+    assert generate_samples(base, ByteTokenizer(), ["The light"], 5, 0, 1 << 30) != [samples[0]["text"]]
 
 
 # ---------------------------------------------------------------------------------------------- quantization warmup

@@ -3,6 +3,10 @@
 SmolLM2-135M (imported from its GGUF, re-exported F16), LoRA rank 8 on every projection trained for a few steps
 on GPL-3 text; ``llama_cpp.Llama(model_path=base, lora_path=adapter, logits_all=True)`` against our engine on
 the merged store: next-token perplexity on held text within 0.5%. Skipped without llama-cpp-python or SmolLM2.
+
+Measured (llama-cpp-python 0.3.36, 2 cores): held GPL-3 text, perplexity 42.9824 merged (ours) vs 42.9882
+llama.cpp base+LoRA (+0.013%), base without adapters 47.4875; the training text 12.7899 vs 12.7896 (base 23.6988);
+max |NLL difference| per token 0.009 / 0.015.
 """
 import importlib.util
 import math

@@ -104,6 +104,13 @@ def test_hf_sourced_store_keeps_its_files_and_gains_generation_config(smollm2_st
         assert json.load(a) == json.load(b)  # the source's own file, as it was
     check_same_tokenizer(store, export)
 
+    # A source with tokenizer.json alone: the export gains the tokenizer_config.json naming its special tokens.
+    (source / "tokenizer_config.json").unlink()
+    store = import_model(str(source), str(tmp_path / "bare-store"), progress=False)
+    export = export_model(store, str(tmp_path / "bare-hf"), format="hf", progress=False)
+    _, theirs, config = check_same_tokenizer(store, export, chat=False)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "<|im_start|>" in theirs.all_special_tokens
+
 
 def test_sentencepiece_tokenizer_model(tmp_path):
     if not os.path.isfile(LLAMA2_TOKENIZER):

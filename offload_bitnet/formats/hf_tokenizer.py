@@ -46,10 +46,14 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
             _write_json(out_dir, GENERATION_CONFIG, _generation_config(store.config, None))
             written.append(GENERATION_CONFIG)
         return written
-    if kind == "hf":  # the source's own files; loaded only when generation_config.json has to be written
+    if kind == "hf":  # the source's own files; loaded only when a file transformers needs has to be written
         from .hf import TOKENIZER_FILES
 
         written = _copy_source_files(source_dir, out_dir, TOKENIZER_FILES)
+        if TOKENIZER_CONFIG not in written and "tokenizer.json" in written:  # special tokens, chat template
+            _write_json(out_dir, TOKENIZER_CONFIG,
+                        _fast_tokenizer_config(load_tokenizer(store.path, description), store.config))
+            written.append(TOKENIZER_CONFIG)
         if GENERATION_CONFIG not in written:
             _write_json(out_dir, GENERATION_CONFIG, _generation_config(store.config,
                                                                        load_tokenizer(store.path, description)))

@@ -1,7 +1,7 @@
 """HF exports carry a tokenizer transformers loads, giving our ids and our chat prompts.
 
 Measured here: SmolLM2 (GGUF gpt2 vocabulary) 50,353 ids of pydoc topics and 7,639 of GPL-3, all equal; Llama 2's
-sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal.
+sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal; a small tiktoken rank file (Llama 3 layout) likewise.
 """
 import importlib.util
 import json
@@ -127,6 +127,24 @@ def test_sentencepiece_tokenizer_model(tmp_path):
     ours, theirs, config = check_same_tokenizer(store, export)
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
     assert theirs(" hello")["input_ids"][0] == 1  # add_bos_token
+
+
+def test_tiktoken_rank_file(tmp_path):
+    """A Llama 3 style tiktoken rank file (the 256 bytes and a few merges), as Meta ships tokenizer.model."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b" the", b"in", b" a", b"an"]
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+    # bos/eos as a Meta Llama 3 config names them: the first two special tokens after the ranks
+    store = create_model(str(tmp_path / "store"), size="demo", arch="llama", n_layers=1, vocab_size=len(tokens) + 256,
+                         bos_id=len(tokens), eos_id=len(tokens) + 1, pad_id=None, shadow_dtype="fp32")
+    install_tokenizer(store, str(folder))
+    assert BlockStore(store).extra["tokenizer"]["kind"] == "tiktoken"
+    export = export_model(store, str(tmp_path / "hf"), format="hf", progress=False)
+    ours, theirs, _ = check_same_tokenizer(store, export)
+    assert theirs("the")["input_ids"][0] == ours.bos_id == len(tokens)  # <|begin_of_text|> added, as Llama 3 does
 
 
 def test_byte_tokenizer_store_exports_no_tokenizer_and_says_so(tmp_path, capsys):

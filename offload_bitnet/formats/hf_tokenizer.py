@@ -114,11 +114,12 @@ def _generation_config(config, tokenizer: BaseTokenizer | None) -> dict:
 
 
 def _special_tokens(tokenizer: BaseTokenizer, unk_id: int | None) -> dict:
-    tokens = {}
-    for key, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
-                          ("pad_token", tokenizer.pad_id), ("unk_token", unk_id)):
-        text = tokenizer.token_text(token_id) or _piece(tokenizer, token_id)
-        tokens[key] = text
+    # Only special (control) tokens are named: transformers treats a named token as special, so naming an
+    # ordinary vocabulary entry would change how text containing it is split. (sentencepiece's <unk> is no
+    # control token but is matched by the model itself, not in text.)
+    tokens = {key: tokenizer.token_text(token_id) for key, token_id in (
+        ("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))}
+    tokens["unk_token"] = _piece(tokenizer, unk_id)
     return tokens
 
 

@@ -14,7 +14,11 @@ import os
 import shutil
 import sys
 
-from ..lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, ADAPTER_WEIGHTS
+from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..merge import load_adapters
+from ..store import BlockStore
+from . import detect_format, export_model, hf, is_store
+from .cache import read_record
 
 ADAPTER_FORMATS = ("peft", "gguf")
 
@@ -26,9 +30,6 @@ class AdapterExportError(ValueError):
 def hf_source_folder(store) -> str | None:
     """The Hugging Face folder ``store`` was imported from, when it still is one: the path recorded at import
     (``extra["source"]["path"]``), else the import cache's record of the source."""
-    from . import hf
-    from .cache import read_record
-
     source = store.extra.get("source") or {}
     if source.get("format") != "hf":
         return None
@@ -46,7 +47,8 @@ def peft_base_model(store) -> str:
 
 
 def resolve_adapter(path: str) -> tuple[str, str | None]:
-    """``(adapter_dir, base store or None)`` of a run folder or an adapter folder."""
+    """``(adapter_dir, base store or None)`` of a run folder or an adapter folder: the store its run.json
+    names, else the adapter's ``base_model_name_or_path`` when that is a store."""
     adapter_dir = path
     if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and os.path.isdir(os.path.join(path, "adapter")):
         adapter_dir = os.path.join(path, "adapter")
@@ -59,14 +61,8 @@ def resolve_adapter(path: str) -> tuple[str, str | None]:
     if os.path.isfile(run_json):
         with open(run_json) as handle:
             candidates.append(json.load(handle).get("store"))
-    state = os.path.join(adapter_dir, ADAPTER_PROGRESS)
-    if os.path.isfile(state):
-        with open(state) as handle:
-            candidates.append((json.load(handle).get("extra") or {}).get("base_store"))
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as handle:
         candidates.append(json.load(handle).get("base_model_name_or_path"))
-    from . import is_store
-
     for candidate in candidates:
         if candidate and is_store(candidate):
             store = candidate
@@ -85,13 +81,10 @@ def export_adapter(path: str, out: str, format: str = "peft", base: str | None =
     if store_path is None:
         raise AdapterExportError(f"cannot tell which store the adapters in {adapter_dir} were trained on; "
                                  "give it with --store STORE")
-    from ..merge import load_adapters
-    from ..store import BlockStore
-
     base_store = BlockStore(store_path)
     adapters = load_adapters(adapter_dir, base_store.config)
     if format == "gguf":
-        from .gguf_adapter import write_lora_gguf
+        from .gguf_adapter import write_lora_gguf  # lazy: the gguf package is only needed here
 
         return write_lora_gguf(adapters, base_store, out, progress=progress)
     return export_peft(adapter_dir, base_store, out, base, progress)
@@ -99,8 +92,6 @@ def export_adapter(path: str, out: str, format: str = "peft", base: str | None =
 
 def export_peft(adapter_dir: str, store, out: str, base: str | None = None, progress: bool = True) -> str:
     """A PEFT folder at ``out`` whose ``base_model_name_or_path`` peft can load (see the module docstring)."""
-    from . import detect_format, export_model
-
     if os.path.isdir(out) and os.listdir(out):
         raise AdapterExportError(f"{out} exists and is not empty; export into a new or empty folder")
     base_folder = base or hf_source_folder(store)

@@ -47,7 +47,7 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
             written.append(GENERATION_CONFIG)
         return written
     if kind == "hf":  # the source's own files; loaded only when a file transformers needs has to be written
-        from .hf import TOKENIZER_FILES
+        from .hf import TOKENIZER_FILES  # here, not at the top: formats.hf imports this module
 
         written = _copy_source_files(source_dir, out_dir, TOKENIZER_FILES)
         if TOKENIZER_CONFIG not in written and "tokenizer.json" in written:  # special tokens, chat template

@@ -1,7 +1,7 @@
 """HF exports carry a tokenizer transformers loads, giving our ids and our chat prompts.
 
 Measured here: SmolLM2 (GGUF gpt2 vocabulary) 50,353 ids of pydoc topics and 7,639 of GPL-3, all equal; Llama 2's
-sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal; a small tiktoken rank file (Llama 3 layout) likewise.
+sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal (also as a GGUF llama vocabulary); a small tiktoken rank file (Llama 3 layout) likewise.
 """
 import importlib.util
 import json
@@ -127,6 +127,39 @@ def test_sentencepiece_tokenizer_model(tmp_path):
     ours, theirs, config = check_same_tokenizer(store, export)
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
     assert theirs(" hello")["input_ids"][0] == 1  # add_bos_token
+
+
+def test_gguf_sentencepiece_vocabulary(tmp_path):
+    """A GGUF ``llama`` (sentencepiece) vocabulary, here Llama 2's pieces written into a GGUF header."""
+    if not os.path.isfile(LLAMA2_TOKENIZER):
+        pytest.skip("../shared/data/llama2-tokenizer.model is absent")
+    gguf = pytest.importorskip("gguf")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=LLAMA2_TOKENIZER)
+    count = sp.get_piece_size()
+    writer = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(count)])
+    writer.add_token_scores([sp.get_score(i) for i in range(count)])
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                            for i in range(count)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(LLAMA2_CHAT)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    store = create_model(str(tmp_path / "store"), size="demo", arch="llama", n_layers=1, vocab_size=32000,
+                         shadow_dtype="fp32")
+    install_tokenizer(store, str(tmp_path / "vocab.gguf"))
+    assert BlockStore(store).extra["tokenizer"]["kind"] == "gguf"
+    export = export_model(store, str(tmp_path / "hf"), format="hf", progress=False)
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(export))
+    check_same_tokenizer(store, export)
 
 
 def test_tiktoken_rank_file(tmp_path):

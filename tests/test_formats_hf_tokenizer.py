@@ -1,7 +1,8 @@
 """HF exports carry a tokenizer transformers loads, giving our ids and our chat prompts.
 
 Measured here: SmolLM2 (GGUF gpt2 vocabulary) 50,353 ids of pydoc topics and 7,639 of GPL-3, all equal; Llama 2's
-sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal (also as a GGUF llama vocabulary); a small tiktoken rank file (Llama 3 layout) likewise.
+sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal (also as a GGUF llama vocabulary); a small tiktoken
+rank file (Llama 3 layout) likewise.
 """
 import importlib.util
 import json

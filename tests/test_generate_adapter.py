@@ -88,3 +88,24 @@ def test_wrong_adapter_folder_is_refused_clearly(trained, tmp_path):
     import test_gen
 
     assert test_gen.main([trained["base"], "--adapter", str(tmp_path), "--prompt", "x", "--tokenizer", "byte"]) == 1
+
+
+def test_adapters_on_a_ternary_base_generate_as_the_engine_computes(tmp_path):
+    """A qat BitNet base (quantized forward): the generator with adapters gives the engine's logits."""
+    base = create_model(str(tmp_path / "base"), size="demo", arch="bitnet", n_layers=2)
+    adapter_dir = str(tmp_path / "adapter")
+    engine = StreamingEngine(BlockStore(base), EngineOptions(lora=LoRAConfig(rank=4, alpha=8), adapter_dir=adapter_dir,
+                                                             optim=AdamWConfig(lr=3e-2)))
+    text = torch.tensor([list(b"Ahoy matey! Ahoy matey!")])
+    for _ in range(3):
+        engine.train_step([(text, None)])
+    engine.close()
+    prompt = list(b"Ahoy ma")
+    store = BlockStore(base)
+    _, generated = _generate(store, prompt, load_adapters(adapter_dir, store.config), tokens=1)
+    with open_model(base, adapter=adapter_dir) as engine:
+        expected = engine.logits(torch.tensor([prompt]))[:, -1]
+    with open_model(base) as engine:
+        plain = engine.logits(torch.tensor([prompt]))[:, -1]
+    assert (generated - expected).abs().max().item() < 1e-4
+    assert (expected - plain).abs().max().item() > 1e-3

@@ -3,6 +3,7 @@
 
     python test_gen.py MODEL [DEVICE] --prompt "The capital of France is"   # or --device DEVICE
     python test_gen.py SmolLM2-135M-Instruct.Q4_1.gguf cpu --chat --prompt "What is the capital of France?"
+    python test_gen.py SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/demo/adapter --chat --prompt "Hello"
 
 MODEL is a store, or any model the importers read (Hugging Face folder, Meta folder, .gguf file); a model
 that is not a store is imported once into the cache folder (~/.cache/offload_bitnet, or
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
                         help="bytes of weights kept in memory; larger models stream from disk every token")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="LoRA adapters to apply on top of MODEL without merging: a LoRA run's RUN_DIR/adapter "
+                             "(MODEL is then the run's base model) or any PEFT LoRA adapter folder")
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="the tokenizer to use instead of the model's own (needed when the model carries none): "
                              "a folder with tokenizer.json or tokenizer.model, one of those files, a .gguf file, "
@@ -85,7 +89,14 @@ def run(args) -> int:
         prompts = [tokenizer.encode_chat(messages(text)) for text in args.prompt]
     else:
         prompts = [tokenizer.encode(text, bos=tokenizer.add_bos) for text in args.prompt]
-    generator = Generator(store, args.device, memory_budget=args.memory_budget)
+    adapters = None
+    if args.adapter:
+        from offload_bitnet.merge import load_adapters
+
+        adapters = load_adapters(args.adapter, store.config)
+        print(f"applying LoRA adapters from {args.adapter} (rank {adapters.lora.rank}, step {adapters.step}, "
+              f"targets {','.join(adapters.lora.targets)})", file=sys.stderr)
+    generator = Generator(store, args.device, memory_budget=args.memory_budget, adapters=adapters)
     try:
         streamer = None
         if len(prompts) == 1:

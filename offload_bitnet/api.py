@@ -5,16 +5,27 @@ from .engine import EngineOptions, StreamingEngine
 from .store import BlockStore
 
 
-def open_model(path: str, device: str = "cpu", **engine_options) -> StreamingEngine:
+def open_model(path: str, device: str = "cpu", adapter: str | None = None, **engine_options) -> StreamingEngine:
     """Open a model read-only for streamed evaluation: ``.logits(input_ids)`` and ``.loss(input_ids, labels)``.
 
     ``path`` is a store, or any importable model (HF folder, Meta folder, .gguf), which is imported into a
-    cache folder on first use (see ``formats.ensure_store``).
+    cache folder on first use (see ``formats.ensure_store``). ``adapter``: a LoRA adapter folder (a LoRA run's
+    ``RUN_DIR/adapter``, or any PEFT LoRA folder) applied on top of the base without merging.
     """
     from .formats import ensure_store
+    from .merge import load_adapters
 
     store = BlockStore(ensure_store(path), writable=False)
-    return StreamingEngine(store, EngineOptions(device=device, **engine_options))
+    engine = StreamingEngine(store, EngineOptions(device=device, **engine_options))
+    if adapter is not None:
+        try:
+            # Evaluation only reads the adapters: the same in-RAM AdapterSet training uses, without a folder to
+            # save into (so EngineOptions(lora=...) is not the way in).
+            engine.adapters = load_adapters(adapter, store.config)
+        except BaseException:
+            engine.close()
+            raise
+    return engine
 
 
 def open_for_training(path: str, **engine_options) -> StreamingEngine:

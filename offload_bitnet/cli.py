@@ -72,6 +72,14 @@ def _export(args):
     print(f"exported {args.store} to {path} ({args.format})")
 
 
+def _export_adapter(args):
+    from .formats.adapters import export_adapter
+
+    path = export_adapter(args.run_dir, args.out, format=args.format, base=args.base, store=args.store,
+                          progress=True)
+    print(f"exported the adapters of {args.run_dir} to {path} ({args.format})")
+
+
 def _merge(args):
     from .merge import merge_lora
 
@@ -258,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GGUF tensor type (default: tq2_0 for a ternary qat store, f16 otherwise; norms stay "
                           "F32, the embedding and head F16 in tq files)")
     exp.set_defaults(run=_export)
+
+    adapter = command("export-adapter", "export a LoRA run's adapters for peft or llama.cpp, without merging",
+                      "peft: a PEFT folder whose base_model_name_or_path is a Hugging Face folder peft loads (the "
+                      "base's HF source, else an hf export of the base made here); gguf: a llama.cpp LoRA adapter "
+                      "(llama-cli -m BASE.gguf --lora OUT).")
+    adapter.add_argument("run_dir", help="the LoRA run folder (RUN_DIR, or RUN_DIR/adapter)")
+    adapter.add_argument("out", help="output folder (peft) or .gguf file (gguf)")
+    adapter.add_argument("--format", default="peft", choices=["peft", "gguf"], help="what to write")
+    adapter.add_argument("--base", metavar="DIR", help="peft: the HF folder of the base to record (exported there "
+                         "when it does not exist; none: the base's HF source, else OUT/base)")
+    adapter.add_argument("--store", help="the base store, when the run folder does not name it")
+    adapter.set_defaults(run=_export_adapter)
 
     merge = command("merge", "fold LoRA adapters into a new 16-bit store")
     merge.add_argument("store", help="the base store the adapters were trained on")

@@ -226,6 +226,7 @@ class EngineOptions:
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     lora: LoRAConfig | None = None      # train adapters on a frozen, read-only base
     adapter_dir: str | None = None      # where adapters are saved each step (and resumed from)
+    adapter_base: str | None = None     # adapter_config.json's base_model_name_or_path (default: the store)
     scratch_dir: str | None = None      # where activations beyond the budget spill (default STORE/scratch)
 
 
@@ -658,7 +659,8 @@ class StreamingEngine:
             del leaves, params, update_masters
 
         if lora:
-            self.adapters.save(self.options.adapter_dir, ctx.step, commit_extra, base_model=self.store.path)
+            self.adapters.save(self.options.adapter_dir, ctx.step, commit_extra,
+                               base_model=self.options.adapter_base or self.store.path)
             return ctx.loss
         # Embedding: scatter the token gradients (plus the tied head's gradient) and update.
         if head_unit == "head":

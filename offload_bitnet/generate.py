@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .engine import default_compute_dtype
 from .layout import Layout
+from .lora import AdapterSet
 from .model import block_forward, rms_norm, rope_tables
 from .store import BlockStore, block_unit
 from .streams import Prefetcher
@@ -182,7 +183,9 @@ class Generator:
     """Autoregressive generation over a store, one unit of weights in flight at a time beyond the cache."""
 
     def __init__(self, store: BlockStore | str, device: str = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, adapters: AdapterSet | None = None):
+        """``adapters`` (LoRA, e.g. ``merge.load_adapters(RUN_DIR/adapter, config)``) are applied to the
+        projections they target on every step, without merging them into the weights."""
         self.store = store if isinstance(store, BlockStore) else BlockStore(store)
         self.config = self.store.config
         self.device = check_device(device)
@@ -193,6 +196,11 @@ class Generator:
         self.cache = UnitCache(max(int(memory_budget), 0))
         self.policy, self.resident = self._plan(max(int(memory_budget), 0))
         self.prefetcher = Prefetcher(depth=1)
+        # What each block adds to its loaded weights: LoRA adapters enter as ``"<projection>.lora"`` entries,
+        # which ``model.project`` adds to the projection's output (the engine's seam, so generation computes
+        # exactly what training computed); no adapters, nothing added.
+        self.block_additions = [adapters.block_adapters(layer, self.device) if adapters is not None else {}
+                                for layer in range(self.config.n_layers)]
 
     def _plan(self, budget: int) -> tuple[str, set[str]]:
         """Choose what stays in memory: everything expanded, everything compact, or a prefix compact."""
@@ -250,8 +258,8 @@ class Generator:
                 x = F.embedding(ids, tensors["weight"])
                 embedding = tensors["weight"] if tied else None
             elif unit.startswith("block."):
-                x = block_forward(tensors, x, self.config, cos, sin, quantize=self.quantize,
-                                  kv_cache=caches[index - 1], attn_mask=attn_mask)
+                x = block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config, cos, sin,
+                                  quantize=self.quantize, kv_cache=caches[index - 1], attn_mask=attn_mask)
             elif unit == "norm":
                 x = rms_norm(x[:, -1], tensors["weight"], self.config.norm_eps)
             else:

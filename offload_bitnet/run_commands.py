@@ -72,8 +72,12 @@ class RunCommand:
         model there."""
         return self.line("--experiment", experiment, "--restart", args=without_options(self.args, ("--experiment",)))
 
-    def generate(self, model: str, device: str, prompt: str, chat: bool) -> str:
-        """The test_gen.py command that answers ``prompt`` from ``model`` (a store, merged store or export)."""
+    def generate(self, model: str, device: str, prompt: str, chat: bool, adapter: str | None = None,
+                 tokenizer: str | None = None) -> str:
+        """The test_gen.py command that answers ``prompt`` from ``model`` (a store, merged store or export), with
+        LoRA ``adapter``s applied and another ``tokenizer`` when given."""
         script = "finetune.py"  # test_gen.py sits beside it
         prog = self.prog[:-len(script)] + "test_gen.py" if self.prog.endswith(script) else "python test_gen.py"
-        return f"{prog} {shlex.join([shown_path(model), device, *(['--chat'] if chat else []), '--prompt', prompt])}"
+        options = [*(["--adapter", shown_path(adapter)] if adapter else []),
+                   *(["--tokenizer", tokenizer] if tokenizer else []), *(["--chat"] if chat else [])]
+        return f"{prog} {shlex.join([shown_path(model), device, *options, '--prompt', prompt])}"

@@ -46,6 +46,7 @@ from . import data as datalib
 from .config import ConfigError
 from .engine import EngineOptions, StreamingEngine
 from .errors import pipe_safe, quiet_broken_pipe
+from .formats.adapters import peft_base_model
 from .lora import LoRAConfig
 from .metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from .optim import AdamWConfig
@@ -484,7 +485,7 @@ class Trainer:
         extra = {**{k: v for k, v in self.committed_extra().items() if k != STATE_KEY}, STATE_KEY: state}
         if self.lora:
             self.engine.adapters.save(self.paths.adapter_dir, self.engine.adapters.step, extra,
-                                      base_model=self.store.path)
+                                      base_model=self.engine.options.adapter_base or self.store.path)
         else:
             self.engine.flush()  # the writer is idle after this, so the manifest can be replaced here
             self.store.commit(self.store.step, extra)
@@ -775,14 +776,9 @@ class Trainer:
         return loss
 
     def generate(self, step: int):
-        """Greedy samples from each prompt: with offload_bitnet.generate from the store, or through the engine
-        for a LoRA run (the adapters live in the engine, not in the store)."""
-        if self.lora:
-            texts = engine_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
-                                   chat=self.chat)
-        else:
-            texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
-                                     self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
+        """Greedy samples from each prompt with offload_bitnet.generate (a LoRA run's adapters applied)."""
+        texts = generate_samples(self.engine, self.tokenizer, self.config.prompts, self.config.max_new_tokens,
+                                 self.config.seed, self.config.memory_budget_bytes, chat=self.chat)
         if texts is None:
             return
         for prompt, text in zip(self.config.prompts, texts):
@@ -865,14 +861,16 @@ class Trainer:
             say(f"  export: {shown_path(self.config.export_path)}")
         prompt = self.config.prompts[0] if self.config.prompts else ("Hello!" if self.chat else "The")
         if self.lora and not merged:
+            # The base has no --tokenizer of the run's own (it is shared, read-only): the command repeats it.
+            say("generate with the adapters (those of the last committed step): " + self.command.generate(
+                self.store.path, self.config.device, prompt, self.chat, adapter=self.paths.adapter_dir,
+                tokenizer=self.config.tokenizer))
             if self.config.merge:  # a stopped run: it merges when it finishes
-                say(f"to generate with the adapters, let the run finish (it then folds them into "
-                    f"{shown_path(self.paths.merged_dir)}): {self.command.resume}")
+                say(f"the run folds them into {shown_path(self.paths.merged_dir)} when it finishes: "
+                    f"{self.command.resume}")
             else:
-                say(f"to generate with the adapters, fold them into a store first (test_gen.py reads stores"
-                    f"{'' if finished else '; the run first trains to its end'}): "
+                say(f"to fold them into a store of their own (for exports){'' if finished else ' once the run ends'}: "
                     f"{self.command.with_options('--merge')}")
-            say(f"then: {self.command.generate(self.paths.merged_dir, self.config.device, prompt, self.chat)}")
         else:
             model = self.paths.merged_dir if self.lora else self.store.path
             say(f"generate: {self.command.generate(model, self.config.device, prompt, self.chat)}")
@@ -928,15 +926,16 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
                      memory_budget: int, chat: bool = False) -> list[str] | None:
-    """Greedy continuations of ``prompts`` from the weights committed so far; None (said why) when this
-    version has no ``offload_bitnet.generate``."""
+    """Greedy continuations of ``prompts`` from the weights committed so far, with the engine's LoRA adapters
+    when it has them; None (said why) when this version has no ``offload_bitnet.generate``."""
     try:
         from .generate import GenerationError, Generator, SamplingOptions, decode_continuation
     except ImportError:
         say("note: generation skipped: this version has no offload_bitnet/generate.py")
         return None
     engine.flush()  # the generator reads the store: let every update of the last step reach it
-    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget)
+    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget,
+                          adapters=engine.adapters)
     try:
         encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
         result = generator.generate(encoded, SamplingOptions(max_new_tokens=max_new_tokens, seed=seed),
@@ -947,28 +946,6 @@ def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int,
     finally:
         generator.close()
     return [decode_continuation(tokenizer, p, t) for p, t in zip(encoded, result.tokens)]
-
-
-@torch.no_grad()
-def engine_samples(engine: StreamingEngine, tokenizer, prompts: list[str], max_new_tokens: int,
-                   chat: bool = False) -> list[str]:
-    """Greedy continuations computed with ``engine.logits`` (so LoRA adapters take part). Each new token
-    re-runs the whole sequence: slow, but only for the few samples of a run."""
-    from .generate import decode_continuation
-
-    stops = set(getattr(tokenizer, "stop_ids", None) or ([engine.config.eos_id] if engine.config.eos_id is not None
-                                                         else []))
-    texts = []
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt, chat)
-        new: list[int] = []
-        while len(new) < max_new_tokens and len(ids) + len(new) < engine.config.max_seq_len:
-            token = int(engine.logits(torch.tensor([ids + new]))[0, -1].argmax())
-            if token in stops:
-                break
-            new.append(token)
-        texts.append(decode_continuation(tokenizer, ids, new))
-    return texts
 
 
 def remove_leftover_temporaries(run_dir: str):
@@ -991,7 +968,8 @@ def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None 
                          optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
                                            beta2=config.adam_beta2, eps=config.adam_eps,
                                            weight_decay=config.weight_decay),
-                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None)
+                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None,
+                         adapter_base=peft_base_model(store) if lora else None)
 
 
 def check_device(device: str):

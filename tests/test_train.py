@@ -411,10 +411,10 @@ def test_lora_samples_use_the_adapters(tmp_path, capsys):
     assert len(samples) == 1 and samples[0]["prompt"] == "The light" and samples[0]["text"]
     from offload_bitnet.engine import StreamingEngine
     from offload_bitnet.tokenizer import ByteTokenizer
-    from offload_bitnet.train import engine_samples
+    from offload_bitnet.train import generate_samples
 
     base = StreamingEngine(BlockStore(str(tmp_path / "samples" / "store")))
-    assert engine_samples(base, ByteTokenizer(), ["The light"], 5) != [samples[0]["text"]]
+    assert generate_samples(base, ByteTokenizer(), ["The light"], 5, 0, 1 << 30) != [samples[0]["text"]]
 
 
 # ---------------------------------------------------------------------------------------------- quantization warmup
@@ -678,12 +678,17 @@ def test_every_summary_ends_with_its_outputs_and_a_working_generate_command(tmp_
     assert done.returncode == 0 and "new tokens" in done.stdout + done.stderr, done.stderr
 
 
-def test_an_unmerged_lora_run_says_how_to_merge_then_generate(tmp_path, capsys):
+def test_an_unmerged_lora_run_says_how_to_generate_with_its_adapters_and_how_to_merge(tmp_path, capsys):
     assert main(tiny(tmp_path, "adapt", 1, "--mode", "lora", "--prompt", "The light", "--max-new-tokens", "3")) == 0
     out = capsys.readouterr().out
-    merge = printed(out, "to generate with the adapters, fold them into a store first (test_gen.py reads stores):")
+    generate = printed(out, "generate with the adapters (those of the last committed step):")
+    assert generate.startswith("python test_gen.py ") and f"--adapter {tmp_path / 'adapt' / 'adapter'}" in generate
+    words = shlex.split(generate)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, words[1]), *words[2:], "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "new tokens" in done.stdout + done.stderr, done.stderr
+    merge = printed(out, "to fold them into a store of their own (for exports):")
     assert merge.endswith("--merge") and "--experiment adapt" in merge
-    assert printed(out, "then:") == f"python test_gen.py {tmp_path / 'adapt' / 'merged'} cpu --prompt 'The light'"
     assert run_printed(merge) == 0  # the finished run merges its adapters
     out = capsys.readouterr().out
     assert f"  merged store: {tmp_path / 'adapt' / 'merged'}" in out

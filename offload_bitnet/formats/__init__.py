@@ -77,10 +77,9 @@ def _run_or_adapter_hint(path: str) -> str | None:
         except (OSError, ValueError):
             base = ""
         base = run.get("source") or base or "BASE"
-        return (f"{path} is a LoRA adapter folder, not a model: give its base model {base} and the adapters with "
-                f"--adapter {path} (test_gen.py --adapter comes with the exports issue; until then fold them in: "
-                f"offload-bitnet merge {run.get('store') or base} {path} OUT, or train with --merge and use "
-                "RUN_DIR/merged)")
+        return (f"{path} is a LoRA adapter folder, not a model: give its base model and the adapters, "
+                f"test_gen.py {base} --adapter {path} (or fold them in: offload-bitnet merge "
+                f"{run.get('store') or base} {path} OUT)")
     store = os.path.join(path, "store")
     merged = os.path.join(path, "merged")
     if os.path.isfile(os.path.join(path, "run.json")) or is_store(store):
@@ -90,9 +89,8 @@ def _run_or_adapter_hint(path: str) -> str | None:
             return f"{path} is a run folder, not a model: did you mean {' or '.join(choices)}?"
         if os.path.isdir(adapter):
             base = run_record(path).get("source") or "BASE"
-            return (f"{path} is the folder of a LoRA run, not a model: did you mean its base {base} with "
-                    f"--adapter {adapter}? (test_gen.py --adapter comes with the exports issue; until then "
-                    f"merge: offload-bitnet merge {run_record(path).get('store') or base} {adapter} OUT)")
+            return (f"{path} is the folder of a LoRA run, not a model: did you mean its base with the adapters, "
+                    f"test_gen.py {base} --adapter {adapter}?")
         return f"{path} is a run folder that holds no model yet (no store, merged model or adapters)"
     return None
 

@@ -32,6 +32,7 @@ from ..progress import Progress
 from ..store import DTYPES, BlockStore, StoreSettings, unit_names
 from ..ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
 from ..tokenizer import load_tokenizer
+from .hf_tokenizer import write_tokenizer_files
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -546,6 +547,7 @@ def _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, con
         notes.append(f"dropped {len(plan.skipped)} non-parameter buffers ({plan.skipped[0]}, ...)")
     source = {
         "format": "hf",
+        "path": os.path.abspath(src),  # the folder peft loads as the base of this store's adapters
         "architecture": architecture,
         "dtype": dtype_name(plan.main_dtype),
         "dtype_overrides": plan.dtype_overrides,
@@ -832,7 +834,9 @@ def export_from_store(store: BlockStore, out_dir: str, bitnet: bool = False, dty
 
     ``dtype`` overrides the floating dtype (default: the source's, else the store's shadow dtype); ``shards``
     sets the number of safetensors files (default: the source's layout, else files of ``max_shard_bytes``).
-    Tensors are streamed unit by unit into pre-sized shard files; tokenizer files are copied along.
+    Tensors are streamed unit by unit into pre-sized shard files; the tokenizer files transformers loads are
+    written along (``formats.hf_tokenizer``: tokenizer.json or tokenizer.model, tokenizer_config.json,
+    generation_config.json), whatever the store was imported from.
     ``formats.export_model`` formats ``source`` and ``hf`` both arrive here without options, so a store
     imported from Hugging Face gets its source layout either way; ``source=False`` forces the generic export.
     """
@@ -904,7 +908,5 @@ def export_from_store(store: BlockStore, out_dir: str, bitnet: bool = False, dty
     with open(os.path.join(out_dir, CONFIG), "w") as handle:
         json.dump(config_json, handle, indent=2)
         handle.write("\n")
-    tokenizer_dir = os.path.join(store.path, "tokenizer")
-    if os.path.isdir(tokenizer_dir):
-        copy_tokenizer(tokenizer_dir, out_dir, tokenizer_files(tokenizer_dir))
+    write_tokenizer_files(store, out_dir, progress)
     return out_dir

@@ -1,0 +1,77 @@
+"""LoRA adapters as a llama.cpp adapter GGUF, laid out as llama.cpp's ``convert_lora_to_gguf.py`` writes them.
+
+Metadata: ``general.architecture`` (the base's, ``llama``), ``general.type = adapter``, ``adapter.type = lora``,
+``adapter.lora.alpha``. Tensors: ``blk.N.<name>.weight.lora_a`` (A, numpy ``[rank, in]``, so GGUF ne
+``[in, rank]``) and ``.lora_b`` (B, ``[out, rank]``) for each target projection, in F32. llama.cpp checks
+``a.ne[0] == W.ne[0]``, ``b.ne[1] == W.ne[1]`` and ``a.ne[1] == b.ne[0]``, and adds
+``scale * alpha / rank * B (A x)`` to ``W x``. The rows of q/k in a llama GGUF are permuted for llama.cpp's rope
+(``gguf.permute_qk``); a LoRA delta ``B A`` lives in the same row space, so B's rows get the same permutation
+(A, on the input side, is unchanged), exactly what the converter's ``LoraTorchTensor.permute`` does.
+
+The adapter applies to a GGUF of the same base: the F16/F32 GGUF export of the store the adapters were trained
+on (``offload-bitnet export STORE OUT --format gguf``) or the GGUF the store was imported from.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .gguf import BLOCK_TENSORS, GGUFError, permute_qk
+
+GGUF_NAME = {short: name for name, short in BLOCK_TENSORS.items()}
+
+
+def lora_tensors(adapters, config):
+    """``(gguf name, numpy fp32 array)`` of every adapter matrix, in layer order."""
+    for layer in range(config.n_layers):
+        for short in adapters.lora.targets:
+            mats = adapters.weights[(layer, short)]
+            lora_b = mats["lora_B"].float()
+            if short == "q_proj":
+                lora_b = permute_qk(lora_b, config.n_heads)
+            elif short == "k_proj":
+                lora_b = permute_qk(lora_b, config.n_kv_heads)
+            prefix = f"blk.{layer}.{GGUF_NAME[short]}.weight"
+            yield prefix + ".lora_a", mats["lora_A"].float().contiguous().numpy()
+            yield prefix + ".lora_b", lora_b.contiguous().numpy()
+
+
+def write_lora_gguf(adapters, store, out: str, progress: bool = True) -> str:
+    """Write ``adapters`` (an AdapterSet trained on ``store``) as a llama.cpp LoRA GGUF at ``out`` (a file
+    ending in .gguf, or a folder that gets ``adapter.gguf``); returns the file path."""
+    import gguf
+
+    config = store.config
+    if config.arch != "llama":
+        raise GGUFError(f"the adapters' base {store.path} is a {config.arch} model; llama.cpp LoRA adapters are "
+                        "written for llama-architecture bases only. Fold the adapters in (offload-bitnet merge) "
+                        "and export the merged store instead")
+    path = out if out.endswith(".gguf") else os.path.join(out, "adapter.gguf")
+    if os.path.exists(path):
+        raise GGUFError(f"{path} exists; give a new file name")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"  # written under a temporary name, renamed when complete
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapters.lora.alpha))
+    writer.add_name(f"LoRA r{adapters.lora.rank} for {os.path.basename(os.path.abspath(store.path))}")
+    for name, array in lora_tensors(adapters, config):
+        writer.add_tensor(name, array)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if progress:
+        count = sum(1 for _ in lora_tensors(adapters, config))
+        print(f"wrote {count} LoRA tensors (rank {adapters.lora.rank}, alpha {adapters.lora.alpha:g}) to {path}; "
+              "apply with: llama-cli -m BASE.gguf --lora " + path)
+    return path

@@ -533,6 +533,10 @@ class Trainer:
         self.draw_plot()
         if finished:
             self.finish_outputs()
+            if config.judge_model or config.judge_url:
+                from .judge import judge_finished_run
+
+                judge_finished_run(self, say=say)
         self.print_summary(finished)
         if finished:
             return EXIT_OK
@@ -811,19 +815,30 @@ def engine_samples(engine: StreamingEngine, tokenizer, prompts: list[str], max_n
     re-runs the whole sequence: slow, but only for the few samples of a run."""
     from .generate import decode_continuation
 
+    encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
+    return [decode_continuation(tokenizer, ids, new)
+            for ids, new in zip(encoded, engine_continuations(engine, tokenizer, encoded, max_new_tokens))]
+
+
+@torch.no_grad()
+def engine_continuations(engine: StreamingEngine, tokenizer, encoded: list[list[int]], max_new_tokens: int,
+                         on_done=None) -> list[list[int]]:
+    """The greedy new tokens after each prompt of ``encoded`` (token ids), computed with ``engine.logits`` so
+    LoRA adapters take part; ``on_done(index)`` after each prompt."""
     stops = set(getattr(tokenizer, "stop_ids", None) or ([engine.config.eos_id] if engine.config.eos_id is not None
                                                          else []))
-    texts = []
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt, chat)
+    results = []
+    for index, ids in enumerate(encoded):
         new: list[int] = []
         while len(new) < max_new_tokens and len(ids) + len(new) < engine.config.max_seq_len:
             token = int(engine.logits(torch.tensor([ids + new]))[0, -1].argmax())
             if token in stops:
                 break
             new.append(token)
-        texts.append(decode_continuation(tokenizer, ids, new))
-    return texts
+        results.append(new)
+        if on_done is not None:
+            on_done(index)
+    return results
 
 
 def remove_leftover_temporaries(run_dir: str):

@@ -97,23 +97,33 @@ _ECHOES = tuple(line for line in (TASK_DESCRIPTION + "\n" + rubric_text()).split
 
 
 def parse_score(reply: str | None) -> int | None:
-    """The 1-5 score in a judge's reply, or None when it holds none (or only one outside 1-5, or a fraction).
+    """The 1-5 score in a judge's reply, or None when it holds none (see ``read_score``)."""
+    return read_score(reply)[0]
 
-    The last ``[RESULT] N`` wins; without one the last ``Score: N`` (also rating/grade, "is", "of"); then the last
-    ``N/5`` or ``N out of 5``; then a reply that is just the number. Echoed prompt text is ignored."""
-    if not reply:
-        return None
+
+def read_score(reply: str | None) -> tuple[int | None, str]:
+    """``(score, "")``, or ``(None, why not)`` for a reply without one clear 1-5 verdict.
+
+    The ``[RESULT] N`` the prompt asks for wins; without one a labelled ``Score: N`` (also rating/grade, "is",
+    "of"); then ``N/5`` or ``N out of 5``; then a reply that is just the number. Echoed prompt text is ignored.
+    Matches of the deciding form that disagree (a weak judge listing every score), a value outside 1-5 or a
+    fraction are not resolved into a score: that would be a guess."""
+    if not reply or not reply.strip():
+        return None, "empty reply"
     text = reply
     for echo in _ECHOES:
         text = text.replace(echo, " ")
     for pattern in _SCORE_PATTERNS:
         found = pattern.findall(text)
-        if found:
-            value = found[-1]
-            if "." in value or int(value) not in SCORES:
-                return None  # a score the rubric does not allow is not rounded into one
-            return int(value)
-    return None
+        if not found:
+            continue
+        values = sorted(set(found), key=float)
+        if len(values) > 1:
+            return None, f"conflicting scores {', '.join(values)}"
+        if "." in values[0] or int(values[0]) not in SCORES:
+            return None, f"score {values[0]} is not an integer from 1 to 5"
+        return int(values[0]), ""
+    return None, "no score"
 
 
 def summarize_scores(scores: list[int | None]) -> dict:
@@ -391,10 +401,12 @@ def evaluate(items: list[JudgeItem], answers: dict[str, list[str]], judge, out_d
         prompts = [build_judge_prompt(item.instruction, text, item.reference) for item, text in zip(items, texts)]
         bar = Progress(len(prompts), f"judging ({label})")
         replies = judge.replies(prompts, lambda done, note="": bar.update(done, note))
-        scores[label] = [parse_score(r["reply"]) for r in replies]
-        for index, (item, text, reply, score) in enumerate(zip(items, texts, replies, scores[label])):
+        readings = [read_score(r["reply"]) for r in replies]
+        scores[label] = [score for score, _ in readings]
+        for index, (item, text, reply, (score, why)) in enumerate(zip(items, texts, replies, readings)):
             rows.append({"model": label, "index": index, "prompt": item.instruction, "reference": item.reference,
                          "answer": text, "judge_reply": reply["reply"], "score": score,
+                         **({"unparsed": reply.get("error") or why} if score is None else {}),
                          **({"error": reply["error"]} if "error" in reply else {})})
     summary = {"judge": judge.name, "rubric": rubric_text(),
                "models": {label: summarize_scores(values) for label, values in scores.items()}}

@@ -39,7 +39,7 @@ TEST_DATA = os.path.join(ROOT, "test_data")
     ("4", 4),
     ("**3**", 3),
     ("Score: 2. On reflection... [RESULT] 4", 4),          # the asked-for format wins
-    ("[RESULT] 2 ... no wait [RESULT] 5", 5),             # the last verdict wins
+    ("The score is 5, and the score is a perfect 5.", 5),  # repeated, the same
     ("Feedback: misses the style, 3/5 overall. Score: 2", 2),  # a labelled score before a fraction
 ])
 def test_scores_are_parsed_from_many_reply_shapes(reply, score):
@@ -53,9 +53,22 @@ def test_scores_are_parsed_from_many_reply_shapes(reply, score):
     "###Reference Answer (Score 5):\nParis.\n###Score Rubrics:\nScore 1: " + RUBRIC[1] + "\nScore 5: " + RUBRIC[5],
     "a reference answer that gets a score of 5, and a score rubric",
     "Feedback: 12 apples were on the table",
+    "[RESULT] 2 ... no wait [RESULT] 5",
+    # A degenerate reply cycling through every score (SmolLM2-135M as judge does this) holds no verdict.
+    "The score is 5, and it is short. The score is 1, and it is short. The score is 2, and it is short.",
 ])
 def test_replies_without_a_valid_score_are_not_guessed(reply):
     assert parse_score(reply) is None
+
+
+def test_unparsed_replies_say_why():
+    from offload_bitnet.judge import read_score
+
+    assert read_score("Fine. [RESULT] 4") == (4, "")
+    assert read_score("  ") == (None, "empty reply")
+    assert read_score("Good answer.") == (None, "no score")
+    assert read_score("Score: 3. Score: 1") == (None, "conflicting scores 1, 3")
+    assert read_score("[RESULT] 4.5") == (None, "score 4.5 is not an integer from 1 to 5")
 
 
 def test_summary_counts_every_score_and_the_unparsed():
@@ -108,7 +121,7 @@ def test_evaluate_writes_per_record_results_summary_and_comparison(tmp_path):
     assert [(r["model"], r["index"], r["prompt"], r["reference"], r["answer"], r["score"]) for r in rows] == [
         ("base", 0, "q1", "r1", "b1", 2), ("base", 1, "q2", "r2", "b2", None), ("base", 2, "q3", "r3", "b3", 3),
         ("tuned", 0, "q1", "r1", "t1", 5), ("tuned", 1, "q2", "r2", "t2", 4), ("tuned", 2, "q3", "r3", "t3", 3)]
-    assert rows[1]["judge_reply"] == "no idea"
+    assert rows[1]["judge_reply"] == "no idea" and rows[1]["unparsed"] == "no score" and "unparsed" not in rows[0]
     assert summary["models"]["base"]["mean"] == 2.5 and summary["models"]["base"]["unparsed"] == 1
     assert summary["models"]["tuned"]["mean"] == 4.0
     assert summary["tuned_vs_base"] == {"paired": 2, "better": 1, "same": 1, "worse": 0, "mean_difference": 1.5}

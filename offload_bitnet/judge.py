@@ -62,6 +62,7 @@ PROMPT_TEMPLATE = TASK_DESCRIPTION + """
 ###Feedback: """
 SCORES = (1, 2, 3, 4, 5)
 MAX_FAILED_IN_A_ROW = 3  # an endpoint that fails this many records in a row is down: stop asking it
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
 
 
 class JudgeError(ValueError):
@@ -346,7 +347,7 @@ class HttpJudge:
             request = urllib.request.Request(self.endpoint, data=body, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _LOOPBACK.open(request, timeout=self.timeout) as response:
                     answer = json.loads(response.read().decode("utf-8"))
                 return answer["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as error:

@@ -187,6 +187,9 @@ def test_urls_must_be_loopback_and_become_chat_completions():
             check_url(url)
 
 
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for 127.0.0.1
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -302,23 +305,26 @@ def llama_cpp_server_available() -> bool:
 
 
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory):
     """``python -m llama_cpp.server`` with SmolLM2 on a free loopback port; stopped after the module."""
     if not llama_cpp_server_available():
         pytest.skip("llama-cpp-python with its server extra is not installed (pip install 'llama-cpp-python[server]')")
     gguf = smollm2_gguf()
     port = free_port()
+    # Its log (~200 KB while loading) goes to a file: a pipe nobody reads would fill and stall the server.
+    log = open(tmp_path_factory.mktemp("llama_server") / "server.log", "w+b")
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
                                 "--port", str(port), "--n_ctx", "4096", "--n_threads", "2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     try:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited: {process.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                pytest.fail(f"llama_cpp.server exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(url + "/models", timeout=5) as response:
+                with LOOPBACK.open(url + "/models", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -334,6 +340,7 @@ def llama_server():
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
 
 
 def test_the_http_judge_against_a_real_llama_cpp_server(stores, llama_server, tmp_path, capsys):

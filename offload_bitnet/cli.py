@@ -309,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     plot.set_defaults(run=_delegate("metrics", "plot_run"))
 
+    from . import judge as judging
+
+    judge = command("judge", "grade a model's answers to held-out Alpaca/chat records with a judge model (1-5)",
+                    "Answers greedily, asks the judge (a model run here, or --judge-url) to grade each answer against "
+                    "the reference with a Prometheus-style rubric, and writes judge.jsonl and judge_summary.json.")
+    judging.add_arguments(judge)
+    judge.set_defaults(run=judging.run_command)
+
     cache = command("cache", "list or clear the import cache",
                     "Models given by path to finetune.py, test_gen.py and open_model are imported once into "
                     "~/.cache/offload_bitnet (or $OFFLOAD_BITNET_CACHE) and reused while the source is unchanged.")

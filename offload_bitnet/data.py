@@ -50,6 +50,7 @@ class Example:
     ids: list[int]
     labels: list[int]
     kind: str = "text"   # text: may be concatenated with neighbours when packing; sft: kept whole
+    source: dict | None = field(default=None, repr=False, compare=False)  # the Alpaca/chat record (judge.py)
 
     def __len__(self):
         return len(self.ids)
@@ -206,12 +207,18 @@ def alpaca_example(record: dict, tokenizer, completion_only: bool) -> Example:
         extra = ""
     if not isinstance(extra, str):
         raise BadRecord(f"Alpaca record 'input' must be a string, got {describe_value(extra)}")
-    template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
-    prompt = tokenizer.encode(template.format(instruction=record["instruction"], input=extra), bos=True, eos=False)
+    prompt = tokenizer.encode(alpaca_prompt(record), bos=True, eos=False)
     response = tokenizer.encode(record["output"], bos=False, eos=True)
     ids = prompt + response
     labels = ([IGNORE_INDEX] * len(prompt) + response) if completion_only else list(ids)
     return Example(ids, labels, kind="sft")
+
+
+def alpaca_prompt(record: dict) -> str:
+    """The prompt text of a (checked) Alpaca record: the standard template, with its input when it has one."""
+    extra = record.get("input") or ""
+    template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=extra)
 
 
 def describe_value(value) -> str:
@@ -283,7 +290,11 @@ def template_chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[i
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     """``text`` as a user turn followed by the assistant's header: a prompt for a model trained on chats."""
-    messages = [{"role": "user", "content": text}]
+    return messages_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def messages_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """``messages`` followed by the assistant's header, through the chat template (or the built-in one)."""
     if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
         return render_chat(tokenizer, messages, add_generation_prompt=True)
     ids = [i for segment, _ in builtin_chat_segments(messages, tokenizer) for i in segment]
@@ -356,6 +367,8 @@ def load_file(path: str, tokenizer, options: DataOptions, stats: DataStats) -> l
                 example = alpaca_example(record, tokenizer, options.completion_only)
             else:
                 example = chat_example(record, tokenizer, options.completion_only)
+            if kind != "text":
+                example.source = record
         except BadRecord as error:
             if options.skip_bad_records:
                 stats.skip(where, str(error))
@@ -380,7 +393,7 @@ def fit_length(examples: list[Example], max_seq_len: int, stats: DataStats, keep
     kept = []
     for example in examples:
         if len(example) > max_seq_len and not (keep_long_text and example.kind == "text"):
-            example = Example(example.ids[:max_seq_len], example.labels[:max_seq_len], example.kind)
+            example = Example(example.ids[:max_seq_len], example.labels[:max_seq_len], example.kind, example.source)
             stats.truncated += 1
         if not example.has_target():
             stats.dropped_no_target += 1

@@ -140,6 +140,13 @@ class RunConfig:
     dry_run: bool = opt(False, "print the plan (sizes, bytes per step, memory, time) and exit", kind="bool")
     recalibrate: bool = opt(False, "with --dry-run: measure this machine's disk and compute speeds again instead "
                                    "of using the cached ones", kind="bool")
+    judge_model: str | None = opt(None, "at the end of a finished run, grade the answers to the validation records "
+                                        "with this judge (a store or importable model; with --judge-url, the model "
+                                        "name sent to the server): RUN_DIR/judge.jsonl", kind="str")
+    judge_url: str | None = opt(None, "grade them with an OpenAI-compatible endpoint on this machine instead, e.g. "
+                                      "http://127.0.0.1:8080/v1 (llama.cpp server, Ollama)", kind="str")
+    judge_compare_base: bool = opt(False, "also answer and grade with the base model (before fine-tuning)",
+                                   kind="bool")
     debug: bool = opt(False, "show tracebacks on errors", kind="bool")
 
     def __post_init__(self):
@@ -287,9 +294,24 @@ class RunConfig:
             bad("a MODEL was given but no training data: add --data FILE (.txt, .json or .jsonl)")
         if self.is_demo and self.size not in _sizes():
             bad(f"{self.describe('size')} is not a known size; choose one of {', '.join(_sizes())}")
+        self._validate_judge(bad)
         if problems:
             raise RunConfigError(_join_problems(problems))
         return self
+
+    def _validate_judge(self, bad):
+        """Judge options are checked before hours of training, not after."""
+        if self.judge_url:
+            from .judge import JudgeError, check_url
+
+            try:
+                check_url(self.judge_url)
+            except JudgeError as error:
+                bad(str(error))
+        elif self.judge_model and not os.path.exists(self.judge_model):
+            bad(f"{self.describe('judge_model')} does not exist: give a store or importable model, or --judge-url")
+        if self.judge_compare_base and not (self.judge_model or self.judge_url):
+            bad(f"{self.describe('judge_compare_base')} needs a judge: --judge-model PATH or --judge-url URL")
 
     def _validate_lora(self, bad):
         """LoRA options: valid values with --mode lora, and only there."""

@@ -628,6 +628,10 @@ class Trainer:
         self.draw_plot()
         if finished:
             self.finish_outputs()
+            if config.judge_model or config.judge_url:
+                from .judge import judge_finished_run
+
+                judge_finished_run(self, say=say)
         self.print_summary(finished)
         if finished:
             return EXIT_OK

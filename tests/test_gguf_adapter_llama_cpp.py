@@ -18,7 +18,7 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from offload_bitnet import AdamWConfig, BlockStore, EngineOptions, StreamingEngine, open_model  # noqa: E402
-from offload_bitnet.formats import gguf as gguf_format, import_model  # noqa: E402
+from offload_bitnet.formats import gguf_export, import_model  # noqa: E402
 from offload_bitnet.formats.adapters import export_adapter  # noqa: E402
 from offload_bitnet.lora import LoRAConfig  # noqa: E402
 from offload_bitnet.merge import merge_lora  # noqa: E402
@@ -85,7 +85,7 @@ def smollm2_lora(tmp_path_factory):
     for step in range(4):
         engine.train_step([(batches[2 * step: 2 * step + 2], None)])
     engine.close()
-    base_gguf = gguf_format.export_from_store(BlockStore(store), str(root / "gguf"), dtype="f16", progress=False)
+    base_gguf = gguf_export.export_from_store(BlockStore(store), str(root / "gguf"), gguf_type="f16", progress=False)
     adapter_gguf = export_adapter(os.path.join(root, "run"), str(root / "adapter.gguf"), format="gguf",
                                   store=store, progress=False)
     merged = merge_lora(store, adapter_dir, str(root / "merged"), progress=False, shadow_dtype="fp32")

@@ -275,6 +275,16 @@ def test_cli_compare_base_with_an_adapter_folder(stores, tmp_path, capsys):
     assert "tuned vs base on 0 records scored for both" in capsys.readouterr().out
 
 
+def test_a_judge_server_that_is_down_leaves_the_finished_run_finished(tmp_path, capsys):
+    assert finetune_main(["--runs-dir", str(tmp_path), "--num-train-iters", "1", "--max-seq-len", "320",
+                          "--batch-size", "2", "--no-plot", "--data", os.path.join(TEST_DATA, "alpaca.jsonl"),
+                          "--val-fraction", "0.2", "--max-new-tokens", "2",
+                          "--judge-url", f"http://127.0.0.1:{free_port()}/v1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: no judge evaluation: the judge at http://127.0.0.1:" in out and "is the server running?" in out
+    assert "summary: finished" in out and not os.path.exists(tmp_path / "demo" / "judge.jsonl")
+
+
 def test_finetune_refuses_bad_judge_options_before_training(tmp_path, capsys):
     assert finetune_main(["--runs-dir", str(tmp_path), "--judge-url", "http://192.168.1.5:8080/v1"]) == 2
     assert "other hosts are refused" in capsys.readouterr().err

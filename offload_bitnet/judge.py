@@ -235,21 +235,19 @@ def open_adapter_engine(store_path: str, adapter_dir: str, device: str = "cpu"):
     """A read-only engine over ``store_path`` with the LoRA adapters of ``adapter_dir`` applied (not merged): a
     run's adapter folder, or a plain PEFT one."""
     from .engine import EngineOptions, StreamingEngine
-    from .lora import ADAPTER_PROGRESS, AdapterSet
+    from .lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
     from .store import BlockStore
 
     store = BlockStore(store_path, writable=False)
     try:
-        if os.path.isfile(os.path.join(adapter_dir, ADAPTER_PROGRESS)):
-            adapters = AdapterSet.load(adapter_dir, store.config)
-        else:
-            adapters = AdapterSet.from_peft(adapter_dir, store.config)  # says clearly what is missing
-        # The engine only reads its adapter folder when resuming training; these adapters are given directly,
-        # and its scratch folder (never written by a forward pass this small) stays out of the base store.
-        scratch = os.path.join(adapter_dir, "scratch")
-        engine = StreamingEngine(store, EngineOptions(device=device, lora=adapters.lora, adapter_dir=adapter_dir,
-                                                      scratch_dir=scratch))
-        engine.adapters = adapters
+        # The engine reads a run's adapter checkpoint itself; a plain PEFT folder is read here (clear errors).
+        peft = None if os.path.isfile(os.path.join(adapter_dir, ADAPTER_PROGRESS)) else \
+            AdapterSet.from_peft(adapter_dir, store.config)
+        engine = StreamingEngine(store, EngineOptions(device=device, lora=peft.lora if peft else LoRAConfig(),
+                                                      adapter_dir=adapter_dir,
+                                                      scratch_dir=os.path.join(adapter_dir, "scratch")))
+        if peft is not None:
+            engine.adapters = peft
         return engine
     except BaseException:
         store.close()

@@ -246,6 +246,18 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
             [r["answer"] for r in tuned]
     finally:
         engine.close()
+    # A plain PEFT copy of the adapters (no run checkpoint) gives the same answers.
+    import shutil
+
+    peft_dir = tmp_path / "peft"
+    os.makedirs(peft_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run_dir / "adapter" / name, peft_dir / name)
+    engine = open_adapter_engine(model, str(peft_dir))
+    try:
+        assert engine_continuations(engine, tokenizer, [i.prompt_ids for i in items], 6) == expected
+    finally:
+        engine.close()
     plain = StreamingEngine(BlockStore(model))
     base_tokens = engine_continuations(plain, tokenizer, [i.prompt_ids for i in items], 6)
     assert [decode_continuation(tokenizer, i.prompt_ids, t) for i, t in zip(items, base_tokens)] == \

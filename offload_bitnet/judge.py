@@ -488,11 +488,16 @@ def judge_finished_run(trainer, say=print):
         trainer.engine.flush()  # the generator reads the store: every update of the last step must be there
         tuned = paths.merged_dir if trainer.lora else trainer.store
         answers["tuned"] = answer_with_store(tuned, trainer.tokenizer, items, tokens, "tuned", config.device, budget)
-    judge = open_judge(config.judge_model, config.judge_url, config.device, budget)
     try:
-        summary = evaluate(items, answers, judge, paths.run_dir, say=say)
-    finally:
-        judge.close()
+        judge = open_judge(config.judge_model, config.judge_url, config.device, budget)
+        try:
+            summary = evaluate(items, answers, judge, paths.run_dir, say=say)
+        finally:
+            judge.close()
+    except JudgeError as error:  # the training is finished and saved: a judge that fails does not undo it
+        say(f"note: no judge evaluation: {error}. The run is finished and saved; judge it later with "
+            "offload-bitnet judge MODEL --data VAL.jsonl (--adapter RUN_DIR/adapter) --judge-model/--judge-url ...")
+        return None
     trainer.metrics.append({"type": "judge", "step": trainer.committed_step(), "judge": summary["judge"],
                             **{f"{label}_mean": s["mean"] for label, s in summary["models"].items()},
                             **{f"{label}_unparsed": s["unparsed"] for label, s in summary["models"].items()}})

@@ -269,6 +269,18 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
             [r["answer"] for r in tuned]
     finally:
         engine.close()
+    # A plain PEFT copy of the adapters (no run checkpoint) gives the same answers.
+    import shutil
+
+    peft_dir = tmp_path / "peft"
+    os.makedirs(peft_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run_dir / "adapter" / name, peft_dir / name)
+    engine = open_adapter_engine(model, str(peft_dir))
+    try:
+        assert engine_continuations(engine, tokenizer, [i.prompt_ids for i in items], 6) == expected
+    finally:
+        engine.close()
     plain = StreamingEngine(BlockStore(model))
     base_tokens = engine_continuations(plain, tokenizer, [i.prompt_ids for i in items], 6)
     assert [decode_continuation(tokenizer, i.prompt_ids, t) for i, t in zip(items, base_tokens)] == \
@@ -296,6 +308,16 @@ def test_cli_compare_base_with_an_adapter_folder(stores, tmp_path, capsys):
     summary = json.load(open(out / "judge_summary.json"))
     assert set(summary["models"]) == {"base", "tuned"} and summary["tuned_vs_base"]["paired"] == 0
     assert "tuned vs base on 0 records scored for both" in capsys.readouterr().out
+
+
+def test_a_judge_server_that_is_down_leaves_the_finished_run_finished(tmp_path, capsys):
+    assert finetune_main(["--runs-dir", str(tmp_path), "--num-train-iters", "1", "--max-seq-len", "320",
+                          "--batch-size", "2", "--no-plot", "--data", os.path.join(TEST_DATA, "alpaca.jsonl"),
+                          "--val-fraction", "0.2", "--max-new-tokens", "2",
+                          "--judge-url", f"http://127.0.0.1:{free_port()}/v1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: no judge evaluation: the judge at http://127.0.0.1:" in out and "is the server running?" in out
+    assert "summary: finished" in out and not os.path.exists(tmp_path / "demo" / "judge.jsonl")
 
 
 def test_finetune_refuses_bad_judge_options_before_training(tmp_path, capsys):

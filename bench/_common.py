@@ -53,16 +53,6 @@ def token_batch(config: ModelConfig, seq: int, batch: int = 1, seed: int = 0) ->
     return torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
 
 
-def dir_bytes(path: str) -> int:
-    """Bytes of every regular file under ``path``."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
 def median(values) -> float:
     return statistics.median(values)
 

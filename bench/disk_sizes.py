@@ -24,6 +24,7 @@ from offload_bitnet import sizing
 from offload_bitnet.api import open_for_training
 from offload_bitnet.config import config_for_size
 from offload_bitnet.create import create_model
+from offload_bitnet.sizing import folder_bytes
 from offload_bitnet.store import PARTS, BlockStore
 
 SIZES = ["350M", "1B", "3B", "7B", "13B", "34B", "70B", "100B", "300B"]
@@ -40,7 +41,7 @@ def measure(path: str) -> dict:
             size = os.stat(os.path.join(path, "units", entry["file"])).st_size
             by_part[part] += size
             by_unit[unit] = by_unit.get(unit, 0) + size
-    on_disk = c.dir_bytes(os.path.join(path, "units"))
+    on_disk = folder_bytes(os.path.join(path, "units"))
     return {"parts": by_part, "units": by_unit, "units_dir": on_disk,
             "manifest": os.stat(os.path.join(path, "manifest.json")).st_size}
 

@@ -149,6 +149,7 @@ def main(argv=None) -> int:
 
     # Imported here, not at the top: _common imports torch, and a child must set its cap before that.
     import _common as c
+    from offload_bitnet.sizing import folder_bytes
 
     c.pin_threads()
     if args.quick:
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             need = config.param_count() * 16
             steps = result["steps"]
             losses = " ".join(f"{s['loss']:.3f}" for s in steps)
-            print(f"{depth:>6} {config.param_count() / 1e6:>7.1f}M {c.gib(need):>15} {c.gib(c.dir_bytes(store)):>12} "
+            print(f"{depth:>6} {config.param_count() / 1e6:>7.1f}M {c.gib(need):>15} {c.gib(folder_bytes(store)):>12} "
                   f"{c.mib(result['rss_after_import']):>17} {c.mib(result['peak_rss']):>12} "
                   f"{c.mib(result.get('vmpeak', 0)):>12} {steps[-1]['wall_s']:>7.2f}  {losses}")
             peaks[depth] = result["peak_rss"]
@@ -197,7 +198,9 @@ def main(argv=None) -> int:
 
 def cap_run(c, store: str, cap: int, seq: int, quick: bool):
     """Train one step of ``store`` under an address-space cap below its size; control: in-memory load fails."""
-    size = c.dir_bytes(store)
+    from offload_bitnet.sizing import folder_bytes
+
+    size = folder_bytes(store)
     print(f"capped run: store {c.gib(size)} on disk ({size:,} bytes), address-space cap (RLIMIT_AS) "
           f"{c.gib(cap)} ({cap:,} bytes)")
     if size <= cap and not quick:

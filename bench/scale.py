@@ -171,17 +171,6 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def dir_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
-
-
 def needed_disk_bytes(config, row: dict) -> int:
     """What a row's store needs on disk at its fullest: the created store, plus a new version of every unit
     (moments included) written beside it by a step before the old files are recycled, plus 5%."""
@@ -256,6 +245,7 @@ def print_plan_prediction(row_name: str, prediction, measured: dict, checks: Che
 
 def run_row(name: str, args, checks: Checks) -> None:
     from offload_bitnet.config import config_for_size
+    from offload_bitnet.sizing import folder_bytes
 
     row = dict(ROWS[name])
     size = "tiny" if args.quick else row["size"]
@@ -287,7 +277,7 @@ def run_row(name: str, args, checks: Checks) -> None:
                 print(done.stdout[-2000:] + done.stderr[-2000:])
                 checks.failures.append(f"{name}: create failed (exit {done.returncode})")
                 return
-            print(f"created in {time.perf_counter() - started:.0f} s: {gib(dir_bytes(store))} on disk", flush=True)
+            print(f"created in {time.perf_counter() - started:.0f} s: {gib(folder_bytes(store))} on disk", flush=True)
         data = os.path.join(work, "data.jsonl")
         write_fixed_data(data)
         runs = os.path.join(work, "runs")
@@ -332,7 +322,9 @@ def run_row(name: str, args, checks: Checks) -> None:
 def report_row(name, row, config, store, child, records, elapsed, checks: Checks, enforce: bool, prediction):
     import math
 
-    disk = dir_bytes(store)
+    from offload_bitnet.sizing import folder_bytes
+
+    disk = folder_bytes(store)
     peak = child["peak_rss"]
     print(f"bytes on disk after training: {gib(disk)}; child process ran {elapsed:.0f} s in all")
     print(f"{'step':>4} {'loss':>9} {'s/step':>8} {'s/token':>8} {'read':>10} {'written':>10} {'compute':>8} "

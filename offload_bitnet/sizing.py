@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from .blockwise import BLOCK
 from .config import ModelConfig
@@ -162,6 +163,20 @@ def plan(config: ModelConfig, shadow_dtype: str = "fp16", state_dtype: str = "fp
          first_step: bool = False) -> dict[str, dict[str, int]]:
     """``step_io`` for each training mode (``qat`` and ``full``)."""
     return {mode: step_io(config, mode, shadow_dtype, state_dtype, first_step) for mode in ("qat", "full")}
+
+
+def folder_bytes(path: str) -> int:
+    """Bytes of the regular files under ``path`` (or of the file ``path``); files that vanish meanwhile count 0."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def human(n: float) -> str:

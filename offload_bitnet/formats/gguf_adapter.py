@@ -5,7 +5,7 @@ Metadata: ``general.architecture`` (the base's, ``llama``), ``general.type = ada
 ``[in, rank]``) and ``.lora_b`` (B, ``[out, rank]``) for each target projection, in F32. llama.cpp checks
 ``a.ne[0] == W.ne[0]``, ``b.ne[1] == W.ne[1]`` and ``a.ne[1] == b.ne[0]``, and adds
 ``scale * alpha / rank * B (A x)`` to ``W x``. The rows of q/k in a llama GGUF are permuted for llama.cpp's rope
-(``gguf.permute_qk``); a LoRA delta ``B A`` lives in the same row space, so B's rows get the same permutation
+(``gguf_export.to_gguf_layout``); a LoRA delta ``B A`` lives in the same row space, so B's rows get the same permutation
 (A, on the input side, is unchanged), exactly what the converter's ``LoraTorchTensor.permute`` does.
 
 The adapter applies to a GGUF of the same base: the F16/F32 GGUF export of the store the adapters were trained
@@ -15,26 +15,21 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from .gguf import BLOCK_TENSORS, GGUFError, permute_qk
-
-GGUF_NAME = {short: name for name, short in BLOCK_TENSORS.items()}
+from ..store import block_unit
+from .gguf import GGUFError
+from .gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
 
 
 def lora_tensors(adapters, config):
-    """``(gguf name, numpy fp32 array)`` of every adapter matrix, in layer order."""
+    """``(gguf name, numpy fp32 array)`` of every adapter matrix, in layer order (B of q/k in the rope row order
+    of the base's GGUF, as ``gguf_export`` writes the projections themselves)."""
     for layer in range(config.n_layers):
+        unit = block_unit(layer)
         for short in adapters.lora.targets:
             mats = adapters.weights[(layer, short)]
-            lora_b = mats["lora_B"].float()
-            if short == "q_proj":
-                lora_b = permute_qk(lora_b, config.n_heads)
-            elif short == "k_proj":
-                lora_b = permute_qk(lora_b, config.n_kv_heads)
-            prefix = f"blk.{layer}.{GGUF_NAME[short]}.weight"
-            yield prefix + ".lora_a", mats["lora_A"].float().contiguous().numpy()
-            yield prefix + ".lora_b", lora_b.contiguous().numpy()
+            lora_b = to_gguf_layout("llama", config, short, mats["lora_B"].float())
+            yield gguf_tensor_name("llama", unit, short, "lora_a"), mats["lora_A"].float().contiguous().numpy()
+            yield gguf_tensor_name("llama", unit, short, "lora_b"), lora_b.contiguous().numpy()
 
 
 def write_lora_gguf(adapters, store, out: str, progress: bool = True) -> str:
@@ -52,11 +47,11 @@ def write_lora_gguf(adapters, store, out: str, progress: bool = True) -> str:
         raise GGUFError(f"{path} exists; give a new file name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"  # written under a temporary name, renamed when complete
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = new_writer(tmp, "llama", config, f"LoRA r{adapters.lora.rank} for "
+                        f"{os.path.basename(os.path.abspath(store.path))}", model_keys=False)
     writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapters.lora.alpha))
-    writer.add_name(f"LoRA r{adapters.lora.rank} for {os.path.basename(os.path.abspath(store.path))}")
     for name, array in lora_tensors(adapters, config):
         writer.add_tensor(name, array)
     try:

@@ -7,7 +7,7 @@
 """
 import sys
 
-from offload_bitnet.train import main
+from offload_bitnet.train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from offload_bitnet.argparsing import ArgumentParser
-from offload_bitnet.parity import run_parity
+from offload_bitnet.reference.parity import run_parity
 
 
 def main(argv=None) -> int:

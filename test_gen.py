@@ -71,8 +71,8 @@ def parse_args(argv=None):
 def run(args) -> int:
     from offload_bitnet.formats import ensure_store
     from offload_bitnet.generate import Generator, SamplingOptions, TextStreamer, decode_continuation
-    from offload_bitnet.store import BlockStore
-    from offload_bitnet.formats.tokenizers import open_tokenizer
+    from offload_bitnet.store.blockstore import BlockStore
+    from offload_bitnet.tokenizers.loaders import open_tokenizer
 
     if not args.prompt:
         raise ValueError("give at least one --prompt")
@@ -91,7 +91,7 @@ def run(args) -> int:
         prompts = [tokenizer.encode(text, bos=tokenizer.add_bos) for text in args.prompt]
     adapters = None
     if args.adapter:
-        from offload_bitnet.merge import load_adapters
+        from offload_bitnet.formats.merge import load_adapters
 
         adapters = load_adapters(args.adapter, store.config)
         print(f"applying LoRA adapters from {args.adapter} (rank {adapters.lora.rank}, step {adapters.step}, "

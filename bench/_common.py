@@ -15,9 +15,9 @@ import tempfile
 
 import torch
 
-from offload_bitnet.config import ModelConfig
-from offload_bitnet.create import random_units, write_store
-from offload_bitnet.store import StoreSettings
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.store.write import random_units, write_store
+from offload_bitnet.store.blockstore import StoreSettings
 
 # A bench run prints ``PASS``/``FAIL`` lines through ``check``; ``finish`` turns them into the exit status.
 _FAILURES: list[str] = []

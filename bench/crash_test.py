@@ -43,8 +43,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from offload_bitnet.faults import ENV, POINTS  # noqa: E402
-from offload_bitnet.store import MANIFEST, UNITS_DIR, BlockStore  # noqa: E402
+from offload_bitnet.io.faults import ENV, POINTS  # noqa: E402
+from offload_bitnet.store.blockstore import MANIFEST, UNITS_DIR, BlockStore  # noqa: E402
 
 FINETUNE = os.path.join(ROOT, "finetune.py")
 EXPERIMENT = "crash"
@@ -60,7 +60,8 @@ RUN_TIMEOUT_S = 900
 CALIBRATION_SHIM = r"""
 import json, os, runpy, sys, time
 began = time.monotonic()
-from offload_bitnet import faults, store
+from offload_bitnet.io import faults
+from offload_bitnet.store import blockstore as store
 marks, original = [], store.BlockStore.commit
 def commit(self, step, extra=None):
     original(self, step, extra)

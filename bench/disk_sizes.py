@@ -3,7 +3,7 @@
 Real stores (``create_model`` + one optimizer step, so the AdamW moment files exist) are made for ``demo``,
 ``tiny`` and ``350M`` (the latter with 2 of its 24 blocks: every block's files are identical in size, so the
 measured block files times 24 plus the measured non-block files give the full model). Their bytes on disk
-(``os.stat``) are compared with ``offload_bitnet.sizing.store_bytes``; a mismatch fails the run. Larger sizes
+(``os.stat``) are compared with ``offload_bitnet.store.sizing.store_bytes``; a mismatch fails the run. Larger sizes
 use the formula. A second table gives the bytes one optimizer step reads and writes (``sizing.plan``).
 
 Settings: ``arch=bitnet``, ``qat`` (packed ternary projections + fp16 shadow), AdamW moments fp32.
@@ -20,12 +20,12 @@ import sys
 import torch
 
 import _common as c
-from offload_bitnet import sizing
+from offload_bitnet.store import sizing
 from offload_bitnet.api import open_for_training
-from offload_bitnet.config import config_for_size
-from offload_bitnet.create import create_model
-from offload_bitnet.sizing import folder_bytes
-from offload_bitnet.store import PARTS, BlockStore
+from offload_bitnet.model.config import config_for_size
+from offload_bitnet.store.write import create_model
+from offload_bitnet.store.sizing import folder_bytes
+from offload_bitnet.store.blockstore import PARTS, BlockStore
 
 SIZES = ["350M", "1B", "3B", "7B", "13B", "34B", "70B", "100B", "300B"]
 ARCH, MODE, SHADOW, STATE = "bitnet", "qat", "fp16", "fp32"

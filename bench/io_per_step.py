@@ -22,9 +22,9 @@ import threading
 from collections import defaultdict
 
 import _common as c
-from offload_bitnet.config import ModelConfig
-from offload_bitnet.engine import EngineOptions, StreamingEngine
-from offload_bitnet.store import DTYPES, BlockStore, block_unit
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
+from offload_bitnet.store.blockstore import DTYPES, BlockStore, block_unit
 
 _phase = threading.local()
 

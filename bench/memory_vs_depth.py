@@ -72,8 +72,8 @@ def child_main(args) -> int:
 
         torch.set_num_threads(1)
         from offload_bitnet.api import open_for_training
-        from offload_bitnet.inmemory import InMemoryModel
-        from offload_bitnet.store import BlockStore
+        from offload_bitnet.reference.inmemory import InMemoryModel
+        from offload_bitnet.store.blockstore import BlockStore
 
         result["rss_after_import"] = proc_status().get("VmRSS", 0)
         if args.child == "inmemory":
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     # Imported here, not at the top: _common imports torch, and a child must set its cap before that.
     import _common as c
-    from offload_bitnet.sizing import folder_bytes
+    from offload_bitnet.store.sizing import folder_bytes
 
     c.pin_threads()
     if args.quick:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
 
 def cap_run(c, store: str, cap: int, seq: int, quick: bool):
     """Train one step of ``store`` under an address-space cap below its size; control: in-memory load fails."""
-    from offload_bitnet.sizing import folder_bytes
+    from offload_bitnet.store.sizing import folder_bytes
 
     size = folder_bytes(store)
     print(f"capped run: store {c.gib(size)} on disk ({size:,} bytes), address-space cap (RLIMIT_AS) "

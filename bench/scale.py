@@ -8,7 +8,7 @@ One sub-run per row (issue 11)::
     python bench/scale.py             # all three, one after another
 
 Each row creates its store by size with ``offload-bitnet create`` (a child process), trains it with
-``finetune.py``'s own code path (``offload_bitnet.train.main`` in a fresh child process, so that the child's
+``finetune.py``'s own code path (``offload_bitnet.train.trainer.main`` in a fresh child process, so that the child's
 peak RSS is the training's), and prints: parameters, bytes on disk, peak RSS, seconds per step and per token,
 bytes read and written per step, the main thread's time split (compute / waiting for loads / waiting for the
 writer / running the writer's queued updates itself), the loss of every step, and CPU-seconds per wall second
@@ -69,8 +69,8 @@ CHILD_RESULT = "SCALE_CHILD_RESULT "
 def child_train(result_path: str, argv: list[str]) -> int:
     """Run finetune.py's main on ``argv`` in this process, timing each optimizer step's wall and CPU time
     (every thread of the process), and write them with the process's peak RSS to ``result_path``."""
-    from offload_bitnet import engine as engine_module
-    from offload_bitnet import train
+    from offload_bitnet.engine import streaming as engine_module
+    from offload_bitnet.train import trainer as train
 
     steps = []
     original = engine_module.StreamingEngine.train_step
@@ -137,10 +137,10 @@ def probe(args) -> int:
     import torch
 
     from _common import make_store, token_batch
-    from offload_bitnet.config import config_for_size
-    from offload_bitnet.engine import EngineOptions, StreamingEngine
-    from offload_bitnet.lora import LoRAConfig
-    from offload_bitnet.store import BlockStore
+    from offload_bitnet.model.config import config_for_size
+    from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
+    from offload_bitnet.model.lora import LoRAConfig
+    from offload_bitnet.store.blockstore import BlockStore
 
     config = config_for_size(args.probe_width, "bitnet", n_layers=args.probe_layers)
     work = tempfile.mkdtemp(prefix="probe-", dir=args.dir)
@@ -174,7 +174,7 @@ def gib(n: float) -> str:
 def needed_disk_bytes(config, row: dict) -> int:
     """What a row's store needs on disk at its fullest: the created store, plus a new version of every unit
     (moments included) written beside it by a step before the old files are recycled, plus 5%."""
-    from offload_bitnet.sizing import store_bytes
+    from offload_bitnet.store.sizing import store_bytes
 
     if row["mode"] == "lora":
         sizes = store_bytes(config, "qat", "fp16", "int8")
@@ -219,9 +219,9 @@ class Checks:
 def plan_prediction(argv: list[str]):
     """The plan's prediction for the run ``argv`` (finetune.py's arguments), made as ``--dry-run`` makes it:
     the same checks, the run's own batches, this machine's calibration (issue 11 section 5)."""
-    from offload_bitnet.plan import make_plan
-    from offload_bitnet.runconfig import parse_args
-    from offload_bitnet.train import resolve_paths
+    from offload_bitnet.train.plan import make_plan
+    from offload_bitnet.train.runconfig import parse_args
+    from offload_bitnet.train.trainer import resolve_paths
 
     config = parse_args(argv)
     return make_plan(config, resolve_paths(config)).prediction
@@ -244,8 +244,8 @@ def print_plan_prediction(row_name: str, prediction, measured: dict, checks: Che
 
 
 def run_row(name: str, args, checks: Checks) -> None:
-    from offload_bitnet.config import config_for_size
-    from offload_bitnet.sizing import folder_bytes
+    from offload_bitnet.model.config import config_for_size
+    from offload_bitnet.store.sizing import folder_bytes
 
     row = dict(ROWS[name])
     size = "tiny" if args.quick else row["size"]
@@ -322,7 +322,7 @@ def run_row(name: str, args, checks: Checks) -> None:
 def report_row(name, row, config, store, child, records, elapsed, checks: Checks, enforce: bool, prediction):
     import math
 
-    from offload_bitnet.sizing import folder_bytes
+    from offload_bitnet.store.sizing import folder_bytes
 
     disk = folder_bytes(store)
     peak = child["peak_rss"]

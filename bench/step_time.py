@@ -42,13 +42,13 @@ from collections import defaultdict
 import torch
 
 import _common as c
-from offload_bitnet import engine as engine_module
-from offload_bitnet import layout as layout_module
-from offload_bitnet import store as store_module
-from offload_bitnet.engine import EngineOptions, StreamingEngine
-from offload_bitnet.inmemory import InMemoryModel
-from offload_bitnet.optim import AdamWConfig
-from offload_bitnet.store import BlockStore
+from offload_bitnet.engine import streaming as engine_module
+from offload_bitnet.store import layout as layout_module
+from offload_bitnet.store import blockstore as store_module
+from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
+from offload_bitnet.reference.inmemory import InMemoryModel
+from offload_bitnet.model.adamw import AdamWConfig
+from offload_bitnet.store.blockstore import BlockStore
 
 SLOWLLAMA_S_PER_STEP = {(512, 8): 1.3, (1024, 16): 5.9}
 

@@ -6,12 +6,12 @@ if "torch" not in _sys.modules:
     # Streaming allocates and frees block-sized tensors all the time; torch then backs allocations of 2 MiB and
     # more with transparent huge pages, which cut page faults (and ~15% of a step's time) where THP is "madvise".
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-from .api import open_for_training, open_model
-from .config import ModelConfig, config_for_size
-from .create import create_model, write_store
-from .engine import EngineOptions, StepStats, StreamingEngine
-from .optim import AdamWConfig
-from .store import BlockStore, StoreError, StoreSettings
+from offload_bitnet.api import open_for_training, open_model
+from offload_bitnet.model.config import ModelConfig, config_for_size
+from offload_bitnet.store.write import create_model, write_store
+from offload_bitnet.engine.streaming import EngineOptions, StepStats, StreamingEngine
+from offload_bitnet.model.adamw import AdamWConfig
+from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings
 
 __all__ = [
     "AdamWConfig", "BlockStore", "EngineOptions", "ModelConfig", "StepStats", "StoreError", "StoreSettings",

@@ -1,8 +1,8 @@
 """The public entry points: open a model for evaluation or training."""
 from __future__ import annotations
 
-from .engine import EngineOptions, StreamingEngine
-from .store import BlockStore
+from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
+from offload_bitnet.store.blockstore import BlockStore
 
 
 def open_model(path: str, device: str = "cpu", adapter: str | None = None, **engine_options) -> StreamingEngine:
@@ -12,8 +12,8 @@ def open_model(path: str, device: str = "cpu", adapter: str | None = None, **eng
     cache folder on first use (see ``formats.ensure_store``). ``adapter``: a LoRA adapter folder (a LoRA run's
     ``RUN_DIR/adapter``, or any PEFT LoRA folder) applied on top of the base without merging.
     """
-    from .formats import ensure_store
-    from .merge import load_adapters
+    from offload_bitnet.formats import ensure_store
+    from offload_bitnet.formats.merge import load_adapters
 
     store = BlockStore(ensure_store(path), writable=False)
     engine = StreamingEngine(store, EngineOptions(device=device, **engine_options))

@@ -10,18 +10,18 @@ import importlib
 import json
 import sys
 
-from .argparsing import ArgumentParser
-from .config import SIZES
-from .errors import describe_error, pipe_safe, quiet_broken_pipe
-from .formats import EXPORT_FORMATS, GGUF_TYPES
-from .progress import Progress
+from offload_bitnet.argparsing import ArgumentParser
+from offload_bitnet.model.config import SIZES
+from offload_bitnet.errors import describe_error, pipe_safe, quiet_broken_pipe
+from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES
+from offload_bitnet.progress import Progress
 
 
 def _create(args):
-    from .create import create_model
+    from offload_bitnet.store.write import create_model
 
     if args.tokenizer:  # a bad tokenizer path fails before minutes of writing, not after
-        from .formats.tokenizers import tokenizer_source
+        from offload_bitnet.tokenizers.loaders import tokenizer_source
 
         if args.tokenizer != "byte":
             tokenizer_source(args.tokenizer)
@@ -35,7 +35,7 @@ def _attach_tokenizer(path: str, tokenizer: str | None):
     """--tokenizer of create/import: copy it into the new store (removed again if it does not fit the model)."""
     if not tokenizer:
         return
-    from .formats.tokenizers import install_tokenizer
+    from offload_bitnet.tokenizers.loaders import install_tokenizer
 
     try:
         description = install_tokenizer(path, tokenizer)
@@ -48,15 +48,15 @@ def _attach_tokenizer(path: str, tokenizer: str | None):
 
 
 def _import(args):
-    from .formats import import_model
-    from .store import StoreSettings
+    from offload_bitnet.formats import import_model
+    from offload_bitnet.store.blockstore import StoreSettings
 
     settings = None
     if args.mode or args.packed_only:
         settings = StoreSettings(mode=args.mode or "qat", shadow_dtype=args.shadow_dtype,
                                  state_dtype=args.state_dtype, packed_only=args.packed_only)
     if args.tokenizer and args.tokenizer != "byte":
-        from .formats.tokenizers import tokenizer_source
+        from offload_bitnet.tokenizers.loaders import tokenizer_source
 
         tokenizer_source(args.tokenizer)
     path = import_model(args.src, args.out, settings, progress=True)
@@ -65,7 +65,7 @@ def _import(args):
 
 
 def _export(args):
-    from .formats import export_model
+    from offload_bitnet.formats import export_model
 
     options = {"gguf_type": args.gguf_type} if args.gguf_type else {}
     path = export_model(args.store, args.out, format=args.format, **options)
@@ -73,7 +73,7 @@ def _export(args):
 
 
 def _export_adapter(args):
-    from .formats.adapters import export_adapter
+    from offload_bitnet.formats.adapters import export_adapter
 
     path = export_adapter(args.run_dir, args.out, format=args.format, base=args.base, store=args.store,
                           progress=True)
@@ -81,14 +81,14 @@ def _export_adapter(args):
 
 
 def _merge(args):
-    from .merge import merge_lora
+    from offload_bitnet.formats.merge import merge_lora
 
     path = merge_lora(args.store, args.adapter_dir, args.out, progress=True, shadow_dtype=args.dtype)
     print(f"merged {args.adapter_dir} into {path}")
 
 
 def _verify(args):
-    from .store import BlockStore
+    from offload_bitnet.store.blockstore import BlockStore
 
     store = BlockStore(args.store)
     bar = Progress(sum(len(p) for p in store.manifest["files"].values()), "verifying")
@@ -103,7 +103,7 @@ def _verify(args):
 
 
 def _info(args):
-    from .store import BlockStore
+    from offload_bitnet.store.blockstore import BlockStore
 
     store = BlockStore(args.store)
     config = store.config
@@ -125,8 +125,8 @@ def info_lines(store) -> list[str]:
     """A readable summary of a store for ``offload-bitnet info``."""
     import os
 
-    from .sizing import human
-    from .tokenizer import TokenizerError, load_tokenizer
+    from offload_bitnet.store.sizing import human
+    from offload_bitnet.tokenizers.runtime import TokenizerError, load_tokenizer
 
     config, settings, sizes = store.config, store.settings, store.disk_bytes()
     source = store.extra.get("source", {})
@@ -170,7 +170,7 @@ def info_lines(store) -> list[str]:
 
 
 def _cache(args):
-    from .formats import cache
+    from offload_bitnet.formats import cache
 
     if args.cache_command == "list":
         for line in cache.format_entries(cache.list_entries()):
@@ -178,7 +178,7 @@ def _cache(args):
         return 0
     older = cache.parse_duration(args.older_than) if args.older_than else None
     removed, busy = cache.clear_entries(older, stale_only=args.stale)
-    from .sizing import human
+    from offload_bitnet.store.sizing import human
 
     for entry in removed:
         print(f"removed {entry['path']} ({human(entry['bytes'])}, from {entry['source'] or '?'})")
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     plot.set_defaults(run=_delegate("metrics", "plot_run"))
 
-    from . import judge as judging
+    from offload_bitnet import judge as judging
 
     judge = command("judge", "grade a model's answers to held-out Alpaca/chat records with a judge model (1-5)",
                     "Answers greedily, asks the judge (a model run here, or --judge-url) to grade each answer against "
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
-        from .train import main as finetune_main
+        from offload_bitnet.train.trainer import main as finetune_main
 
         return finetune_main([*argv[1:], "--dry-run"], prog="offload-bitnet plan")
     try:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .engine import default_compute_dtype
-from .layout import Layout
-from .lora import AdapterSet
-from .model import block_forward, rms_norm, rope_tables
-from .store import BlockStore, block_unit
-from .streams import Prefetcher
+from offload_bitnet.engine.streaming import default_compute_dtype
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.model.lora import AdapterSet
+from offload_bitnet.model.block import block_forward, rms_norm, rope_tables
+from offload_bitnet.store.blockstore import BlockStore, block_unit
+from offload_bitnet.engine.streams import Prefetcher
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 

@@ -18,9 +18,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from . import data as datalib
-from .merge import load_adapters
-from .progress import Progress
+from offload_bitnet.train import data as datalib
+from offload_bitnet.formats.merge import load_adapters
+from offload_bitnet.progress import Progress
 
 SYSTEM_PROMPT = ("You are a fair judge assistant tasked with providing clear, objective feedback based on specific "
                  "criteria, ensuring each assessment reflects the absolute standards set for performance.")
@@ -200,7 +200,7 @@ def answer_with_store(store, tokenizer, items: list[JudgeItem], max_new_tokens: 
                       adapters=None) -> list[str]:
     """Greedy answers from a store (a path or an open ``BlockStore``) through ``generate.Generator``, with LoRA
     ``adapters`` (an ``AdapterSet``) applied when given, without merging."""
-    from .generate import DEFAULT_MEMORY_BUDGET, Generator, SamplingOptions, decode_continuation
+    from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator, SamplingOptions, decode_continuation
 
     generator = Generator(store, device=device, memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET,
                           adapters=adapters)
@@ -230,10 +230,10 @@ class EngineJudge:
 
     def __init__(self, path: str, device: str = "cpu", memory_budget: int | None = None, max_tokens: int = 256,
                  batch_size: int = 4):
-        from .formats import ensure_store
-        from .formats.tokenizers import open_tokenizer
-        from .generate import DEFAULT_MEMORY_BUDGET, Generator
-        from .store import BlockStore
+        from offload_bitnet.formats import ensure_store
+        from offload_bitnet.tokenizers.loaders import open_tokenizer
+        from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator
+        from offload_bitnet.store.blockstore import BlockStore
 
         if not os.path.exists(path):
             raise JudgeError(f"judge model {path} does not exist; give a store, an HF or Meta folder, or a .gguf "
@@ -246,7 +246,7 @@ class EngineJudge:
 
     def replies(self, prompts: list[str], on_done) -> list[dict]:
         """``{"reply": text}`` per prompt, greedy, in batches; ``on_done(count)`` after each batch."""
-        from .generate import SamplingOptions, decode_continuation
+        from offload_bitnet.generate import SamplingOptions, decode_continuation
 
         context = self.generator.config.max_seq_len
         results = []
@@ -363,7 +363,7 @@ def open_judge(model: str | None, url: str | None, device: str = "cpu", memory_b
 def evaluate(items: list[JudgeItem], answers: dict[str, list[str]], judge, out_dir: str, say=print) -> dict:
     """Grade ``answers`` (model label -> one answer per item) with ``judge``; writes ``judge.jsonl`` and
     ``judge_summary.json`` in ``out_dir`` and returns the summary."""
-    from .store import write_file_atomic
+    from offload_bitnet.store.blockstore import write_file_atomic
 
     rows, scores = [], {}
     for label, texts in answers.items():
@@ -423,9 +423,9 @@ def add_arguments(parser):
 
 def run_command(args) -> int:
     """``offload-bitnet judge``: answer, grade, report."""
-    from .formats import ensure_store
-    from .formats.tokenizers import open_tokenizer
-    from .store import BlockStore
+    from offload_bitnet.formats import ensure_store
+    from offload_bitnet.tokenizers.loaders import open_tokenizer
+    from offload_bitnet.store.blockstore import BlockStore
 
     if args.max_records < 0 or args.max_new_tokens < 1 or args.judge_max_tokens < 1:
         raise JudgeError("--max-records must be 0 or more, --max-new-tokens and --judge-max-tokens at least 1")
@@ -473,7 +473,7 @@ def judge_finished_run(trainer, say=print):
             answers["base"] = answer_with_store(trainer.store, trainer.tokenizer, items, tokens, "base",
                                                 config.device, budget)
         elif paths.origin == "import":
-            from .formats import ensure_store
+            from offload_bitnet.formats import ensure_store
 
             answers["base"] = answer_with_store(ensure_store(config.model, progress=True), trainer.tokenizer, items,
                                                 tokens, "base", config.device, budget)

@@ -9,8 +9,8 @@ import pytest
 
 from offload_bitnet.argparsing import ArgumentParser, choose_device, split_model_and_device
 from offload_bitnet.cli import build_parser as cli_parser
-from offload_bitnet.runconfig import RunConfigError, load_toml, parse_args
-from offload_bitnet.train import main as finetune_main
+from offload_bitnet.train.runconfig import RunConfigError, load_toml, parse_args
+from offload_bitnet.train.trainer import main as finetune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -71,7 +71,7 @@ def test_forward_bound_counts_projection_bits_and_stored_tensors():
         from io_per_step import forward_bound
     finally:
         sys.path.remove(BENCH)
-    from offload_bitnet.config import ModelConfig
+    from offload_bitnet.model.config import ModelConfig
 
     config = ModelConfig(arch="bitnet", vocab_size=100, dim=8, n_layers=2, n_heads=2, hidden_dim=16)
     proj = 4 * 8 * 8 + 3 * 8 * 16  # q k v o + gate up down

@@ -5,7 +5,7 @@ import torch
 
 from offload_bitnet import BlockStore, EngineOptions, StreamingEngine, open_model
 from offload_bitnet.cli import main
-from offload_bitnet.lora import LoRAConfig
+from offload_bitnet.model.lora import LoRAConfig
 
 
 def test_create_info_verify_export_merge(tmp_path, capsys):

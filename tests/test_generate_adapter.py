@@ -8,8 +8,8 @@ import torch
 from offload_bitnet import AdamWConfig, BlockStore, EngineOptions, StreamingEngine, create_model, open_model
 from offload_bitnet.formats import detect_format
 from offload_bitnet.generate import Generator, SamplingOptions
-from offload_bitnet.lora import LoRAConfig
-from offload_bitnet.merge import load_adapters, merge_lora
+from offload_bitnet.model.lora import LoRAConfig
+from offload_bitnet.formats.merge import load_adapters, merge_lora
 
 
 @pytest.fixture(scope="module")

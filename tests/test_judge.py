@@ -17,7 +17,7 @@ from offload_bitnet import create_model
 from offload_bitnet.cli import main as cli_main
 from offload_bitnet.judge import (HttpJudge, JudgeError, JudgeItem, RUBRIC, SYSTEM_PROMPT, build_judge_prompt,
                                   check_url, evaluate, judge_messages, parse_score, summarize_scores)
-from offload_bitnet.train import main as finetune_main
+from offload_bitnet.train.trainer import main as finetune_main
 from real_models import smollm2_or_skip as smollm2_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,12 +209,12 @@ def test_a_judge_url_with_no_server_fails_fast_and_bounded():
 
 # ---------------------------------------------------------------------------------------------- with training
 def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base(stores, tmp_path, capsys):
-    from offload_bitnet.engine import EngineOptions, StreamingEngine
+    from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
     from offload_bitnet.generate import decode_continuation
     from offload_bitnet.judge import judge_items
-    from offload_bitnet.merge import load_adapters
-    from offload_bitnet.store import BlockStore
-    from offload_bitnet.tokenizer import ByteTokenizer
+    from offload_bitnet.formats.merge import load_adapters
+    from offload_bitnet.store.blockstore import BlockStore
+    from offload_bitnet.tokenizers.runtime import ByteTokenizer
 
     @torch.no_grad()
     def engine_continuations(engine, tokenizer, encoded, max_new_tokens):
@@ -260,7 +260,7 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
     assert all(any(r["reference"] == line["output"] for line in lines) for r in tuned)
     engine = open_adapter_engine(model, str(run_dir / "adapter"))
     try:
-        from offload_bitnet import data as datalib
+        from offload_bitnet.train import data as datalib
 
         val = datalib.load_dataset([data], [], tokenizer, datalib.DataOptions(max_seq_len=512), 0.25, 0).val
         items = judge_items(val, tokenizer)

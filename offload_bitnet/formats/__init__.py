@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from ..store import MANIFEST, StoreSettings
+from offload_bitnet.store.blockstore import MANIFEST, StoreSettings
 
 FORMATS = ("hf", "meta", "gguf")
 # What export_model writes. ``gguf``: a llama.cpp GGUF of any store (``gguf_export``; ``--gguf-type``).
@@ -34,7 +34,7 @@ def is_complete_store(path: str) -> bool:
     """A store whose creation or import finished (its first commit happened)."""
     if not is_store(path):
         return False
-    from ..store import BlockStore
+    from offload_bitnet.store.blockstore import BlockStore
 
     return BlockStore(path).step >= 0
 
@@ -118,7 +118,7 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
     """Export a store. ``format``: ``source`` (the format it was imported from), ``hf`` (LlamaForCausalLM
     full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` (llama.cpp; option
     ``gguf_type``: f32, f16, bf16, q8_0, tq2_0, tq1_0, default tq2_0 for ternary stores and f16 otherwise)."""
-    from ..store import BlockStore
+    from offload_bitnet.store.blockstore import BlockStore
 
     store = BlockStore(store_path)
     requested_source = format == "source"
@@ -140,7 +140,7 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
 def default_store_dir(src: str, settings: StoreSettings | None = None) -> str:
     """Where the cached import of ``src`` (as it is now) lives: ``~/.cache/offload_bitnet/<name>-<digest>``
     (see ``formats.cache``)."""
-    from .cache import cached_store_dir
+    from offload_bitnet.formats.cache import cached_store_dir
 
     return cached_store_dir(src, settings)
 
@@ -150,6 +150,6 @@ def ensure_store(path: str, settings: StoreSettings | None = None, progress: boo
     when the source changed; says which on stderr when ``progress``)."""
     if detect_format(path) == "store":
         return path
-    from .cache import ensure_cached_import
+    from offload_bitnet.formats.cache import ensure_cached_import
 
     return ensure_cached_import(path, import_model, settings, progress)

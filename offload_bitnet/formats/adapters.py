@@ -14,11 +14,11 @@ import os
 import shutil
 import sys
 
-from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..merge import load_adapters
-from ..store import BlockStore
-from . import detect_format, export_model, hf, is_store
-from .cache import read_record
+from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from offload_bitnet.formats.merge import load_adapters
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.formats import detect_format, export_model, hf, is_store
+from offload_bitnet.formats.cache import read_record
 
 ADAPTER_FORMATS = ("peft", "gguf")
 
@@ -84,7 +84,7 @@ def export_adapter(path: str, out: str, format: str = "peft", base: str | None =
     base_store = BlockStore(store_path)
     adapters = load_adapters(adapter_dir, base_store.config)
     if format == "gguf":
-        from .gguf_adapter import write_lora_gguf  # lazy: the gguf package is only needed here
+        from offload_bitnet.formats.gguf_adapter import write_lora_gguf  # lazy: the gguf package is only needed here
 
         return write_lora_gguf(adapters, base_store, out, progress=progress)
     return export_peft(adapter_dir, base_store, out, base, progress)

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 
-from ..sizing import folder_bytes
+from offload_bitnet.store.sizing import folder_bytes
 
 SOURCE_RECORD = "import_source.json"
 STAGING = ".staging"
@@ -169,7 +169,7 @@ class _EntryLock:
 def ensure_cached_import(src: str, importer, settings=None, progress: bool = True) -> str:
     """The cached store of ``src``, imported by ``importer(src, out_dir, settings, progress)`` when it is not in
     the cache yet or the source changed since. Prints (to stderr) which one it uses and why."""
-    from . import is_complete_store
+    from offload_bitnet.formats import is_complete_store
 
     root = cache_root()
     identity = source_identity(src)
@@ -256,7 +256,7 @@ def list_entries() -> list[dict]:
 
 def format_entries(entries: list[dict]) -> list[str]:
     """Readable lines for ``offload-bitnet cache list``."""
-    from ..sizing import human
+    from offload_bitnet.store.sizing import human
 
     if not entries:
         return [f"the import cache {cache_root()} is empty"]

@@ -21,11 +21,11 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..model import rope_inverse_frequencies
-from ..progress import Progress
-from ..store import StoreSettings, block_unit, unit_names
-from ..tokenizer import load_tokenizer
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.model.block import rope_inverse_frequencies
+from offload_bitnet.progress import Progress
+from offload_bitnet.store.blockstore import StoreSettings, block_unit, unit_names
+from offload_bitnet.tokenizers.runtime import load_tokenizer
 
 TOKENIZER_FILE = "gguf_tokenizer.json"
 
@@ -306,7 +306,7 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
     The store is built in a sibling temporary folder and renamed into place at the end, so an interrupted
     import never leaves something at ``out_dir`` that looks like a finished store.
     """
-    from ..create import write_store
+    from offload_bitnet.store.write import write_store
 
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise GGUFError(f"cannot import {src}: {out_dir} exists and is not empty; choose a new folder")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 
-from ..store import block_unit
-from .gguf import GGUFError
-from .gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
+from offload_bitnet.store.blockstore import block_unit
+from offload_bitnet.formats.gguf import GGUFError
+from offload_bitnet.formats.gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
 
 
 def lora_tensors(adapters, config):

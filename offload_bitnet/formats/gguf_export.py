@@ -22,13 +22,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..model import rope_inverse_frequencies
-from ..progress import Progress
-from ..tokenizer import TokenizerError
-from . import GGUF_TYPES
-from .gguf import GGUFError, permute_qk
-from .gguf_vocab import gguf_vocabulary, write_vocabulary
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.model.block import rope_inverse_frequencies
+from offload_bitnet.progress import Progress
+from offload_bitnet.tokenizers.runtime import TokenizerError
+from offload_bitnet.formats import GGUF_TYPES
+from offload_bitnet.formats.gguf import GGUFError, permute_qk
+from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"
@@ -233,8 +233,8 @@ def export_from_store(store, out_dir: str, gguf_type: str | None = None, file_na
                       progress: bool = True, modelfile: bool = True, **_ignored) -> str:
     """Write ``out_dir/model.gguf`` (and an Ollama ``Modelfile`` beside it) from ``store``; returns the GGUF's
     path. Everything is checked before a byte is written; the file appears only when complete."""
-    from ..layout import Layout
-    from .ollama import write_modelfile
+    from offload_bitnet.store.layout import Layout
+    from offload_bitnet.formats.ollama import write_modelfile
 
     config = store.config
     gguf_type = (gguf_type or default_gguf_type(store)).lower()

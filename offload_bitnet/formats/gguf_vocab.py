@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 
-from ..tokenizer import (END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
+from offload_bitnet.tokenizers.runtime import (END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
                          TokenizerError, bytes_to_unicode, load_tokenizer)
-from .gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
+from offload_bitnet.formats.gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
 
 # gguf.TokenType values (the GGUF spec's), kept as ints so the dict stays plain JSON.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError, ModelConfig
-from ..create import default_mode, write_store
-from ..layout import Layout
-from ..progress import Progress
-from ..store import DTYPES, BlockStore, StoreSettings, unit_names
-from ..ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
-from ..tokenizer import load_tokenizer
-from .hf_tokenizer import write_tokenizer_files
+from offload_bitnet.model.config import ConfigError, ModelConfig
+from offload_bitnet.store.write import default_mode, write_store
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.progress import Progress
+from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings, unit_names
+from offload_bitnet.model.ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
+from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.formats.hf_tokenizer import write_tokenizer_files
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"

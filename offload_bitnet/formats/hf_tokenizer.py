@@ -1,7 +1,7 @@
 """The tokenizer files of a Hugging Face export, whatever tokenizer the store carries.
 
 ``transformers.AutoTokenizer.from_pretrained(export)`` must give the same ids and the same chat prompt as the
-store's own tokenizer (``offload_bitnet.tokenizer``). What each store kind gets:
+store's own tokenizer (``offload_bitnet.tokenizers.runtime``). What each store kind gets:
 
 * ``hf`` (imported from a Hugging Face folder): its files as they were; ``generation_config.json`` is added
   when the source had none.
@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 
-from ..tokenizer import TOKENIZER_DIR, BaseTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from offload_bitnet.tokenizers.runtime import TOKENIZER_DIR, BaseTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -47,7 +47,7 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
             written.append(GENERATION_CONFIG)
         return written
     if kind == "hf":  # the source's own files; loaded only when a file transformers needs has to be written
-        from .hf import TOKENIZER_FILES  # here, not at the top: formats.hf imports this module
+        from offload_bitnet.formats.hf import TOKENIZER_FILES  # here, not at the top: formats.hf imports this module
 
         written = _copy_source_files(source_dir, out_dir, TOKENIZER_FILES)
         if TOKENIZER_CONFIG not in written and "tokenizer.json" in written:  # special tokens, chat template

@@ -34,12 +34,12 @@ import zipfile
 import numpy as np
 import torch
 
-from ..config import ConfigError, ModelConfig, llama_hidden_dim
-from ..create import write_store
-from ..layout import Layout
-from ..progress import Progress
-from ..store import DTYPES, BlockStore, StoreSettings, block_unit, unit_names
-from ..tokenizer import load_tokenizer
+from offload_bitnet.model.config import ConfigError, ModelConfig, llama_hidden_dim
+from offload_bitnet.store.write import write_store
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.progress import Progress
+from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings, block_unit, unit_names
+from offload_bitnet.tokenizers.runtime import load_tokenizer
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"

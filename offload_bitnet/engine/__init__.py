@@ -1,0 +1,1 @@
+"""The streaming step: forward block by block, replayed backward, updates written behind, prefetch."""

@@ -1,0 +1,1 @@
+"""Bytes on disk and in memory: atomic files and fsync, the safetensors codec, reusable buffers, fault points."""

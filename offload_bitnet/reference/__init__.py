@@ -1,0 +1,1 @@
+"""The whole model in memory (autograd + torch.optim.AdamW): what the engine is checked against."""

@@ -1,0 +1,522 @@
+"""The block store: a folder of per-unit safetensors files, a JSON manifest, checksums and atomic commits.
+
+Layout::
+
+    STORE/manifest.json        format version, model config, settings, step, every file with size and crc32c
+    STORE/units/<unit>.<part>.s<step>.safetensors
+    STORE/lock                 held (flock) by the one process that may write
+
+A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` (what forward reads),
+``shadow`` (16-bit master weights of ternary projections) or ``optim`` (AdamW moments); a packed-only store
+(a frozen ternary base for LoRA or generation) has only ``weights`` parts. New versions are
+written beside the old ones under a new step number (writeback starts at once); ``commit`` fsyncs them, then
+switches to them with one atomic rename of the manifest, and only then recycles the files it replaced (they
+are overwritten by the next versions). A crash at any moment leaves the manifest at step k or k+1, and the
+files that belong to neither are removed the next time the store is opened for writing. Reads copy a file
+into memory (a caller's ``BufferPool`` when given) and check its size and crc32c.
+
+The store knows files, checksums and commits; it knows nothing about training.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import math
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+
+import struct
+
+import torch
+from crc32c import crc32c
+
+from offload_bitnet.io.buffers import BufferPool
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.io.faults import fault_point
+
+# The newest format this code reads. A store is written with the oldest version that describes it, so older
+# readers keep opening what they can read: 2 = packed-only (``StoreSettings.packed_only``), 1 = everything else.
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+UNITS_DIR = "units"
+PARTS = ("weights", "shadow", "optim")
+MODES = ("qat", "full", "lora")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# AdamW moments: bytes per value on disk ("int8": 8-bit blockwise, see blockwise.py; ~1 byte plus block scales;
+# "fp16" only for stores that ask for it explicitly: its range is too small for second moments).
+STATE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+class StoreError(RuntimeError):
+    """A store cannot be opened, read or written; the message names the file and what to do."""
+
+
+@dataclass
+class StoreSettings:
+    """How a store represents its tensors."""
+
+    mode: str = "qat"            # qat: packed ternary projections + shadow; full: 16-bit projections
+    shadow_dtype: str = "fp16"   # master weights (the projections in qat, every matrix in full)
+    state_dtype: str = "fp32"    # AdamW moments: fp32, bf16 or int8 (8-bit blockwise)
+    # qat only: the packed ternary projections without their shadow (a frozen base: LoRA, generation, export;
+    # no master weights to train). Manifests written before this field existed read as False.
+    packed_only: bool = False
+
+    def manifest_record(self) -> tuple[int, dict]:
+        """The format version and the ``settings`` entry of a manifest for these settings (``packed_only`` is
+        written only when set: a version-1 reader then opens every other store as before)."""
+        record = self.__dict__.copy()
+        if not self.packed_only:
+            del record["packed_only"]
+        return (2 if self.packed_only else 1), record
+
+    def validate(self):
+        if self.mode not in ("qat", "full"):
+            raise StoreError(f"store mode must be 'qat' or 'full', got {self.mode!r}")
+        if self.packed_only and self.mode != "qat":
+            raise StoreError(f"a packed-only store holds packed ternary projections, so its mode must be 'qat', "
+                             f"not {self.mode!r} (pass --mode qat)")
+        if self.shadow_dtype not in DTYPES:
+            raise StoreError(f"shadow_dtype must be one of {sorted(DTYPES)}, got {self.shadow_dtype!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise StoreError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
+
+
+def no_master_weights(what: str) -> str:
+    """Why a model with only packed ternary weights cannot have its weights trained, and what to do instead."""
+    return (f"{what}: it has no master weights, only the packed 2-bit projections that forward reads, so it "
+            "cannot be trained with --mode qat or full. Train LoRA adapters on it (--mode lora), or import the "
+            "full-precision checkpoint (for example the -bf16 one) to fine-tune all weights.")
+
+
+def block_unit(index: int) -> str:
+    return f"block.{index:03d}"
+
+
+def unit_shapes(config: ModelConfig, unit: str) -> dict[str, tuple[int, ...]]:
+    """Shape of every (trainable, fp32 master) tensor of a unit."""
+    if unit.startswith("block."):
+        return config.block_shapes
+    if unit == "norm":
+        return {"weight": (config.dim,)}
+    return {"weight": (config.vocab_size, config.dim)}
+
+
+def unit_names(config: ModelConfig) -> list[str]:
+    """Every unit of a model in forward order."""
+    names = ["embed"] + [block_unit(i) for i in range(config.n_layers)] + ["norm"]
+    if not config.tie_embeddings:
+        names.append("head")
+    return names
+
+
+# safetensors dtype codes; files written here are ordinary safetensors files.
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.uint8: "U8",
+    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list]:
+    """The safetensors header and the tensors' raw bytes as buffers (no copy of the data)."""
+    header, buffers, offset = {}, [], 0
+    # Widest dtypes first, as the safetensors library does, so every tensor stays aligned to its element size.
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        buffers.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, buffers
+
+
+def encoded_size(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes ``encode_safetensors`` produces for ``tensors`` (header included), without copying data."""
+    header, buffers = encode_safetensors(tensors)
+    return len(header) + sum(len(buffer) for buffer in buffers)
+
+
+def decode_safetensors(data: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
+    """Tensors viewing the file bytes ``data`` (a uint8 tensor, or a writable bytes-like object) in place."""
+    try:
+        if not isinstance(data, torch.Tensor):
+            data = torch.frombuffer(data, dtype=torch.uint8)
+        (length,) = struct.unpack_from("<Q", data[:8].numpy(), 0)
+        header = json.loads(data[8:8 + length].numpy().tobytes())
+        start = 8 + length
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            if begin == end:
+                tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            else:
+                tensors[name] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
+        return tensors
+    except (struct.error, ValueError, KeyError, RuntimeError) as error:
+        raise StoreError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _start_writeback(fd: int):
+    """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux); elsewhere a no-op,
+    and the fsync at commit does all the work."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _load_sync_file_range():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def fsync_path(path: str):
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, *chunks, durable: bool = True, reuse: str | None = None) -> tuple[int, int]:
+    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file and a rename.
+
+    ``durable``: fsync before the rename. Otherwise writeback only starts, and the caller must fsync the file
+    before anything durable refers to it (``BlockStore.commit`` does). ``reuse``: a disposable file to overwrite
+    in place instead of allocating a new one. Returns (size, crc32c) written."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    size, crc = 0, 0
+    mode = "wb"
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+            mode = "r+b"
+        except FileNotFoundError:
+            pass
+    try:
+        with open(tmp, mode) as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                size += len(chunk)
+                crc = crc32c(chunk, crc)
+                fault_point("write.data")
+            handle.truncate()
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+            else:
+                _start_writeback(handle.fileno())
+        fault_point("write.rename")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return size, crc
+
+
+class BlockStore:
+    """A model on disk, one unit per file set. Reads never need more than one unit in memory."""
+
+    def __init__(self, path: str, *, writable: bool = False, verify: bool = True):
+        self.path = os.path.abspath(path)
+        self.verify = verify
+        self.writable = writable
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self._lock = threading.Lock()
+        self._lock_handle = None
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise StoreError(f"{self.path} is not an offload_bitnet store: {MANIFEST} is missing")
+        try:
+            with open(manifest_path) as handle:
+                self.manifest = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise StoreError(f"cannot read {manifest_path}: {error}") from error
+        version = self.manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(f"{manifest_path} has format version {version!r}; this offload_bitnet reads "
+                             f"versions up to {FORMAT_VERSION}. Upgrade offload_bitnet to open it.")
+        self.config = ModelConfig.from_dict(self.manifest["config"])
+        self.settings = StoreSettings(**self.manifest["settings"])
+        # The files the next read should see: committed ones, replaced by newer writes not yet committed.
+        self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+        self._unsynced: set[str] = set()  # written since the last commit, not yet fsynced
+        if writable:
+            self._acquire_lock()
+            self.remove_uncommitted_files()
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, path: str, config: ModelConfig, settings: StoreSettings, extra: dict | None = None) -> "BlockStore":
+        """Make an empty store folder (no units yet) and open it for writing."""
+        settings.validate()
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise StoreError(f"{path} already holds a store; choose another folder or delete it first")
+        if os.path.isdir(path) and os.listdir(path):
+            raise StoreError(f"{path} exists and is not empty; choose an empty or new folder")
+        os.makedirs(os.path.join(path, UNITS_DIR), exist_ok=True)
+        version, settings_record = settings.manifest_record()
+        manifest = {
+            "format_version": version,
+            "config": config.to_dict(),
+            "settings": settings_record,
+            "step": -1,  # -1: creation not finished; the first commit makes it 0
+            "files": {},
+            "extra": extra or {},
+        }
+        write_file_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        return cls(path, writable=True)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    @property
+    def extra(self) -> dict:
+        return self.manifest.get("extra", {})
+
+    @property
+    def units(self) -> list[str]:
+        return unit_names(self.config)
+
+    def require_master_weights(self):
+        """Raise StoreError saying what to do when the store has no master weights to train (packed-only)."""
+        if self.settings.packed_only:
+            raise StoreError(no_master_weights(f"{self.path} is a packed-only store (a frozen ternary base)"))
+
+    def has_part(self, unit: str, part: str) -> bool:
+        with self._lock:
+            return part in self._working.get(unit, {})
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes on disk per part kind, from the committed manifest."""
+        totals = {part: 0 for part in PARTS}
+        for parts in self.manifest["files"].values():
+            for part, entry in parts.items():
+                totals[part] += entry["bytes"]
+        return totals
+
+    def step_write_bytes(self) -> int:
+        """About how many bytes one training step writes (every part of every unit, moments included)."""
+        state_bytes = STATE_DTYPES[self.settings.state_dtype]
+        total = 0
+        for unit in self.units:
+            parts = self.manifest["files"].get(unit, {})
+            total += sum(entry["bytes"] for entry in parts.values())
+            if "optim" not in parts:
+                numel = sum(math.prod(shape) for shape in unit_shapes(self.config, unit).values())
+                total += 2 * state_bytes * numel
+        return total
+
+    def check_free_space(self):
+        """Refuse to start a run that cannot write its first step (StoreError saying how much is needed)."""
+        needed, free = self.step_write_bytes(), shutil.disk_usage(self.path).free
+        if free < needed:
+            raise StoreError(f"not enough free disk space for training in {self.path}: a step needs about "
+                             f"{_gib(needed)} free, there is {_gib(free)}. Free some space or move the store.")
+
+    # ------------------------------------------------------------------ reading
+    def read(self, unit: str, part: str, pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+        """Load one part of one unit, checking its size and checksum; into ``pool``'s memory when given."""
+        with self._lock:
+            entry = self._working.get(unit, {}).get(part)
+        if entry is None:
+            raise StoreError(f"store {self.path} has no {part!r} part for unit {unit!r}")
+        file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
+        try:
+            fault_point("read")
+            with open(file_path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size != entry["bytes"]:
+                    raise StoreError(f"{file_path} ({unit} {part}) is {size} bytes, the manifest says "
+                                     f"{entry['bytes']}: the file is truncated or damaged. Restore it from a backup "
+                                     "or re-import the model.")
+                # Read into memory of our own (reused across units when a pool is given) rather than mapping the
+                # file: the caller may update the tensors in place, and a private mapping pays a copy-on-write
+                # fault per page for that.
+                data = pool.empty((size,), torch.uint8) if pool is not None else torch.empty(size, dtype=torch.uint8)
+                view, done = memoryview(data.numpy()), 0
+                while done < size:
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise StoreError(f"{file_path} ({unit} {part}) shrank while it was read")
+                    done += count
+        except (OSError, ValueError) as error:
+            raise StoreError(f"cannot read {file_path} ({unit} {part}): {getattr(error, 'strerror', None) or error}")\
+                from error
+        if "crc32c" not in entry:
+            raise StoreError(f"the manifest of {self.path} has no crc32c checksum for {unit} {part}: the store was "
+                             "written by a development version of offload_bitnet. Re-import or re-create it.")
+        if self.verify and crc32c(view) != entry["crc32c"]:
+            raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
+                             "Restore it from a backup or re-import the model.")
+        with self._lock:
+            self.bytes_read += size
+        return decode_safetensors(data, f"{file_path} ({unit} {part})")
+
+    def verify_all(self, progress=None) -> list[str]:
+        """Check size and checksum of every committed file; returns one line per problem (empty: all good)."""
+        problems = []
+        entries = [(unit, part) for unit, parts in self.manifest["files"].items() for part in parts]
+        for index, (unit, part) in enumerate(entries):
+            try:
+                self.read(unit, part)
+            except StoreError as error:
+                problems.append(str(error))
+            if progress:
+                progress(index + 1, len(entries), f"{unit} {part}")
+        return problems
+
+    # ------------------------------------------------------------------ writing
+    def write(self, unit: str, part: str, tensors: dict[str, torch.Tensor], step: int):
+        """Write a new version of one part of one unit, for ``step``; visible to reads at once, durable
+        after ``commit(step)``."""
+        self._check_writable()
+        header, buffers = encode_safetensors(tensors)
+        name = f"{unit}.{part}.s{step:08d}.safetensors"
+        try:
+            size, crc = write_file_atomic(os.path.join(self.path, UNITS_DIR, name), header, *buffers,
+                                          durable=False, reuse=self._recycle_path(unit, part))
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"disk full while writing {unit} {part} in {self.path}: a training step writes a new version of "
+                    f"every unit before deleting the old one and needs about {_gib(self.step_write_bytes())} free "
+                    f"there (free now: {_gib(shutil.disk_usage(self.path).free)}). Free some space and run the same "
+                    f"command again; the store is still at step {self.step}.") from error
+            raise StoreError(f"cannot write {unit} {part} in {self.path}: {error.strerror or error}. The store is "
+                             f"still at step {self.step}; fix the disk and run the same command again.") from error
+        with self._lock:
+            self.bytes_written += size
+            self._working.setdefault(unit, {})[part] = {"file": name, "bytes": size, "crc32c": crc}
+            self._unsynced.add(name)
+
+    def commit(self, step: int, extra: dict | None = None):
+        """Make every write so far the store's state at ``step``, atomically, then delete what it replaced."""
+        self._check_writable()
+        with self._lock:
+            files = {unit: dict(parts) for unit, parts in self._working.items()}
+        missing = [unit for unit in self.units if "weights" not in files.get(unit, {})]
+        if missing:
+            raise StoreError(f"cannot commit store {self.path}: units {missing[:3]} have no weights")
+        old_files = self._referenced_files(self.manifest["files"])
+        manifest = dict(self.manifest, step=step, files=files)
+        if extra is not None:
+            manifest["extra"] = extra
+        # Every file the new manifest names must be on disk before the manifest is (their writeback started
+        # when they were written, so this mostly waits for what is still in flight).
+        for name in sorted(self._unsynced & self._referenced_files(files)):
+            fsync_path(os.path.join(self.path, UNITS_DIR, name))
+        with self._lock:
+            self._unsynced.clear()
+        fsync_path(os.path.join(self.path, UNITS_DIR))
+        manifest_path = os.path.join(self.path, MANIFEST)
+        data = json.dumps(manifest, indent=1).encode()
+        tmp = manifest_path + ".commit.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point("commit.rename")
+        os.replace(tmp, manifest_path)
+        fsync_path(self.path)
+        self.manifest = manifest
+        fault_point("commit.cleanup")
+        # A replaced file becomes the next version of its unit and part, overwritten in place: deleting and
+        # allocating every file of the model each step costs more than writing it on some file systems.
+        for stale in old_files - self._referenced_files(files):
+            unit, part = stale.rsplit(".", 3)[:2]
+            try:
+                os.replace(os.path.join(self.path, UNITS_DIR, stale), self._recycle_path(unit, part))
+            except FileNotFoundError:
+                pass
+
+    def _recycle_path(self, unit: str, part: str) -> str:
+        return os.path.join(self.path, UNITS_DIR, f"{unit}.{part}.recycle.tmp")
+
+    def remove_recycled_files(self):
+        """Delete the files kept for reuse (at the end of a run; they are disposable)."""
+        units_dir = os.path.join(self.path, UNITS_DIR)
+        for name in os.listdir(units_dir):
+            if name.endswith(".recycle.tmp"):
+                os.remove(os.path.join(units_dir, name))
+
+    def remove_uncommitted_files(self) -> int:
+        """Delete files a crashed run left behind (not in the committed manifest). Returns how many."""
+        self._check_writable()
+        keep = self._referenced_files(self.manifest["files"])
+        removed = 0
+        units_dir = os.path.join(self.path, UNITS_DIR)
+        for name in os.listdir(units_dir):
+            if name not in keep:
+                os.remove(os.path.join(units_dir, name))
+                removed += 1
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.path, name))
+                removed += 1
+        if os.path.isdir(os.path.join(self.path, "scratch")):  # activations spilled by a crashed run
+            shutil.rmtree(os.path.join(self.path, "scratch"))
+        with self._lock:
+            self._working = {unit: dict(parts) for unit, parts in self.manifest["files"].items()}
+            self._unsynced.clear()
+        return removed
+
+    # ------------------------------------------------------------------ locking
+    def _acquire_lock(self):
+        lock_path = os.path.join(self.path, "lock")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StoreError(f"store {self.path} is in use by {holder}; wait for that run to finish "
+                             "or stop it before starting another") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        handle.flush()
+        self._lock_handle = handle
+
+    def close(self):
+        """Delete the files kept for reuse and release the write lock (if held)."""
+        if self._lock_handle is not None:
+            self.remove_recycled_files()
+            self._lock_handle.truncate(0)  # no holder line left for `offload-bitnet status` to take as running
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def _check_writable(self):
+        if not self.writable:
+            raise StoreError(f"store {self.path} was opened read-only")
+
+    @staticmethod
+    def _referenced_files(files: dict) -> set[str]:
+        return {entry["file"] for parts in files.values() for entry in parts.values()}

@@ -1,0 +1,1 @@
+"""The tokenizers a store carries, and loading one given by path."""

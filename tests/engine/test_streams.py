@@ -1,0 +1,135 @@
+import threading
+
+import pytest
+
+from offload_bitnet.engine.streams import Prefetcher, WriteBehind
+
+
+# Waits in these tests are on events, never on time; this bound only turns a hang into a failure.
+HANG_GUARD_S = 60
+
+
+class RecordingStore:
+    """Stands in for a BlockStore: records writes and commits. With ``write_gate`` (an Event), each write
+    waits until the test sets it, so a write is in progress for exactly as long as the test needs."""
+
+    def __init__(self, write_gate: threading.Event | None = None):
+        self.write_gate = write_gate
+        self.events = []
+        self.lock = threading.Lock()
+
+    def write(self, unit, part, tensors, step):
+        if self.write_gate is not None:
+            assert self.write_gate.wait(HANG_GUARD_S), "the test never released the write"
+        with self.lock:
+            self.events.append(("write", unit, part, step))
+
+    def commit(self, step, extra):
+        with self.lock:
+            self.events.append(("commit", step))
+
+
+def busy_writer():
+    """A writer (queue of one) busy with update "a" until the returned event is set. Returns (store, writer, log,
+    release); ``log`` records each update's name and whether the caller's thread ran it."""
+    store, log = RecordingStore(), []
+    writer = WriteBehind(store, max_pending=1)
+    running, release = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        assert release.wait(HANG_GUARD_S), "the test never released update a"
+        log.append(("a", threading.current_thread() is threading.main_thread()))
+        return {}
+    writer.update("a", hold, 1)
+    assert running.wait(HANG_GUARD_S)
+    return store, writer, log, release
+
+
+def recording_update(log, name, parts=None):
+    def make_parts():
+        log.append((name, threading.current_thread() is threading.main_thread()))
+        return parts if parts is not None else {"weights": {"w": name}}
+    return make_parts
+
+
+def test_a_full_queue_makes_the_caller_run_the_oldest_update():
+    store, writer, log, gate = busy_writer()
+    writer.update("b", recording_update(log, "b"), 1)  # queued
+    writer.update("c", recording_update(log, "c"), 1)  # queue full: the caller runs "b" and queues "c"
+    assert log == [("b", True)]
+    gate.set()
+    writer.commit(1, None)  # never taken over: it follows every write
+    writer.flush()
+    writer.close()
+    assert sorted(name for name, _ in log) == ["a", "b", "c"]
+    assert store.events[-1] == ("commit", 1)
+    assert {e[1] for e in store.events[:-1]} == {"b", "c"}
+
+
+def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
+    _, writer, log, gate = busy_writer()
+    writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
+    # The queue is full and its oldest job is not stealable, so update("rows-2") must wait for the writer: a
+    # helper releases update "a" only once the caller is blocked waiting for room in the queue.
+    waiting, blocking_put = threading.Event(), writer._queue.put
+
+    def put(job, block=True, timeout=None):
+        if block and job is not None:
+            waiting.set()
+        return blocking_put(job, block, timeout)
+    writer._queue.put = put
+    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
+    releaser.start()
+    writer.update("rows-2", recording_update(log, "rows-2"), 1, stealable=False)  # waits: nothing to take over
+    released_before_return = gate.is_set()
+    gate.set()  # (a failure above must not leave the writer holding "a")
+    releaser.join()
+    assert released_before_return, "update() returned while the writer was still busy with the job before it"
+    writer.flush()
+    writer.close()
+    assert log == [("a", False), ("rows-1", False), ("rows-2", False)]
+
+
+def test_pending_parts_are_served_until_written_and_failures_reach_the_caller():
+    write_gate = threading.Event()
+    store = RecordingStore(write_gate)
+    writer = WriteBehind(store, max_pending=1)
+    writer.update("a", recording_update([], "a", parts={"weights": {"w": 1}}), 3)
+    assert writer.pending_part("a", "weights") == {"w": 1}  # waits for the update, not for the write
+    assert store.events == []  # the write is still held
+    write_gate.set()
+    writer.flush()
+    assert writer.pending_part("a", "weights") is None and ("write", "a", "weights", 3) in store.events
+
+    def failing():
+        raise ValueError("bad update")
+    writer.update("b", failing, 4)
+    with pytest.raises(ValueError, match="bad update"):
+        writer.flush()
+    assert isinstance(writer.discard(), ValueError)
+    writer.commit(4, None)
+    writer.flush()
+    writer.close()
+    assert store.events[-1] == ("commit", 4)
+
+
+def test_prefetcher_yields_results_in_order_and_runs_ahead():
+    prefetcher = Prefetcher(depth=1)
+    started, changed = [], threading.Condition()
+
+    def job(i):
+        def run():
+            with changed:
+                started.append(i)
+                changed.notify_all()
+            return i * i
+        return run
+    stream = prefetcher.stream(job(i) for i in range(5))
+    assert next(stream) == 0
+    # The next two load before they are asked for, and no further: job 3 is submitted by the next ``next``.
+    with changed:
+        assert changed.wait_for(lambda: len(started) >= 3, HANG_GUARD_S), started
+        assert started == [0, 1, 2]
+    assert list(stream) == [1, 4, 9, 16]
+    prefetcher.close()

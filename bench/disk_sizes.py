@@ -25,7 +25,8 @@ from offload_bitnet.api import open_for_training
 from offload_bitnet.model.config import config_for_size
 from offload_bitnet.store.write import create_model
 from offload_bitnet.store.sizing import folder_bytes
-from offload_bitnet.store.blockstore import PARTS, BlockStore
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.units import PARTS
 
 SIZES = ["350M", "1B", "3B", "7B", "13B", "34B", "70B", "100B", "300B"]
 ARCH, MODE, SHADOW, STATE = "bitnet", "qat", "fp16", "fp32"

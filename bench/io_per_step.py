@@ -24,7 +24,8 @@ from collections import defaultdict
 import _common as c
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
-from offload_bitnet.store.blockstore import DTYPES, BlockStore, block_unit
+from offload_bitnet.store.blockstore import DTYPES, BlockStore
+from offload_bitnet.store.units import block_unit, is_block
 
 _phase = threading.local()
 
@@ -84,7 +85,7 @@ def forward_bound(config: ModelConfig, shadow_dtype: str, units: list[str], bits
     proj_weights = sum(o * i for o, i in config.projection_shapes.values())
     n_proj = other = 0
     for unit in units:
-        if unit.startswith("block."):
+        if is_block(unit):
             n_proj += proj_weights
             other += 4 * sum(config.norm_shapes.values())  # norms are stored fp32
         elif unit == "norm":

@@ -25,7 +25,8 @@ from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterSet
 from offload_bitnet.model.block import block_forward, rms_norm, rope_tables
-from offload_bitnet.store.blockstore import BlockStore, block_unit
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.units import block_unit, is_block
 from offload_bitnet.engine.streams import Prefetcher
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -209,7 +210,7 @@ class Generator:
         element = torch.tensor([], dtype=self.dtype).element_size()
         expanded = {}
         for unit in self.store.units:
-            if unit.startswith("block."):
+            if is_block(unit):
                 count = sum(o * i for o, i in self.config.projection_shapes.values())
                 expanded[unit] = count * element + sum(self.config.norm_shapes.values()) * 4
             elif unit == "norm":
@@ -257,7 +258,7 @@ class Generator:
             if unit == "embed":
                 x = F.embedding(ids, tensors["weight"])
                 embedding = tensors["weight"] if tied else None
-            elif unit.startswith("block."):
+            elif is_block(unit):
                 x = block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config, cos, sin,
                                   quantize=self.quantize, kv_cache=caches[index - 1], attn_mask=attn_mask)
             elif unit == "norm":

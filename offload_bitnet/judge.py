@@ -363,7 +363,7 @@ def open_judge(model: str | None, url: str | None, device: str = "cpu", memory_b
 def evaluate(items: list[JudgeItem], answers: dict[str, list[str]], judge, out_dir: str, say=print) -> dict:
     """Grade ``answers`` (model label -> one answer per item) with ``judge``; writes ``judge.jsonl`` and
     ``judge_summary.json`` in ``out_dir`` and returns the summary."""
-    from offload_bitnet.store.blockstore import write_file_atomic
+    from offload_bitnet.io.files import write_file_atomic
 
     rows, scores = [], {}
     for label, texts in answers.items():

@@ -1,9 +1,18 @@
 import os
+import sys
 
 import pytest
 import torch
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+from repo_paths import SHARED
+
+# Some tests share fixtures' builders across folders (a packed BitNet checkpoint, the tiny GGUF): every test
+# folder is importable, whichever tests are selected.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _folder in sorted(os.listdir(_TESTS)):
+    if os.path.isdir(os.path.join(_TESTS, _folder)) and not _folder.startswith(("_", ".")):
+        if os.path.join(_TESTS, _folder) not in sys.path:
+            sys.path.append(os.path.join(_TESTS, _folder))
 
 
 @pytest.fixture(autouse=True)

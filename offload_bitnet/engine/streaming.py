@@ -44,14 +44,14 @@ from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.io.faults import fault_point
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import ADAPTER_PROGRESS, AdapterSet, LoRAConfig
+from offload_bitnet.model.loss import IGNORE_INDEX, chunked_cross_entropy, shift_labels
 from offload_bitnet.model.block import LazyWeight, ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
 from offload_bitnet.model.adamw import AdamWConfig, adamw_update
-from offload_bitnet.store.blockstore import BlockStore, block_unit, encoded_size, unit_shapes
+from offload_bitnet.io.safetensors import encoded_size
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.units import block_index, block_unit, is_block, unit_shapes
 from offload_bitnet.engine.streams import ActivationStash, Prefetcher, ResidentWeights, WriteBehind
 from offload_bitnet.model.ternary import quantize_weight
-
-IGNORE_INDEX = -100
-
 
 def default_compute_dtype(device) -> torch.dtype:
     """fp32 on CPU (16-bit matmul is far slower there), bf16 on CUDA and MPS."""
@@ -60,70 +60,6 @@ def default_compute_dtype(device) -> torch.dtype:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def shift_labels(input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Next-token targets: position t predicts labels[t+1]; the last position predicts nothing."""
-    labels = input_ids if labels is None else labels
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int, scale: float, backward: bool, weight_grad: torch.Tensor | None = None,
-                          accumulate: bool = False, on_weight_rows=None, row_slices: int = 4):
-    """Sum of token cross-entropies times ``scale``, computed ``chunk_tokens`` rows of logits at a time, so that
-    [tokens x vocab] logits never exist at once.
-
-    With ``backward``, returns the gradient w.r.t. ``hidden``, and writes the gradient w.r.t. ``head_weight`` into
-    ``weight_grad`` when one is given (``accumulate``: adds it). ``on_weight_rows(rows, loss_so_far)`` is then
-    called for each of ``row_slices`` row ranges of ``weight_grad`` in order, as soon as those rows are final,
-    with the summed loss so far: an update of those rows can start while the rest is computed (it must not
-    change ``head_weight``, which this call reads to the end).
-    """
-    shape = hidden.shape
-    hidden = hidden.reshape(-1, shape[-1])
-    targets = targets.reshape(-1)
-    starts = [start for start in range(0, hidden.shape[0], chunk_tokens)
-              if (targets[start:start + chunk_tokens] != IGNORE_INDEX).any()]
-    total = torch.zeros((), dtype=torch.float64)
-    grad_hidden = torch.zeros_like(hidden) if backward else None
-    rows, extra = divmod(head_weight.shape[0], row_slices)  # the first ``extra`` ranges get one row more
-    bounds = [i * rows + min(i, extra) for i in range(row_slices + 1)]
-    row_ranges = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    weight = head_weight.detach()
-    for start in starts:
-        stop = start + chunk_tokens
-        chunk = hidden[start:stop].detach()
-        with torch.no_grad():
-            logits = F.linear(chunk, weight).float()
-        with torch.enable_grad():
-            logits.requires_grad_(backward)
-            loss = F.cross_entropy(logits, targets[start:stop], ignore_index=IGNORE_INDEX, reduction="sum") * scale
-            if backward:
-                (grad_logits,) = torch.autograd.grad(loss, logits)
-        total += loss.detach().double().cpu()
-        if not backward:
-            continue
-        # The two products of autograd's backward of F.linear, in its orientation (the same bits), written out so
-        # that the weight gradient can be handed on a row range at a time.
-        grad_logits = grad_logits.to(weight.dtype)
-        if weight_grad is not None:
-            split = on_weight_rows is not None and start == starts[-1]
-            for rows in row_ranges if split else [slice(None)]:
-                if accumulate:
-                    weight_grad[rows].add_(grad_logits[:, rows].t().mm(chunk))
-                else:
-                    torch.mm(grad_logits[:, rows].t(), chunk, out=weight_grad[rows])
-                if split:
-                    on_weight_rows(rows, total.item())
-            accumulate = True
-        torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
-    if backward and weight_grad is not None and not starts:
-        if not accumulate:
-            weight_grad.zero_()
-        for rows in row_ranges if on_weight_rows is not None else []:
-            on_weight_rows(rows, 0.0)
-    return total.item(), (grad_hidden.reshape(shape) if backward else None)
 
 
 class NonFiniteStep(ArithmeticError):
@@ -300,7 +236,7 @@ class StreamingEngine:
         return tensors
 
     def _needs_shadow(self, unit: str) -> bool:
-        return self.store.settings.mode == "qat" and unit.startswith("block.")
+        return self.store.settings.mode == "qat" and is_block(unit)
 
     def _shadow_in_update(self, unit: str) -> bool:
         """Whether a ternary block's backward computes from its packed weights and leaves the 16-bit shadow to
@@ -325,7 +261,7 @@ class StreamingEngine:
         """Whether a unit's projections are made one at a time (``model.LazyWeight``) rather than all at once:
         blocks whose dense compute weights exceed ``dense_block_bytes``."""
         dense = self.config.block_param_count() * torch.empty((), dtype=self.dtype).element_size()
-        return unit.startswith("block.") and dense > self.options.dense_block_bytes
+        return is_block(unit) and dense > self.options.dense_block_bytes
 
     def _lazy_weights(self, unit: str, names, make_one, keep: bool, requires_grad: bool = False) -> dict:
         """``{name: tensor}`` with each projection a LazyWeight of ``make_one(name)``; norms made at once."""
@@ -425,7 +361,7 @@ class StreamingEngine:
             elif unit == "norm":
                 x = rms_norm(x, tensors["weight"], self.config.norm_eps)
             else:
-                params = self._block_params(int(unit.split(".")[1]), tensors)
+                params = self._block_params(block_index(unit), tensors)
                 x = block_forward(params, x, self.config, cos, sin, quantize=self.quantize * self.quant_mix)
         return x
 
@@ -539,7 +475,7 @@ class StreamingEngine:
                     # Block inputs come first in the activation budget; projection memos get what is left.
                     self.stash.reserve(self.config.n_layers * sum(h.numel() * h.element_size() for h in hidden))
                     continue
-                layer = int(unit.split(".")[1])
+                layer = block_index(unit)
                 params = self._block_params(layer, tensors)
                 for m in ctx.micro_range:
                     self.stash.put((layer, m), hidden[m])
@@ -599,7 +535,7 @@ class StreamingEngine:
 
         for _ in range(cfg.n_layers):
             unit, masters, moments = next(loads)
-            layer = int(unit.split(".")[1])
+            layer = block_index(unit)
             update_masters = masters
             if lora:
                 leaves = masters  # frozen base tensors

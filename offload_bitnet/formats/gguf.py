@@ -24,7 +24,8 @@ import torch
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.block import rope_inverse_frequencies
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import StoreSettings, block_unit, unit_names
+from offload_bitnet.store.blockstore import StoreSettings
+from offload_bitnet.store.units import block_unit, unit_names
 from offload_bitnet.tokenizers.runtime import load_tokenizer
 
 TOKENIZER_FILE = "gguf_tokenizer.json"

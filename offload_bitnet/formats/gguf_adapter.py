@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from offload_bitnet.store.blockstore import block_unit
+from offload_bitnet.store.units import block_unit
 from offload_bitnet.formats.gguf import GGUFError
 from offload_bitnet.formats.gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
 

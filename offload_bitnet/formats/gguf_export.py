@@ -29,6 +29,7 @@ from offload_bitnet.tokenizers.runtime import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
+from offload_bitnet.store.units import block_index, is_block
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"
@@ -86,12 +87,12 @@ def gguf_tensor_name(arch: str, unit: str, name: str = "weight", suffix: str | N
     ``name`` (``q_proj``, ``input_layernorm``..., ``weight`` for the global units), e.g. ``blk.3.attn_q.weight``.
     ``suffix``: ``lora_a`` / ``lora_b`` for an adapter's tensors (``blk.3.attn_q.weight.lora_a``, as llama.cpp's
     ``convert_lora_to_gguf`` names them). GGUFError for a tensor ``arch`` lacks."""
-    key = unit if not unit.startswith("block.") else name
+    key = unit if not is_block(unit) else name
     tensor = _store_tensors().get(key)
     model_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     if tensor is None or tensor not in gguf.MODEL_TENSORS[model_arch]:
         raise GGUFError(f"llama.cpp's {arch} architecture has no tensor for {unit} {name}")
-    bid = int(unit.split(".")[1]) if unit.startswith("block.") else None
+    bid = block_index(unit) if is_block(unit) else None
     name = f"{gguf.TENSOR_NAMES[tensor].format(bid=bid)}.weight"
     return f"{name}.{suffix}" if suffix else name
 
@@ -210,13 +211,13 @@ def tensor_types(store, arch: str, gguf_type: str) -> tuple[dict, list[str]]:
     if factors is not None:
         plan[gguf_tensor_name(arch, "rope_freqs")] = ((factors.numel(),), Q.F32)
     for unit in store.units:
-        shapes = config.block_shapes if unit.startswith("block.") else {
+        shapes = config.block_shapes if is_block(unit) else {
             "weight": (config.dim,) if unit == "norm" else (config.vocab_size, config.dim)}
         for name, shape in shapes.items():
             tensor = gguf_tensor_name(arch, unit, name)
             if len(shape) < 2:
                 qtype = Q.F32
-            elif not unit.startswith("block.") and gguf_type in TERNARY_TYPES:
+            elif not is_block(unit) and gguf_type in TERNARY_TYPES:
                 qtype = Q.F16
             else:
                 qtype = wanted
@@ -266,7 +267,7 @@ def export_from_store(store, out_dir: str, gguf_type: str | None = None, file_na
             yield name, encode_tensor(factors, plan[name][1])
         for unit in store.units:
             weights = store.read(unit, "weights")
-            names = config.block_shapes if unit.startswith("block.") else ("weight",)
+            names = config.block_shapes if is_block(unit) else ("weight",)
             for name in names:
                 # What the forward pass computes with (a ternary projection: its codes times its scale), decoded
                 # one tensor at a time so memory stays one fp32 projection even at 70B width.

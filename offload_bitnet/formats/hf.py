@@ -29,7 +29,8 @@ from offload_bitnet.model.config import ConfigError, ModelConfig
 from offload_bitnet.store.write import default_mode, write_store
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings, unit_names
+from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
+from offload_bitnet.store.units import block_index, is_block, is_projection, unit_names
 from offload_bitnet.model.ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
 from offload_bitnet.tokenizers.runtime import load_tokenizer
 from offload_bitnet.formats.hf_tokenizer import write_tokenizer_files
@@ -192,7 +193,7 @@ def unit_keys(config: ModelConfig, unit: str) -> dict[str, str]:
         return {"weight": "model.norm.weight"}
     if unit == "head":
         return {"weight": "lm_head.weight"}
-    layer = int(unit.split(".")[1])
+    layer = block_index(unit)
     names = list(config.projection_shapes) + list(config.norm_shapes)
     return {name: f"model.layers.{layer}.{BLOCK_KEYS[name]}.weight" for name in names}
 
@@ -352,7 +353,7 @@ def plan_import(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None)
     needed = dict(owners)
     if packed:
         for unit in unit_names(config):
-            if unit.startswith("block."):
+            if is_block(unit):
                 for name, key in unit_keys(config, unit).items():
                     if name.endswith("_proj"):
                         needed[key + "_scale"] = (unit, name + ".scale")
@@ -374,7 +375,7 @@ def plan_import(checkpoint: Checkpoint, config: ModelConfig, quant: dict | None)
         shape, dtype = checkpoint.shape(key), checkpoint.dtype(key)
         if name.endswith(".scale"):
             expected = (1,)
-        elif unit.startswith("block."):
+        elif is_block(unit):
             expected = shapes[name]
         elif unit == "norm":
             expected = (config.dim,)
@@ -693,7 +694,7 @@ def generic_specs(config: ModelConfig, dtype: torch.dtype, packed: bool) -> list
     shapes = config.block_shapes
     for unit in unit_names(config):
         for name, key in unit_keys(config, unit).items():
-            if unit.startswith("block."):
+            if is_block(unit):
                 shape = tuple(shapes[name])
             elif unit == "norm":
                 shape = (config.dim,)
@@ -725,7 +726,7 @@ def source_specs(store: BlockStore, dtype: torch.dtype | None) -> list[TensorSpe
                 specs.append(TensorSpec(key, unit, name, kind, spec_dtype, (1,)))
                 continue
             unit, name = owners[key]
-            if unit.startswith("block."):
+            if is_block(unit):
                 shape = tuple(shapes[name])
             elif unit == "norm":
                 shape = (store.config.dim,)
@@ -748,7 +749,7 @@ def unit_values(store: BlockStore, layout: Layout, unit: str, need_packed: bool)
         for name, master in masters.items():
             if f"{name}.packed" in weights:
                 packed[name] = (weights[f"{name}.packed"], weights[f"{name}.scale"].float())
-            elif name.endswith("_proj") and unit.startswith("block."):
+            elif is_projection(unit, name):
                 packed[name] = pack_weight(master)  # a full-mode store: quantize on the way out
     return masters, packed
 

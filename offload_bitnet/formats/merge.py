@@ -15,6 +15,7 @@ from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, AdapterSet
 from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
+from offload_bitnet.store.units import block_index, is_block
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -63,8 +64,8 @@ def merged_units(base: BlockStore, adapters: AdapterSet):
         # forward_tensors: for a qat store the projections are codes * scale from the packed weights, exactly
         # what the engine's forward used under the adapters; every other tensor is its stored value in fp32.
         tensors = layout.forward_tensors(unit, base.read(unit, "weights"), torch.float32, "cpu")
-        if unit.startswith("block."):
-            layer = int(unit.split(".")[1])
+        if is_block(unit):
+            layer = block_index(unit)
             for name in adapters.lora.targets:
                 tensors[name] = adapters.merged_weight(layer, name, tensors[name])
         yield unit, tensors

@@ -38,7 +38,8 @@ from offload_bitnet.model.config import ConfigError, ModelConfig, llama_hidden_d
 from offload_bitnet.store.write import write_store
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings, block_unit, unit_names
+from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
+from offload_bitnet.store.units import block_index, block_unit, unit_names
 from offload_bitnet.tokenizers.runtime import load_tokenizer
 
 PARAMS = "params.json"
@@ -216,7 +217,7 @@ def unit_keys(config: ModelConfig, unit: str, embed_split: int) -> dict[str, tup
         return {"weight": (NORM_KEY, None)}
     if unit == "head":
         return {"weight": (OUTPUT_KEY, 0)}
-    layer = int(unit.split(".")[1])
+    layer = block_index(unit)
     return {name: (f"layers.{layer}.{suffix}", split) for name, (suffix, split) in BLOCK_KEYS.items()}
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.block import dropout
 from offload_bitnet.model.adamw import AdamWConfig, adamw_update
-from offload_bitnet.store.blockstore import decode_safetensors, encode_safetensors, write_file_atomic
+from offload_bitnet.io.files import write_file_atomic
+from offload_bitnet.io.safetensors import decode_safetensors, encode_safetensors
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -10,11 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from offload_bitnet.model.config import ModelConfig
-from offload_bitnet.engine.streaming import IGNORE_INDEX, shift_labels
+from offload_bitnet.model.loss import IGNORE_INDEX, shift_labels
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.block import block_forward, dropout_generator, rms_norm, rope_tables
 from offload_bitnet.model.adamw import AdamWConfig, torch_param_groups
-from offload_bitnet.store.blockstore import BlockStore, block_unit
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.units import block_unit
 from offload_bitnet.model.ternary import ste_quantize_weight
 
 

@@ -19,7 +19,6 @@ The store knows files, checksums and commits; it knows nothing about training.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -29,22 +28,21 @@ import shutil
 import threading
 from dataclasses import dataclass
 
-import struct
-
 import torch
 from crc32c import crc32c
 
 from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.io.faults import fault_point
+from offload_bitnet.io.files import fsync_path, write_file_atomic
+from offload_bitnet.io.safetensors import SafetensorsError, decode_safetensors, encode_safetensors
+from offload_bitnet.store.units import MODES, PARTS, unit_names, unit_shapes
 
 # The newest format this code reads. A store is written with the oldest version that describes it, so older
 # readers keep opening what they can read: 2 = packed-only (``StoreSettings.packed_only``), 1 = everything else.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 UNITS_DIR = "units"
-PARTS = ("weights", "shadow", "optim")
-MODES = ("qat", "full", "lora")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AdamW moments: bytes per value on disk ("int8": 8-bit blockwise, see blockwise.py; ~1 byte plus block scales;
 # "fp16" only for stores that ask for it explicitly: its range is too small for second moments).
@@ -75,7 +73,7 @@ class StoreSettings:
         return (2 if self.packed_only else 1), record
 
     def validate(self):
-        if self.mode not in ("qat", "full"):
+        if self.mode not in MODES:
             raise StoreError(f"store mode must be 'qat' or 'full', got {self.mode!r}")
         if self.packed_only and self.mode != "qat":
             raise StoreError(f"a packed-only store holds packed ternary projections, so its mode must be 'qat', "
@@ -93,147 +91,8 @@ def no_master_weights(what: str) -> str:
             "full-precision checkpoint (for example the -bf16 one) to fine-tune all weights.")
 
 
-def block_unit(index: int) -> str:
-    return f"block.{index:03d}"
-
-
-def unit_shapes(config: ModelConfig, unit: str) -> dict[str, tuple[int, ...]]:
-    """Shape of every (trainable, fp32 master) tensor of a unit."""
-    if unit.startswith("block."):
-        return config.block_shapes
-    if unit == "norm":
-        return {"weight": (config.dim,)}
-    return {"weight": (config.vocab_size, config.dim)}
-
-
-def unit_names(config: ModelConfig) -> list[str]:
-    """Every unit of a model in forward order."""
-    names = ["embed"] + [block_unit(i) for i in range(config.n_layers)] + ["norm"]
-    if not config.tie_embeddings:
-        names.append("head")
-    return names
-
-
-# safetensors dtype codes; files written here are ordinary safetensors files.
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.uint8: "U8",
-    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
-}
-_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-
-
-def encode_safetensors(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list]:
-    """The safetensors header and the tensors' raw bytes as buffers (no copy of the data)."""
-    header, buffers, offset = {}, [], 0
-    # Widest dtypes first, as the safetensors library does, so every tensor stays aligned to its element size.
-    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        buffers.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, buffers
-
-
-def encoded_size(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes ``encode_safetensors`` produces for ``tensors`` (header included), without copying data."""
-    header, buffers = encode_safetensors(tensors)
-    return len(header) + sum(len(buffer) for buffer in buffers)
-
-
-def decode_safetensors(data: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
-    """Tensors viewing the file bytes ``data`` (a uint8 tensor, or a writable bytes-like object) in place."""
-    try:
-        if not isinstance(data, torch.Tensor):
-            data = torch.frombuffer(data, dtype=torch.uint8)
-        (length,) = struct.unpack_from("<Q", data[:8].numpy(), 0)
-        header = json.loads(data[8:8 + length].numpy().tobytes())
-        start = 8 + length
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype = _TORCH_DTYPES[info["dtype"]]
-            if begin == end:
-                tensors[name] = torch.empty(info["shape"], dtype=dtype)
-            else:
-                tensors[name] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
-        return tensors
-    except (struct.error, ValueError, KeyError, RuntimeError) as error:
-        raise StoreError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
-
-
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
-
-
-def _start_writeback(fd: int):
-    """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux); elsewhere a no-op,
-    and the fsync at commit does all the work."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
-
-
-def _load_sync_file_range():
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def fsync_path(path: str):
-    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: str, *chunks, durable: bool = True, reuse: str | None = None) -> tuple[int, int]:
-    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file and a rename.
-
-    ``durable``: fsync before the rename. Otherwise writeback only starts, and the caller must fsync the file
-    before anything durable refers to it (``BlockStore.commit`` does). ``reuse``: a disposable file to overwrite
-    in place instead of allocating a new one. Returns (size, crc32c) written."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    size, crc = 0, 0
-    mode = "wb"
-    if reuse is not None:
-        try:
-            os.replace(reuse, tmp)
-            mode = "r+b"
-        except FileNotFoundError:
-            pass
-    try:
-        with open(tmp, mode) as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-                size += len(chunk)
-                crc = crc32c(chunk, crc)
-                fault_point("write.data")
-            handle.truncate()
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-            else:
-                _start_writeback(handle.fileno())
-        fault_point("write.rename")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return size, crc
 
 
 class BlockStore:
@@ -376,7 +235,10 @@ class BlockStore:
                              "Restore it from a backup or re-import the model.")
         with self._lock:
             self.bytes_read += size
-        return decode_safetensors(data, f"{file_path} ({unit} {part})")
+        try:
+            return decode_safetensors(data, f"{file_path} ({unit} {part})")
+        except SafetensorsError as error:
+            raise StoreError(str(error)) from error
 
     def verify_all(self, progress=None) -> list[str]:
         """Check size and checksum of every committed file; returns one line per problem (empty: all good)."""

@@ -26,6 +26,7 @@ from offload_bitnet.store import blockwise
 from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.store.blockstore import DTYPES, StoreSettings
 from offload_bitnet.model.ternary import PackedTernary, latent_weight, pack_weight, unpack_weight
+from offload_bitnet.store.units import is_ternary
 
 
 class Layout:
@@ -56,7 +57,8 @@ class Layout:
         return self._as(tensor, torch.float32, tensor.device)
 
     def is_ternary(self, unit: str, name: str) -> bool:
-        return self.settings.mode == "qat" and unit.startswith("block.") and name.endswith("_proj")
+        """Whether this store keeps the tensor as packed ternary codes (``units.is_ternary``)."""
+        return is_ternary(self.settings.mode, unit, name)
 
     def storage_dtype(self, tensor: torch.Tensor) -> torch.dtype:
         return self.shadow_dtype if tensor.dim() >= 2 else torch.float32

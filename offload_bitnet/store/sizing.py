@@ -11,12 +11,18 @@ import json
 import math
 import os
 
-from offload_bitnet.store.blockwise import BLOCK
-from offload_bitnet.model.config import ModelConfig
-from offload_bitnet.store.blockstore import PARTS, StoreSettings, block_unit, unit_names, unit_shapes
+import torch
 
-# safetensors dtype codes and element sizes of the tensors a store holds.
-SAFETENSORS_DTYPES = {"fp32": ("F32", 4), "fp16": ("F16", 2), "bf16": ("BF16", 2), "u8": ("U8", 1), "i8": ("I8", 1)}
+from offload_bitnet.store.blockwise import BLOCK
+from offload_bitnet.io.safetensors import SAFETENSORS_DTYPES as SAFETENSOR_CODES
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.store.blockstore import StoreSettings
+from offload_bitnet.store.units import PARTS, block_unit, is_block, is_ternary, unit_names, unit_shapes
+
+# The tensors a store holds, by short name: their safetensors codes (the codec's one table) and element sizes.
+STORE_TENSOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8,
+                       "i8": torch.int8}
+SAFETENSORS_DTYPES = {name: (SAFETENSOR_CODES[dtype], dtype.itemsize) for name, dtype in STORE_TENSOR_DTYPES.items()}
 
 TensorSpecs = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype key of SAFETENSORS_DTYPES, shape)
 
@@ -58,7 +64,7 @@ def part_specs(config: ModelConfig, unit: str, part: str, settings: StoreSetting
     specs = {}
     for name, shape in masters.items():
         stored = settings.shadow_dtype if len(shape) >= 2 else "fp32"  # norms stay fp32
-        ternary = settings.mode == "qat" and unit.startswith("block.") and name.endswith("_proj")
+        ternary = is_ternary(settings.mode, unit, name)
         if part == "weights":
             if ternary:
                 specs[f"{name}.packed"] = ("u8", (shape[0] // 4, *shape[1:]))
@@ -79,7 +85,7 @@ def part_bytes(config: ModelConfig, unit: str, part: str, settings: StoreSetting
 def _units_bytes(config: ModelConfig, settings: StoreSettings) -> dict[str, dict[str, int]]:
     """unit -> part -> bytes. All blocks have identical files, so one is computed and reused."""
     block = {part: part_bytes(config, block_unit(0), part, settings) for part in PARTS}
-    return {unit: block if unit.startswith("block.") else
+    return {unit: block if is_block(unit) else
             {part: part_bytes(config, unit, part, settings) for part in PARTS} for unit in unit_names(config)}
 
 

@@ -9,7 +9,8 @@ from offload_bitnet.model.config import ModelConfig, config_for_size
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.block import init_block
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import BlockStore, StoreSettings, block_unit, unit_names, unit_shapes
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.store.units import block_unit, unit_names, unit_shapes
 
 
 def default_mode(config: ModelConfig) -> str:

@@ -24,7 +24,8 @@ from crc32c import crc32c
 from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.adamw import AdamWConfig, adamw_update
-from offload_bitnet.store.blockstore import StoreSettings, write_file_atomic
+from offload_bitnet.io.files import write_file_atomic
+from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.model.ternary import quantize_weight
 
 CACHE_NAME = "calibration.json"

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = -100
+from offload_bitnet.model.loss import IGNORE_INDEX
+
 TEXT_EXTENSIONS = (".txt", ".md", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
 KINDS = ("text", "alpaca", "chat")

@@ -17,7 +17,7 @@ import os
 import socket
 
 from offload_bitnet.progress import format_seconds
-from offload_bitnet.store.blockstore import write_file_atomic
+from offload_bitnet.io.files import write_file_atomic
 
 
 class PlotUnavailable(RuntimeError):

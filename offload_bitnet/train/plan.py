@@ -28,7 +28,8 @@ from offload_bitnet.model.lora import LoRAConfig
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.train.runconfig import RunConfig
 from offload_bitnet.store.sizing import human, part_bytes, step_io, store_bytes
-from offload_bitnet.store.blockstore import BlockStore, StoreSettings, block_unit, unit_names
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.store.units import block_unit, unit_names
 from offload_bitnet.tokenizers.runtime import ByteTokenizer
 
 SSD_WEAR_WARNING_BYTES = 10 * 10**12   # a run that writes more than this wears a consumer SSD noticeably

@@ -353,7 +353,7 @@ def read_json(path: str) -> dict | None:
 
 
 def write_json(path: str, value: dict):
-    from offload_bitnet.store.blockstore import write_file_atomic
+    from offload_bitnet.io.files import write_file_atomic
 
     write_file_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
 

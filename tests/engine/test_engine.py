@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from offload_bitnet import AdamWConfig, BlockStore, EngineOptions, StreamingEngine, create_model, open_model
-from offload_bitnet.engine.streaming import chunked_cross_entropy
+from offload_bitnet.model.loss import chunked_cross_entropy
 from offload_bitnet.reference.inmemory import InMemoryModel
 from offload_bitnet.reference.parity import run_parity
 

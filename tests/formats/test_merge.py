@@ -24,7 +24,7 @@ from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import LoRAConfig
 from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.model.block import block_forward, rms_norm, rope_tables
-from offload_bitnet.store.blockstore import block_unit
+from offload_bitnet.store.units import block_unit
 
 LORA = LoRAConfig(rank=4, alpha=8, dropout=0.05)
 

@@ -8,7 +8,7 @@ from offload_bitnet.reference.inmemory import InMemoryModel
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSet, LoRAAdapter, LoRAConfig
 from offload_bitnet.model.block import block_forward, dropout_generator, rms_norm, rope_tables
 from offload_bitnet.reference.parity import relative_error
-from offload_bitnet.store.blockstore import block_unit
+from offload_bitnet.store.units import block_unit
 from offload_bitnet.model.ternary import ste_quantize_weight
 
 

@@ -6,7 +6,7 @@ import torch
 from offload_bitnet import AdamWConfig, BlockStore, EngineOptions, StreamingEngine, create_model
 from offload_bitnet.store import blockwise
 from offload_bitnet.store.sizing import part_specs, safetensors_bytes
-from offload_bitnet.store.blockstore import block_unit
+from offload_bitnet.store.units import block_unit
 from repo_paths import REPO
 
 ROOT = REPO

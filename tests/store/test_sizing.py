@@ -8,7 +8,9 @@ from offload_bitnet.store import sizing
 from offload_bitnet.api import open_for_training, open_model
 from offload_bitnet.model.config import config_for_size
 from offload_bitnet.store.write import create_model
-from offload_bitnet.store.blockstore import PARTS, BlockStore, encode_safetensors
+from offload_bitnet.io.safetensors import encode_safetensors
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.units import PARTS
 
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "u8": torch.uint8}
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from offload_bitnet import create_model
-from offload_bitnet.store.blockstore import FORMAT_VERSION, BlockStore, StoreError, unit_names
+from offload_bitnet.store.blockstore import FORMAT_VERSION, BlockStore, StoreError
+from offload_bitnet.store.units import unit_names
 
 
 @pytest.fixture

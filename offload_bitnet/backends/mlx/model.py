@@ -48,9 +48,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
         old_context = scaling.get("original_max_position_embeddings", 8192)
         low_freq_wavelen = old_context / low_freq_factor
         high_freq_wavelen = old_context / high_freq_factor
-        wavelen = np.float32(2 * math.pi) / inv_freq
+        # torch evaluates ``scalar / tensor`` as reciprocal(tensor) * scalar (not a division): mirrored.
+        wavelen = (np.float32(1) / inv_freq) * np.float32(2 * math.pi)
         scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
-        smooth = (np.float32(old_context) / wavelen - np.float32(low_freq_factor)) / np.float32(
+        smooth = ((np.float32(1) / wavelen) * np.float32(old_context) - np.float32(low_freq_factor)) / np.float32(
             high_freq_factor - low_freq_factor)
         smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)

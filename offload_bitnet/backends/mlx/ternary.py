@@ -45,7 +45,8 @@ def quantize_weight(weight: mx.array) -> mx.array:
 
 def quantize_activation(x: mx.array) -> mx.array:
     """Per-token 8-bit fake quantization of activations (no gradient path)."""
-    scale = 127.0 / mx.maximum(mx.max(mx.abs(x), axis=-1, keepdims=True), 1e-5)
+    # torch evaluates ``127 / tensor`` as reciprocal(tensor) * 127, one rounding more than a division: mirrored.
+    scale = mx.reciprocal(mx.maximum(mx.max(mx.abs(x), axis=-1, keepdims=True), 1e-5)) * 127.0
     return mx.clip(mx.round(x * scale), -128, 127) / scale
 
 

@@ -64,7 +64,7 @@ def block_params(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: t + 0.2 * torch.randn(t.shape, generator=generator) if t.dim() == 1 else t for n, t in params.items()}
 
 
-def lora_mats(config: ModelConfig, targets, rank: int = 4, seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_mats(config: ModelConfig, targets, rank: int = 4, seed: int = 1) -> dict[str, tuple]:
     """Nonzero A and B (B is zero at a real init; here its gradient path must be exercised)."""
     generator = torch.Generator().manual_seed(seed)
     shapes = config.projection_shapes
@@ -150,6 +150,22 @@ def test_block_backward_matches_torch_autograd(arch, mode):
     check(f"block_backward {arch} {mode} grad_x", grad_x, x_leaf.grad)
     worst = max(check(f"block_backward {arch} {mode} d{name}", grads[name], leaves[name].grad) for name in trainable)
     print(f"block_backward {arch} {mode}: worst weight grad max_rel_err {worst:.2e}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bitnet"])
+def test_explicit_attention_path_matches_torch(arch):
+    """With attention dropout the probabilities are formed explicitly (GQA heads repeated, causal mask, fp32
+    softmax). At p = 1e-12 every element is kept (and 1 / (1 - p) rounds to 1 in fp32), so that path must give
+    torch's no-dropout block."""
+    config = config_of(arch)
+    params = block_params(config)
+    x, _ = inputs(config)
+    cos, sin = tm.rope_tables(config, torch.arange(SEQ))
+    mcos, msin = mm.rope_tables(config, SEQ)
+    want = tm.block_forward(params, x, config, cos, sin, quantize=0.0)
+    got = mm.block_forward(tree_to_mx(params), to_mx(x), config, mcos, msin, quantize=0.0, dropout_p=1e-12,
+                           key=mm.dropout_key(0, 1, 0, 0))
+    check(f"block_forward {arch} explicit attention path", got, want)
 
 
 def test_weight_quantize_mix_is_the_engines_mix_with_a_straight_through_gradient():
@@ -365,9 +381,9 @@ def test_array_conversions_keep_values_and_bits():
     assert to_mx(packed).dtype == mx.uint8 and torch.equal(to_torch(to_mx(packed)), packed)
     converted = tree_to_mx({"weight": values.to(torch.bfloat16), "packed": packed}, mx.float32)
     assert converted["weight"].dtype == mx.float32 and converted["packed"].dtype == mx.uint8
-    # MLX -> numpy shares the array's memory (no copy on the way out to the store or the writer).
-    array = to_mx(values)
-    assert not np.array(array, copy=False).flags["OWNDATA"]
+    # MLX -> torch shares the array's memory (no copy on the way out to the store or the writer).
+    array = to_mx(values) * 2.0
+    assert to_torch(array).data_ptr() == to_numpy(array).ctypes.data == np.array(array, copy=False).ctypes.data
 
 
 # ------------------------------------------------------------------ the in-memory reference
@@ -429,7 +445,8 @@ def test_reference_gradients_and_adamw_step_match_the_torch_in_memory_model(arch
     # From its own gradients the first AdamW step is about lr * sign(g): a gradient element within the two
     # backends' rounding noise of zero moves its weight by up to 2 lr apart, so only that bound holds.
     own, _ = mr.adamw_step(mlx_units, grads, {}, step=1, lr=1e-3, weight_decay=0.1)
-    apart = max(float(np.abs(to_numpy(own[u][n]) - after[u][n].detach().numpy()).max()) for u in units for n in units[u])
+    apart = max(float(np.abs(to_numpy(own[u][n]) - after[u][n].detach().numpy()).max())
+                for u in units for n in units[u])
     worst_own = max(rel_err(own[u][n], after[u][n]) for u in units for n in units[u])
     print(f"reference {arch} tie={tie} {mode}: AdamW-stepped weights (own grads) worst max_rel_err {worst_own:.2e}, "
           f"max |difference| {apart:.2e} (lr 1e-3)")

@@ -221,8 +221,7 @@ def block_forward(params: dict, x: mx.array, config: ModelConfig, cos, sin, *, q
 def trainable_names(params: dict, lora: bool) -> list[str]:
     """The names a block's backward differentiates: the LoRA matrices only (``lora``), else every weight and
     norm (full and qat)."""
-    is_adapter = [name.endswith((LORA_A, LORA_B)) for name in params]
-    return [name for name, adapter in zip(params, is_adapter) if adapter == lora]
+    return [name for name in params if name.endswith((LORA_A, LORA_B)) == lora]
 
 
 def block_backward(params: dict, x: mx.array, grad_out: mx.array, config: ModelConfig, cos, sin, *,
@@ -234,9 +233,10 @@ def block_backward(params: dict, x: mx.array, grad_out: mx.array, config: ModelC
 
     Returns ``(dL/dx, {name: dL/dparam})`` for the names in ``trainable`` (see ``trainable_names``). With
     ``weight_quantize`` (or unpacked ternary weights given as the projections), a projection's gradient is its
-    master's (straight-through), the one the update applies."""
+    master's (straight-through), the one the update applies. The results are lazy: ``mx.eval`` them before they
+    are handed on (to an update, the writer) or the block's inputs are dropped, so the graph never spans blocks."""
     names = list(trainable)
-    frozen = {name: value for name, value in params.items() if name not in set(names)}
+    frozen = {name: value for name, value in params.items() if name not in names}
 
     def replay(x, *weights):
         return block_forward({**frozen, **dict(zip(names, weights))}, x, config, cos, sin, quantize=quantize,

@@ -29,8 +29,9 @@ LORA_A, LORA_B = ".lora_a", ".lora_b"
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    """RMSNorm with fp32 statistics, as LlamaRMSNorm."""
-    return mx.fast.rms_norm(x, weight, eps)
+    """RMSNorm with fp32 statistics, as LlamaRMSNorm; the result keeps ``x``'s dtype (fp32 norm weights would
+    otherwise promote a bf16 block to fp32 from its first norm on)."""
+    return mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:

@@ -13,6 +13,8 @@ setup(
     extras_require={
         "test": ["pytest", "transformers", "accelerate", "peft", "matplotlib", "tiktoken"],
         "plot": [],  # kept so that `pip install -e ".[plot]"` still works; matplotlib is a default requirement
+        # The MLX compute backend (offload_bitnet/backends/mlx): Metal on a Mac, the CPU build on Linux.
+        "mlx": ["mlx[cpu]; sys_platform == 'linux'", "mlx; sys_platform == 'darwin'"],
     },
     entry_points={"console_scripts": ["offload-bitnet=offload_bitnet.cli:main"]},
 )

@@ -1,0 +1,58 @@
+"""Next-token targets and the chunked cross-entropy of the head, in MLX (mirrors the engine's
+``shift_labels`` and ``chunked_cross_entropy``)."""
+from __future__ import annotations
+
+import mlx.core as mx
+
+# The engine's ignored-target label (engine.IGNORE_INDEX; tests check that the two agree).
+IGNORE_INDEX = -100
+
+
+def shift_labels(input_ids: mx.array, labels: mx.array | None = None) -> mx.array:
+    """Next-token targets: position t predicts labels[t+1]; the last position predicts nothing."""
+    labels = input_ids if labels is None else labels
+    ignored = mx.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype)
+    return mx.concatenate([labels[:, 1:], ignored], axis=1)
+
+
+def chunked_cross_entropy(hidden: mx.array, head_weight: mx.array, targets: mx.array, chunk_tokens: int,
+                          scale: float, backward: bool) -> tuple[float, mx.array | None, mx.array | None]:
+    """Sum of token cross-entropies times ``scale``, computed ``chunk_tokens`` rows of logits at a time, so that
+    [tokens x vocab] logits never exist at once. ``hidden`` ``[..., dim]``, ``targets`` ``[...]`` (IGNORE_INDEX:
+    no target); chunks without any target are skipped, as in the torch path.
+
+    Returns ``(loss, dL/dhidden, dL/dhead_weight)``, the gradients ``None`` unless ``backward``. Each chunk is
+    evaluated before the next is built, so MLX's lazy graph holds one chunk's logits at a time."""
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, shape[-1])
+    targets = targets.reshape(-1)
+    total = 0.0
+    grad_chunks, grad_weight = [], None
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk, target = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        valid = target != IGNORE_INDEX
+        if not valid.any().item():
+            if backward:
+                grad_chunks.append(mx.zeros_like(chunk))
+            continue
+        logits = (chunk @ head_weight.T).astype(mx.float32)
+        safe_target = mx.where(valid, target, 0).astype(mx.int32)
+        log_norm = mx.logsumexp(logits, axis=-1)
+        picked = mx.take_along_axis(logits, safe_target[:, None], axis=-1)[:, 0]
+        loss = mx.sum(mx.where(valid, log_norm - picked, 0.0)) * scale
+        if backward:
+            # d(sum CE)/dlogits = softmax - onehot on the rows with a target, times the loss scale.
+            onehot = mx.arange(logits.shape[-1])[None, :] == safe_target[:, None]
+            grad_logits = (mx.exp(logits - log_norm[:, None]) - onehot) * (valid[:, None] * scale)
+            grad_logits = grad_logits.astype(head_weight.dtype)
+            grad_chunks.append(grad_logits @ head_weight)
+            chunk_weight_grad = grad_logits.T @ chunk
+            grad_weight = chunk_weight_grad if grad_weight is None else grad_weight + chunk_weight_grad
+            mx.eval(loss, grad_chunks[-1], grad_weight)
+        total += loss.item()
+    if not backward:
+        return total, None, None
+    if grad_weight is None:
+        grad_weight = mx.zeros_like(head_weight)
+    grad_hidden = mx.concatenate(grad_chunks, axis=0) if grad_chunks else mx.zeros_like(hidden)
+    return total, grad_hidden.reshape(shape), grad_weight

@@ -2,10 +2,10 @@
 import numpy as np
 import torch
 
-from offload_bitnet import model as tm
+from offload_bitnet.model import block as tm
 from offload_bitnet.backends.mlx.arrays import to_numpy
-from offload_bitnet.config import ModelConfig
-from offload_bitnet.store import block_unit
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.store.units import block_unit
 
 TOLERANCE = 1e-5
 SEQ, BATCH = 12, 2

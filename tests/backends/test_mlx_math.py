@@ -17,16 +17,16 @@ import torch.nn.functional as F
 
 mx = pytest.importorskip("mlx.core")
 
-from offload_bitnet import engine as torch_engine  # noqa: E402
-from offload_bitnet import model as tm  # noqa: E402
-from offload_bitnet import ternary as tt  # noqa: E402
+from offload_bitnet.model import loss as torch_loss  # noqa: E402
+from offload_bitnet.model import block as tm  # noqa: E402
+from offload_bitnet.model import ternary as tt  # noqa: E402
 from offload_bitnet.backends.mlx import loss as ml  # noqa: E402
 from offload_bitnet.backends.mlx import model as mm  # noqa: E402
 from offload_bitnet.backends.mlx import optim as mo  # noqa: E402
 from offload_bitnet.backends.mlx import ternary as mt  # noqa: E402
 from offload_bitnet.backends.mlx.arrays import to_mx, to_numpy, to_torch, tree_to_mx  # noqa: E402
-from offload_bitnet.lora import LoRAAdapter  # noqa: E402
-from offload_bitnet.optim import AdamWConfig, adamw_update as torch_adamw_update  # noqa: E402
+from offload_bitnet.model.lora import LoRAAdapter  # noqa: E402
+from offload_bitnet.model.adamw import AdamWConfig, adamw_update as torch_adamw_update  # noqa: E402
 
 from mlx_cases import SEQ, TOLERANCE, block_params, check, config_of, inputs, lora_mats  # noqa: E402
 
@@ -246,12 +246,12 @@ def test_activation_quantization_is_exact_and_straight_through():
 # ------------------------------------------------------------------ loss
 
 def test_shift_labels_and_ignore_index_match_the_engine():
-    assert ml.IGNORE_INDEX == torch_engine.IGNORE_INDEX
+    assert ml.IGNORE_INDEX is torch_loss.IGNORE_INDEX
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
     labels = ids.clone()
     labels[0, :3] = -100
     for given in (None, labels):
-        want = torch_engine.shift_labels(ids, given)
+        want = torch_loss.shift_labels(ids, given)
         got = ml.shift_labels(to_mx(ids), None if given is None else to_mx(given))
         assert np.array_equal(to_numpy(got), want.numpy())
 
@@ -266,7 +266,7 @@ def test_chunked_cross_entropy_matches_torch(chunk_tokens):
     targets[1, -1] = ml.IGNORE_INDEX
     scale = 1.0 / int((targets != ml.IGNORE_INDEX).sum())
     weight_grad = torch.empty_like(head)
-    want_loss, want_grad = torch_engine.chunked_cross_entropy(hidden, head, targets, chunk_tokens, scale, True,
+    want_loss, want_grad = torch_loss.chunked_cross_entropy(hidden, head, targets, chunk_tokens, scale, True,
                                                               weight_grad=weight_grad)
     loss, grad_hidden, grad_head = ml.chunked_cross_entropy(to_mx(hidden), to_mx(head), to_mx(targets),
                                                             chunk_tokens, scale, backward=True)

@@ -10,9 +10,9 @@ from offload_bitnet.backends.mlx import loss as ml  # noqa: E402
 from offload_bitnet.backends.mlx import model as mm  # noqa: E402
 from offload_bitnet.backends.mlx import reference as mr  # noqa: E402
 from offload_bitnet.backends.mlx.arrays import to_mx, to_numpy, tree_to_mx  # noqa: E402
-from offload_bitnet.inmemory import InMemoryModel  # noqa: E402
-from offload_bitnet.optim import AdamWConfig  # noqa: E402
-from offload_bitnet.store import block_unit  # noqa: E402
+from offload_bitnet.reference.inmemory import InMemoryModel  # noqa: E402
+from offload_bitnet.model.adamw import AdamWConfig  # noqa: E402
+from offload_bitnet.store.units import block_unit  # noqa: E402
 from mlx_cases import (SEQ, TOLERANCE, check, config_of, lora_mats, micro_batches, model_units,  # noqa: E402
                        rel_err)
 

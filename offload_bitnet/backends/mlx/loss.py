@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-# The engine's ignored-target label (engine.IGNORE_INDEX; tests check that the two agree).
-IGNORE_INDEX = -100
+from offload_bitnet.model.loss import IGNORE_INDEX  # the one definition
 
 
 def shift_labels(input_ids: mx.array, labels: mx.array | None = None) -> mx.array:

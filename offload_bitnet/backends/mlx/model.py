@@ -19,8 +19,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from ...config import ModelConfig
-from .ternary import quantize_weight, ste_quantize_activation, ste_quantize_weight
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.backends.mlx.ternary import quantize_weight, ste_quantize_activation, ste_quantize_weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # One dropout key per site of a block call; the LoRA inputs of each projection are sites of their own.

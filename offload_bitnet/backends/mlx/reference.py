@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ...config import ModelConfig
-from ...store import block_unit
-from .loss import IGNORE_INDEX, shift_labels
-from .model import LORA_A, LORA_B, block_forward, dropout_key, rms_norm, rope_tables
-from .optim import adamw_update
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.store.units import block_unit
+from offload_bitnet.backends.mlx.loss import IGNORE_INDEX, shift_labels
+from offload_bitnet.backends.mlx.model import LORA_A, LORA_B, block_forward, dropout_key, rms_norm, rope_tables
+from offload_bitnet.backends.mlx.optim import adamw_update
 
 
 def head_weight(units: dict, config: ModelConfig) -> mx.array:

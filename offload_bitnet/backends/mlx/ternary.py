@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .arrays import to_mx
+from offload_bitnet.backends.mlx.arrays import to_mx
 
 VALUES_PER_BYTE = 4
 

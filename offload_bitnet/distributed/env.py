@@ -141,14 +141,13 @@ class DistContext:
         self.backend = None
 
 
-def init_distributed(device: str = "cpu", backend: str | None = None, environ=None,
-                     timeout_s: float = 1800.0) -> DistContext:
+def init_distributed(device: str = "cpu", backend: str | None = None, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun set up (``init_process_group`` over its ``env://`` rendezvous), or
     return a single-process DistContext when this process was not started by torchrun.
 
     ``backend``: gloo or nccl (default: ``default_backend(device)``). ``timeout_s``: how long a collective
     waits for a rank that does not come (a crashed rank then turns into an error on the others)."""
-    env = TorchrunEnv.from_environ(environ)
+    env = TorchrunEnv.from_environ()  # env:// below reads the same variables (torchrun's agent store too)
     if env is None:
         return DistContext(device=device)
     backend = backend or default_backend(device)

@@ -128,3 +128,19 @@ def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> 
         return run()
     finally:
         context.close()
+
+
+def collectives_program() -> dict:
+    """Each rank contributes rank-dependent values to every collective of DistContext."""
+    from offload_bitnet.distributed.env import init_distributed
+
+    context = init_distributed("cpu", timeout_s=ALONE_S)
+    try:
+        tensor = torch.full((3,), 0.1 * (context.rank + 1))
+        context.all_reduce_sum_(tensor)
+        return {"describe": context.describe(), "is_main": context.is_main, "backend": context.backend,
+                "sum": context.all_reduce_sum_int([context.rank + 1, 10]),
+                "min": context.all_reduce_min_int([context.rank + 5]), "max": context.all_reduce_max_int([context.rank]),
+                "tensor": tensor.tolist(), "gathered": context.all_gather_object({"r": context.rank})}
+    finally:
+        context.close()

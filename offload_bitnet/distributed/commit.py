@@ -58,7 +58,10 @@ class RankCommit:
             return store.step
         mine = {"path": store.path, "step": store.step, "previous": store.previous_step,
                 "fingerprint": store_fingerprint(store), "recorded": recorded}
-        everyone = context.all_gather_object(mine)
+        try:
+            everyone = context.all_gather_object(mine)
+        except Exception as error:
+            raise self._lost_rank("the recovery at start (the ranks' exchange of their steps)", error) from error
         problem = self._check(everyone)  # every rank sees the same list, so every rank raises the same error
         if problem:
             raise DistributedError(problem)
@@ -88,10 +91,14 @@ class RankCommit:
     def _barrier(self, where: str):
         try:
             self.context.barrier()
-        except Exception as error:  # a rank died or stopped answering: gloo/NCCL name no rank themselves
-            raise DistributedError(f"{self.context.describe()}: another rank stopped during {where} ({error}). "
-                                   "Relaunch the same command: every rank comes back to the last step all of "
-                                   "them committed.") from error
+        except Exception as error:
+            raise self._lost_rank(where, error) from error
+
+    def _lost_rank(self, where: str, error: Exception) -> DistributedError:
+        # a rank died or stopped answering: gloo and NCCL name no rank themselves
+        return DistributedError(f"{self.context.describe()}: another rank stopped during {where} ({error}). "
+                                "Relaunch the same command: every rank comes back to the last step all of them "
+                                "committed.")
 
     def _world_size_message(self, recorded: dict) -> str:
         return (f"store {self.store.path} belongs to a run on {recorded.get('world_size')} ranks (it is rank "

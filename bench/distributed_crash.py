@@ -4,7 +4,7 @@ must bring both ranks back to one step, and the end must be bit-identical to an 
     python bench/distributed_crash.py [--kills 10] [--seed 0] [--workdir DIR] [--keep] [--quick]
 
 Store level (the distributed step is not wired into the engine yet): each rank, started by
-``torchrun --standalone --nproc_per_node 2``, opens its own demo store, recovers (``RankCommit.recover``) and
+``torchrun --standalone --nproc_per_node 2``, opens its own store (``make_rank_store`` of a demo model), recovers (``RankCommit.recover``) and
 commits steps of deterministic updates that depend on the previous contents (every unit's weights on every
 rank, the moments of the units it owns, ``distributed/sharding.py``) with the two-phase commit of
 ``distributed/commit.py``. When one rank dies, torchrun stops the other (SIGTERM), as in a real run.
@@ -42,6 +42,8 @@ import torch  # noqa: E402
 
 from _common import banner, check, fail, finish, scratch_dir  # noqa: E402
 from offload_bitnet import create_model  # noqa: E402
+from offload_bitnet.distributed.rank_stores import make_rank_store  # noqa: E402
+from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan  # noqa: E402
 from offload_bitnet.store.blockstore import MANIFEST, UNITS_DIR, BlockStore  # noqa: E402
 
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "read")
@@ -120,8 +122,13 @@ def differences(path: str, reference: str) -> list[str]:
 
 
 def new_stores(folder: str, name: str) -> list[str]:
-    return [create_model(os.path.join(folder, name, f"store.rank{rank}"), size="demo", arch="bitnet")
-            for rank in range(2)]
+    """Both ranks' stores (``make_rank_store``) of one demo model, in ``folder/name``."""
+    source = BlockStore(create_model(os.path.join(folder, name, "model"), size="demo", arch="bitnet"))
+    plan = shard_plan(source.config, 2, source.settings)
+    paths = [rank_store_dir(os.path.join(folder, name), rank) for rank in range(2)]
+    for rank, path in enumerate(paths):
+        make_rank_store(source, path, plan, rank).close()
+    return paths
 
 
 def main(args) -> int:
@@ -157,7 +164,7 @@ def main(args) -> int:
             placed = {0: "write.data", 1: "commit.rename", 2: "commit.cleanup"}
             point = placed.get(index) or rng.choice(POINTS)
             if point == "commit.rename" and index == 1:
-                # passes on a relaunch: 2 per step (switch, release), the switches are the odd ones
+                # 2 passes per step (switch, release): the switches are the odd ones
                 count = 2 * rng.randrange(left) + 1
             else:
                 count = rng.randint(1, max(1, round(per_step[rank][point] * left)))
@@ -182,7 +189,7 @@ def main(args) -> int:
               f"{results[0]['step']}")
 
         restarted = new_stores(folder, "restarts")
-        code, results, output = torchrun(restarted, steps, fault_rank=1, fault="commit.rename:4:kill",
+        code, results, output = torchrun(restarted, steps, fault_rank=1, fault="commit.rename:3:kill",
                                           max_restarts=1, first_attempt_only=True)
         resumed = [r.get("start") for r in results]
         print(f"torchrun --max-restarts 1, rank 1 killed between the switches of step 2 on the first attempt: "

@@ -9,15 +9,22 @@ import torch
 from offload_bitnet import create_model
 from offload_bitnet.distributed.commit import RankCommit
 from offload_bitnet.distributed.env import DistContext, DistributedError
+from offload_bitnet.distributed.rank_stores import make_rank_store
+from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
 from offload_bitnet.store.blockstore import BlockStore
 from rank_runs import commit_program, launch
 
 STEPS = 3
 
 
-def _stores(folder, world_size=2, **options):
-    return [create_model(str(folder / f"store.rank{rank}"), size="demo", arch="bitnet", n_layers=2, **options)
-            for rank in range(world_size)]
+def _stores(folder, world_size=2):
+    """Each rank's store, made from one demo model (the manifests record the world size and rank)."""
+    source = BlockStore(create_model(str(folder / "model"), size="demo", arch="bitnet", n_layers=2))
+    plan = shard_plan(source.config, world_size, source.settings)
+    paths = [rank_store_dir(str(folder), rank) for rank in range(world_size)]
+    for rank, path in enumerate(paths):
+        make_rank_store(source, path, plan, rank).close()
+    return paths
 
 
 def _state(path):
@@ -74,11 +81,11 @@ def test_commits_advance_together_and_record_the_run(clean_run):
 CRASHES = {
     # killed writing step 2's files (67 chunk writes per step on rank 1): nobody switched
     "while writing": ("write.data:100:kill", [(1, None), (1, None)]),
-    # passes through commit.rename: 1 stamps the run's record at recovery, then 2 per step (switch, release);
-    # 4 = step 2's switch: rank 0 switches (keeping 1), rank 1 dies before it does
-    "between the switches": ("commit.rename:4:kill", [(2, 1), (1, None)]),
-    # 5 = step 2's release: both switched, rank 1 still keeps step 1
-    "before releasing": ("commit.rename:5:kill", [(2, None), (2, 1)]),
+    # passes through commit.rename: 2 per step (switch, release);
+    # 3 = step 2's switch: rank 0 switches (keeping 1), rank 1 dies before it does
+    "between the switches": ("commit.rename:3:kill", [(2, 1), (1, None)]),
+    # 4 = step 2's release: both switched, rank 1 still keeps step 1
+    "before releasing": ("commit.rename:4:kill", [(2, None), (2, 1)]),
 }
 
 

@@ -10,6 +10,8 @@ that do not depend on the engine's step. Work in progress (issue 13): nothing he
   ``global_target_tokens`` is the loss's denominator (all-reduced).
 * ``sharding.py``: the owner rank of each unit's master weights and moments (contiguous ranges balanced by
   bytes), the per-rank store folders (``RUN/store.rank<R>``) and each rank's bytes on disk and per step.
+* ``rank_stores.py``: ``make_rank_store``: a rank's store from the model's (every ``weights`` part, the owned
+  ``shadow`` and ``optim`` parts, the run's world size and the rank recorded in the manifest).
 * ``commit.py``: the two-phase commit across ranks and the recovery at start (the state diagram is there).
 
 How it will plug into the step (for the integrator, once the engine's "trainable" interface lands):
@@ -17,8 +19,9 @@ How it will plug into the step (for the integrator, once the engine's "trainable
 1. Start: ``context = init_distributed(args.device, args.dist_backend)``; the trainer's body runs under
    ``named_rank_errors(context)``; only ``context.is_main`` prints progress and writes metrics.jsonl,
    status.json and the plot. Each rank opens its own store, ``rank_store_dir(run_dir, rank)``, made from the
-   model by keeping every unit's ``weights`` and, for the units ``shard_plan(...).owner(unit) == rank``, the
-   ``shadow`` and ``optim`` parts. ``RankCommit(context, store).recover()`` gives the step to resume from.
+   model by ``make_rank_store`` (every unit's ``weights``; ``shadow`` and ``optim`` of the units
+   ``shard_plan(...).owner(unit) == rank``). ``RankCommit(context, store).recover()`` gives the step to
+   resume from.
 2. Data: every rank draws the same step batch (same seed and data position) and runs
    ``rank_sequences(batch, world_size, grad_accum, rank)``; the loss scale is ``1 / global_target_tokens``.
 3. Backward, full weights (qat, full): after the replay of block i on every rank, its fp32 gradients are

@@ -123,3 +123,28 @@ def test_stores_of_different_models_are_refused_on_every_rank(tmp_path):
         assert result["error"].startswith(f"rank {rank} of 2: the ranks' stores hold different models")
         assert str(tmp_path / "a") in result["error"] and str(tmp_path / "b") in result["error"]
     assert [_manifest(p)["step"] for p in paths] == [0, 0]
+
+
+def _rank_stores_for(folder, world_size, ranks):
+    source = BlockStore(create_model(str(folder / "model"), size="demo", arch="bitnet", n_layers=2))
+    plan = shard_plan(source.config, world_size, source.settings)
+    return [make_rank_store(source, str(folder / f"for{world_size}.rank{r}"), plan, r).path for r in ranks]
+
+
+def test_stores_of_a_run_on_another_world_size_are_refused_on_every_rank(tmp_path):
+    paths = _rank_stores_for(tmp_path, 3, [0, 1])
+    results = launch(commit_program, 2, str(tmp_path / "results"), store_dirs=paths, steps=1)
+    for rank, result in enumerate(results):
+        assert result["exitcode"] == 1
+        assert result["error"] == (f"rank {rank} of 2: rank 0: store {paths[0]} belongs to a run on 3 ranks, and "
+                                   "this run has 2. Relaunch with 3 processes (torchrun --nproc_per_node / "
+                                   "--nnodes), or start a new run from the model.")
+    assert [_manifest(p)["step"] for p in paths] == [0, 0]
+
+
+def test_swapped_rank_stores_are_refused(tmp_path):
+    paths = _rank_stores_for(tmp_path, 2, [1, 0])
+    results = launch(commit_program, 2, str(tmp_path / "results"), store_dirs=paths, steps=1)
+    for rank, result in enumerate(results):
+        assert result["exitcode"] == 1
+        assert f"rank 0 was given store {paths[0]}, which is rank 1's share of the run" in result["error"]

@@ -4,10 +4,11 @@ must bring both ranks back to one step, and the end must be bit-identical to an 
     python bench/distributed_crash.py [--kills 10] [--seed 0] [--workdir DIR] [--keep] [--quick]
 
 Store level (the distributed step is not wired into the engine yet): each rank, started by
-``torchrun --standalone --nproc_per_node 2``, opens its own store (``make_rank_store`` of a demo model), recovers (``RankCommit.recover``) and
-commits steps of deterministic updates that depend on the previous contents (every unit's weights on every
-rank, the moments of the units it owns, ``distributed/sharding.py``) with the two-phase commit of
-``distributed/commit.py``. When one rank dies, torchrun stops the other (SIGTERM), as in a real run.
+``torchrun --standalone --nproc_per_node 2``, opens its own store (``make_rank_store`` of a demo model),
+recovers (``RankCommit.recover``) and commits steps of deterministic updates that depend on the previous
+contents (every unit's weights on every rank, the moments of the units it owns, ``distributed/sharding.py``)
+with the two-phase commit of ``distributed/commit.py``. When one rank dies, torchrun stops the other
+(SIGTERM), as in a real run.
 
 1. Reference: an uninterrupted run of K steps. Calibration: the same with fault points counting, for how
    many passes each point makes per step on each rank.
@@ -41,9 +42,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))  # the rank progr
 import torch  # noqa: E402
 
 from _common import banner, check, fail, finish, scratch_dir  # noqa: E402
-from offload_bitnet import create_model  # noqa: E402
-from offload_bitnet.distributed.rank_stores import make_rank_store  # noqa: E402
-from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan  # noqa: E402
 from offload_bitnet.store.blockstore import MANIFEST, UNITS_DIR, BlockStore  # noqa: E402
 
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "read")
@@ -123,12 +121,9 @@ def differences(path: str, reference: str) -> list[str]:
 
 def new_stores(folder: str, name: str) -> list[str]:
     """Both ranks' stores (``make_rank_store``) of one demo model, in ``folder/name``."""
-    source = BlockStore(create_model(os.path.join(folder, name, "model"), size="demo", arch="bitnet"))
-    plan = shard_plan(source.config, 2, source.settings)
-    paths = [rank_store_dir(os.path.join(folder, name), rank) for rank in range(2)]
-    for rank, path in enumerate(paths):
-        make_rank_store(source, path, plan, rank).close()
-    return paths
+    from rank_runs import rank_stores
+
+    return rank_stores(os.path.join(folder, name), n_layers=4)
 
 
 def main(args) -> int:

@@ -161,15 +161,27 @@ def init_distributed(device: str = "cpu", backend: str | None = None, timeout_s:
         raise DistributedError(f"this torch build has no {backend} backend; install one that has it")
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                **_rendezvous(env, timeout))
     except Exception as error:
         raise DistributedError(f"rank {env.rank} of {env.world_size} could not join the process group at "
                                f"{env.master_addr}:{env.master_port} ({backend}): {error}. Check that every "
                                "machine reaches that address and port, and that all ranks use the same command.")\
             from error
     return DistContext(env.rank, env.world_size, env.local_rank, backend, device)
+
+
+def _rendezvous(env: TorchrunEnv, timeout: datetime.timedelta) -> dict:
+    """How the ranks find each other: through torchrun's agent store, under a prefix of its own for each
+    restart (``torchrun --max-restarts``: the agent keeps one store across restarts here, and a restarted
+    group would otherwise read the previous attempt's gloo addresses and fail to connect); else ``env://``."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return {"init_method": "env://"}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"offload_bitnet/attempt_{attempt}", store)}
 
 
 def named_rank_errors(context: DistContext):

@@ -96,7 +96,8 @@ class ShardPlan:
             lines.append(f"rank {share.rank}: owns {span} ({len(share.units)} units, "
                          f"{human(share.owned_bytes)} of master weights and moments, "
                          f"{100 * share.owned_bytes / max(self.single_owned_bytes, 1):.1f}%); disk "
-                         f"{human(share.disk_bytes)} ({human(share.peak_disk_bytes)} while committing), per step writes {human(share.written_per_step)}, "
+                         f"{human(share.disk_bytes)} ({human(share.peak_disk_bytes)} while committing), "
+                         f"per step writes {human(share.written_per_step)}, "
                          f"reads {human(share.read_per_step)}")
         return lines
 

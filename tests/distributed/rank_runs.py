@@ -10,7 +10,11 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from offload_bitnet import create_model
+from offload_bitnet.distributed.rank_stores import make_rank_store
+from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
 from offload_bitnet.io import faults
+from offload_bitnet.store.blockstore import BlockStore
 
 ALONE_S = 60  # a rank left alone (its peer killed) gives up after this long at the latest
 
@@ -76,6 +80,38 @@ def _rank_main(program, env, fault, results_dir, kwargs):
         os._exit(1)
 
 
+# ---------------------------------------------------------------------------------------- stores
+def rank_stores(folder, world_size: int = 2, n_layers: int = 2) -> list[str]:
+    """Each rank's store, made from one demo model in ``folder`` (the manifests record the world size and
+    rank)."""
+    folder = str(folder)
+    source = BlockStore(create_model(os.path.join(folder, "model"), size="demo", arch="bitnet", n_layers=n_layers))
+    plan = shard_plan(source.config, world_size, source.settings)
+    paths = [rank_store_dir(folder, rank) for rank in range(world_size)]
+    for rank, path in enumerate(paths):
+        make_rank_store(source, path, plan, rank).close()
+    return paths
+
+
+def store_state(path):
+    """The committed manifest and every tensor of every part of a store."""
+    store = BlockStore(path)
+    tensors = {(unit, part): store.read(unit, part) for unit, parts in store.manifest["files"].items()
+               for part in parts}
+    return store.manifest, tensors
+
+
+def assert_same_state(path_a, path_b):
+    manifest_a, tensors_a = store_state(path_a)
+    manifest_b, tensors_b = store_state(path_b)
+    assert manifest_a["step"] == manifest_b["step"] and manifest_a["files"] == manifest_b["files"]
+    assert manifest_a["extra"] == manifest_b["extra"] and "previous" not in manifest_a
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        for name in tensors_a[key]:
+            assert torch.equal(tensors_a[key][name], tensors_b[key][name]), (key, name)
+
+
 # ---------------------------------------------------------------------------------------- the commit program
 def step_tensors(tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
     """A deterministic "update" that depends on the previous contents (a wrong rollback shows in the result)."""
@@ -89,7 +125,8 @@ def step_tensors(tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch
 
 
 def moments(tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-    return {f"{name}.exp_avg": (tensor.float() * 0.01 + step).flatten()[:64].clone() for name, tensor in tensors.items()}
+    return {f"{name}.exp_avg": (tensor.float() * 0.01 + step).flatten()[:64].clone()
+            for name, tensor in tensors.items()}
 
 
 def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> dict:
@@ -140,7 +177,8 @@ def collectives_program() -> dict:
         context.all_reduce_sum_(tensor)
         return {"describe": context.describe(), "is_main": context.is_main, "backend": context.backend,
                 "sum": context.all_reduce_sum_int([context.rank + 1, 10]),
-                "min": context.all_reduce_min_int([context.rank + 5]), "max": context.all_reduce_max_int([context.rank]),
+                "min": context.all_reduce_min_int([context.rank + 5]),
+                "max": context.all_reduce_max_int([context.rank]),
                 "tensor": tensor.tolist(), "gathered": context.all_gather_object({"r": context.rank})}
     finally:
         context.close()

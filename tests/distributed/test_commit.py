@@ -10,40 +10,11 @@ from offload_bitnet import create_model
 from offload_bitnet.distributed.commit import RankCommit
 from offload_bitnet.distributed.env import DistContext, DistributedError
 from offload_bitnet.distributed.rank_stores import make_rank_store
-from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
+from offload_bitnet.distributed.sharding import shard_plan
 from offload_bitnet.store.blockstore import BlockStore
-from rank_runs import commit_program, launch
+from rank_runs import assert_same_state, commit_program, launch, rank_stores
 
 STEPS = 3
-
-
-def _stores(folder, world_size=2):
-    """Each rank's store, made from one demo model (the manifests record the world size and rank)."""
-    source = BlockStore(create_model(str(folder / "model"), size="demo", arch="bitnet", n_layers=2))
-    plan = shard_plan(source.config, world_size, source.settings)
-    paths = [rank_store_dir(str(folder), rank) for rank in range(world_size)]
-    for rank, path in enumerate(paths):
-        make_rank_store(source, path, plan, rank).close()
-    return paths
-
-
-def _state(path):
-    """The committed manifest and every tensor of every part of a store."""
-    store = BlockStore(path)
-    tensors = {(unit, part): store.read(unit, part) for unit, parts in store.manifest["files"].items()
-               for part in parts}
-    return store.manifest, tensors
-
-
-def _assert_same_state(path_a, path_b):
-    manifest_a, tensors_a = _state(path_a)
-    manifest_b, tensors_b = _state(path_b)
-    assert manifest_a["step"] == manifest_b["step"] and manifest_a["files"] == manifest_b["files"]
-    assert manifest_a["extra"] == manifest_b["extra"] and "previous" not in manifest_a
-    assert tensors_a.keys() == tensors_b.keys()
-    for key in tensors_a:
-        for name in tensors_a[key]:
-            assert torch.equal(tensors_a[key][name], tensors_b[key][name]), (key, name)
 
 
 def _manifest(path):
@@ -54,7 +25,7 @@ def _manifest(path):
 def clean_run(tmp_path_factory):
     """An uninterrupted 2-rank run of STEPS steps: the reference the crash tests must end at, bit for bit."""
     folder = tmp_path_factory.mktemp("clean")
-    paths = _stores(folder)
+    paths = rank_stores(folder)
     results = launch(commit_program, 2, str(folder / "results"), store_dirs=paths, steps=STEPS)
     return paths, results
 
@@ -92,7 +63,7 @@ CRASHES = {
 @pytest.mark.parametrize("moment", list(CRASHES))
 def test_rank_killed_during_a_commit_comes_back_to_the_clean_result(tmp_path, clean_run, moment):
     fault, expected = CRASHES[moment]
-    paths = _stores(tmp_path)
+    paths = rank_stores(tmp_path)
     crashed = launch(commit_program, 2, str(tmp_path / "results"), store_dirs=paths, steps=STEPS,
                      faults_by_rank={1: fault})
     assert crashed[1]["exitcode"] == -9, crashed  # SIGKILL
@@ -104,7 +75,7 @@ def test_rank_killed_during_a_commit_comes_back_to_the_clean_result(tmp_path, cl
     assert [r["exitcode"] for r in resumed] == [0, 0], resumed
     assert [r["start"] for r in resumed] == [min(step for step, _ in expected)] * 2
     for path, reference in zip(paths, clean_run[0]):
-        _assert_same_state(path, reference)
+        assert_same_state(path, reference)
         assert not any(name.endswith(".tmp") for name in os.listdir(os.path.join(path, "units")))
 
 

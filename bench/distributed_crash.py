@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +47,6 @@ from offload_bitnet.store.blockstore import MANIFEST, UNITS_DIR, BlockStore  # n
 
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "read")
 WINDOW_STEPS = 2     # a kill lands within the next steps of the work left
-RESULT = "RANK-RESULT "
 RUN_TIMEOUT_S = 300
 
 
@@ -61,12 +61,14 @@ def rank_main(args) -> int:
     faults.configure(plan or args.count_plan)
     torch.set_num_threads(1)
     try:
-        result = commit_program(store_dirs=args.stores.split(","), steps=args.steps)
+        result = dict(commit_program(store_dirs=args.stores.split(","), steps=args.steps), rank=rank,
+                      counts=faults.pass_counts())
     except Exception as error:
-        print(RESULT + json.dumps({"rank": rank, "error": str(error)}), flush=True)
-        return 1
-    print(RESULT + json.dumps(dict(result, rank=rank, counts=faults.pass_counts())), flush=True)
-    return 0
+        result = {"rank": rank, "error": str(error)}
+    # a file per rank, not stdout: the ranks' lines interleave there. A restarted attempt overwrites it.
+    with open(os.path.join(args.results, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+    return 1 if "error" in result else 0
 
 
 # ------------------------------------------------------------------------------------------- orchestration
@@ -82,14 +84,17 @@ def torchrun(stores: list[str], steps: int, fault_rank: int = -1, fault: str = "
         command.append("--first-attempt-only")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("OFFLOAD_BITNET_FAULTS", None)
+    results_dir = os.path.join(os.path.dirname(stores[0]), "results")  # beside the rank stores
+    shutil.rmtree(results_dir, ignore_errors=True)
+    os.makedirs(results_dir)
+    command += ["--results", results_dir]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    output = done.stdout + done.stderr
-    last = {}  # each rank's result of the last attempt (torchrun --max-restarts runs several)
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT):
-            result = json.loads(line[len(RESULT):])
-            last[result["rank"]] = result
-    return done.returncode, [last[rank] for rank in sorted(last)], output
+    results = []  # each rank's result of the last attempt (torchrun --max-restarts runs several)
+    for rank in range(2):
+        path = os.path.join(results_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            results.append(json.load(open(path)))
+    return done.returncode, results, done.stdout + done.stderr
 
 
 def state(path: str) -> tuple[int, int | None]:
@@ -221,6 +226,7 @@ def parse(argv=None):
     parser.add_argument("--fault", default="", help=argparse.SUPPRESS)
     parser.add_argument("--count-plan", default="", help=argparse.SUPPRESS)
     parser.add_argument("--first-attempt-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -142,12 +142,13 @@ class DistContext:
 
 
 def init_distributed(device: str = "cpu", backend: str | None = None, timeout_s: float = 1800.0) -> DistContext:
-    """Join the process group torchrun set up (``init_process_group`` over its ``env://`` rendezvous), or
-    return a single-process DistContext when this process was not started by torchrun.
+    """Join the process group of the ranks torchrun started (``init_process_group``, meeting through
+    torchrun's store: ``_rendezvous``), or return a single-process DistContext when this process was not
+    started by torchrun.
 
     ``backend``: gloo or nccl (default: ``default_backend(device)``). ``timeout_s``: how long a collective
     waits for a rank that does not come (a crashed rank then turns into an error on the others)."""
-    env = TorchrunEnv.from_environ()  # env:// below reads the same variables (torchrun's agent store too)
+    env = TorchrunEnv.from_environ()
     if env is None:
         return DistContext(device=device)
     backend = backend or default_backend(device)
@@ -186,7 +187,8 @@ def _rendezvous(env: TorchrunEnv, timeout: datetime.timedelta) -> dict:
 
 def named_rank_errors(context: DistContext):
     """Decorate a function run on every rank so that its exceptions reach the user naming the rank:
-    ``rank 1 of 2: StoreError: ...`` (single-process runs keep their exceptions as they are)."""
+    ``rank 1 of 2: <its message>``, a RankError whose ``__cause__`` is the original (single-process runs
+    keep their exceptions as they are)."""
     def decorate(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):

@@ -12,7 +12,10 @@ A unit is ``embed``, ``block.NNN``, ``norm`` or ``head``; a part is ``weights`` 
 written beside the old ones under a new step number (writeback starts at once); ``commit`` fsyncs them, then
 switches to them with one atomic rename of the manifest, and only then recycles the files it replaced (they
 are overwritten by the next versions). A crash at any moment leaves the manifest at step k or k+1, and the
-files that belong to neither are removed the next time the store is opened for writing. Reads copy a file
+files that belong to neither are removed the next time the store is opened for writing. Across ranks
+(``distributed/commit.py``), ``commit(keep_previous=True)`` keeps the replaced state's files and records that
+state in the manifest (``previous``), so a store that got one step ahead of another rank can ``rollback``;
+``release_previous`` recycles them once every rank has switched. Reads copy a file
 into memory (a caller's ``BufferPool`` when given) and check its size and crc32c.
 
 The store knows files, checksums and commits; it knows nothing about training.
@@ -39,8 +42,13 @@ from offload_bitnet.io.safetensors import SafetensorsError, decode_safetensors, 
 from offload_bitnet.store.units import MODES, PARTS, unit_names, unit_shapes
 
 # The newest format this code reads. A store is written with the oldest version that describes it, so older
-# readers keep opening what they can read: 2 = packed-only (``StoreSettings.packed_only``), 1 = everything else.
-FORMAT_VERSION = 2
+# readers keep opening what they can read: 2 = packed-only (``StoreSettings.packed_only``), 1 = everything else
+# (and 3 below).
+FORMAT_VERSION = 3
+# 3 = a manifest that keeps its previous step for a rollback across ranks (``commit(keep_previous=True)``): an
+# older reader would delete the kept files. Only between the two phases of a distributed commit.
+KEPT_PREVIOUS_VERSION = 3
+PREVIOUS_KEYS = ("format_version", "step", "files", "extra")  # what a kept previous state records
 MANIFEST = "manifest.json"
 UNITS_DIR = "units"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -277,9 +285,16 @@ class BlockStore:
             self._working.setdefault(unit, {})[part] = {"file": name, "bytes": size, "crc32c": crc}
             self._unsynced.add(name)
 
-    def commit(self, step: int, extra: dict | None = None):
-        """Make every write so far the store's state at ``step``, atomically, then delete what it replaced."""
+    def commit(self, step: int, extra: dict | None = None, keep_previous: bool = False):
+        """Make every write so far the store's state at ``step``, atomically, then delete what it replaced.
+
+        ``keep_previous`` (the second phase of a commit across ranks, ``distributed/commit.py``): keep the files
+        of the state it replaces, and a record of that state in the manifest (``previous``), so that
+        ``rollback`` can go back to it until ``release_previous`` is called once every rank has switched."""
         self._check_writable()
+        if keep_previous and "previous" in self.manifest:
+            raise StoreError(f"cannot commit store {self.path} at step {step} keeping step {self.step}: the "
+                             f"previous step {self.manifest['previous']['step']} is still kept; release it first")
         with self._lock:
             files = {unit: dict(parts) for unit, parts in self._working.items()}
         missing = [unit for unit in self.units if "weights" not in files.get(unit, {})]
@@ -289,13 +304,69 @@ class BlockStore:
         manifest = dict(self.manifest, step=step, files=files)
         if extra is not None:
             manifest["extra"] = extra
+        if keep_previous:
+            manifest["format_version"] = max(manifest["format_version"], KEPT_PREVIOUS_VERSION)
+            manifest["previous"] = {key: self.manifest[key] for key in PREVIOUS_KEYS if key in self.manifest}
+        self.sync_writes()
+        self._switch_manifest(manifest)
+        fault_point("commit.cleanup")
+        if not keep_previous:
+            self._recycle_unreferenced(old_files)
+
+    def sync_writes(self):
+        """Make every file written since the last commit durable (fsync them and the units folder): the first
+        phase of a commit; ``commit`` calls it itself."""
+        with self._lock:
+            files = self._referenced_files(self._working)
+            pending = sorted(self._unsynced & files)
         # Every file the new manifest names must be on disk before the manifest is (their writeback started
         # when they were written, so this mostly waits for what is still in flight).
-        for name in sorted(self._unsynced & self._referenced_files(files)):
+        for name in pending:
             fsync_path(os.path.join(self.path, UNITS_DIR, name))
         with self._lock:
             self._unsynced.clear()
         fsync_path(os.path.join(self.path, UNITS_DIR))
+
+    @property
+    def previous_step(self) -> int | None:
+        """The step whose files a two-phase commit still keeps (``commit(keep_previous=True)``), or None."""
+        previous = self.manifest.get("previous")
+        return None if previous is None else previous["step"]
+
+    def release_previous(self):
+        """Forget the kept previous step and recycle its files (every rank has switched: no rollback needed)."""
+        self._check_writable()
+        if "previous" not in self.manifest:
+            return
+        kept = self._referenced_files(self.manifest["previous"]["files"])
+        manifest = {key: value for key, value in self.manifest.items() if key != "previous"}
+        manifest["format_version"] = self.manifest["previous"].get("format_version", manifest["format_version"])
+        self._switch_manifest(manifest)
+        self._recycle_unreferenced(kept)
+
+    def rollback(self, step: int):
+        """Go back to the kept previous state at ``step`` (this store committed ``step + 1`` while another rank
+        did not): one atomic manifest switch, then the newer files are recycled. No-op at ``step`` already."""
+        self._check_writable()
+        if self.step == step:
+            return
+        previous = self.manifest.get("previous")
+        if previous is None or previous["step"] != step:
+            kept = "no earlier step" if previous is None else f"step {previous['step']}"
+            raise StoreError(f"cannot roll store {self.path} back from step {self.step} to step {step}: it keeps "
+                             f"{kept}. The ranks' stores do not belong to one run (or were changed by hand); "
+                             "restore them from one run's folders, or start the run again from the model.")
+        newer = self._referenced_files(self.manifest["files"])
+        manifest = {key: value for key, value in self.manifest.items() if key != "previous"}
+        manifest.update(previous)
+        self._switch_manifest(manifest)
+        with self._lock:
+            self._working = {unit: dict(parts) for unit, parts in manifest["files"].items()}
+            self._unsynced.clear()
+        self._recycle_unreferenced(newer)
+
+    def _switch_manifest(self, manifest: dict):
+        """Replace the manifest with one atomic, durable rename."""
         manifest_path = os.path.join(self.path, MANIFEST)
         data = json.dumps(manifest, indent=1).encode()
         tmp = manifest_path + ".commit.tmp"
@@ -307,10 +378,12 @@ class BlockStore:
         os.replace(tmp, manifest_path)
         fsync_path(self.path)
         self.manifest = manifest
-        fault_point("commit.cleanup")
-        # A replaced file becomes the next version of its unit and part, overwritten in place: deleting and
-        # allocating every file of the model each step costs more than writing it on some file systems.
-        for stale in old_files - self._referenced_files(files):
+
+    def _recycle_unreferenced(self, old_files: set[str]):
+        """Keep each of ``old_files`` the manifest no longer names as the next version of its unit and part,
+        overwritten in place: deleting and allocating every file of the model each step costs more than writing
+        it on some file systems."""
+        for stale in old_files - self._referenced_files(self.manifest["files"]):
             unit, part = stale.rsplit(".", 3)[:2]
             try:
                 os.replace(os.path.join(self.path, UNITS_DIR, stale), self._recycle_path(unit, part))
@@ -331,6 +404,8 @@ class BlockStore:
         """Delete files a crashed run left behind (not in the committed manifest). Returns how many."""
         self._check_writable()
         keep = self._referenced_files(self.manifest["files"])
+        if "previous" in self.manifest:  # kept for a rollback across ranks (commit(keep_previous=True))
+            keep |= self._referenced_files(self.manifest["previous"]["files"])
         removed = 0
         units_dir = os.path.join(self.path, UNITS_DIR)
         for name in os.listdir(units_dir):

@@ -285,7 +285,7 @@ def run_row(name: str, args, checks: Checks) -> None:
                 "--batch-size", str(row["grad_accum"]), "--grad-accum", str(row["grad_accum"]),
                 "--max-seq-len", str(row["seq"]), "--num-train-iters", str(row["steps"]), "--no-eval-at-start",
                 "--val-fraction", "0", "--no-plot", "--schedule", "constant", "--warmup-fraction", "0",
-                "--resident-budget", args.resident_budget]
+                "--resident-budget", args.resident_budget, "--tokenizer", "byte"]  # as created: a blank model
         if row["mode"] == "lora":
             argv += ["--lora-rank", "8", "--lora-targets", "all"]
         prediction = plan_prediction(argv)  # before the run, as a user's --dry-run would
@@ -362,7 +362,7 @@ def report_row(name, row, config, store, child, records, elapsed, checks: Checks
 
 def generate(name: str, store: str, tokens: int, args, checks: Checks):
     command = [sys.executable, os.path.join(ROOT, "test_gen.py"), store, "cpu", "--prompt", "The capital of France is",
-               "--max-new-tokens", str(tokens)]
+               "--max-new-tokens", str(tokens), "--tokenizer", "byte"]
     print("$ python test_gen.py " + " ".join(command[2:]), flush=True)
     done = subprocess.run(command, cwd=ROOT, env=child_env(args), capture_output=True, text=True)
     print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections import Counter
 
@@ -23,10 +22,10 @@ import torch
 
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.block import rope_inverse_frequencies
-from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import StoreSettings
-from offload_bitnet.store.units import block_unit, unit_names
+from offload_bitnet.store.units import block_unit
 from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.formats.importing import check_target, import_units
 
 TOKENIZER_FILE = "gguf_tokenizer.json"
 
@@ -302,15 +301,9 @@ def gguf_units(path: str, reader, config: ModelConfig):
 
 
 def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = None, progress: bool = True) -> str:
-    """Import the llama GGUF file ``src`` into a new store at ``out_dir`` (default mode ``full``).
-
-    The store is built in a sibling temporary folder and renamed into place at the end, so an interrupted
-    import never leaves something at ``out_dir`` that looks like a finished store.
-    """
-    from offload_bitnet.store.write import write_store
-
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise GGUFError(f"cannot import {src}: {out_dir} exists and is not empty; choose a new folder")
+    """Import the llama GGUF file ``src`` into a new store at ``out_dir`` (default mode ``full``), through a
+    staging folder (``formats.importing``): an interrupted import leaves nothing at ``out_dir``."""
+    check_target(out_dir, GGUFError)
     reader = open_reader(src)
     config = read_config(src, reader)
     check_tensor_names(src, reader, config)
@@ -320,24 +313,8 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
         "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
         "name": field_value(reader, "general.name"), "file_type": field_value(reader, "general.file_type"),
     }
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.importing-{os.getpid()}")
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
-    report = None
-    if progress:
-        bar = Progress(len(unit_names(config)), f"importing {os.path.basename(src)}: units")
-        report = lambda done, total, unit: bar.update(done, unit)  # noqa: E731
-    try:
-        extra = {"source": source, "tokenizer": tokenizer_description(tokenizer)}
-        store = write_store(staging, config, gguf_units(src, reader, config), settings, extra=extra, progress=report)
-        store.close()
-        write_tokenizer(staging, tokenizer)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    extra = {"source": source, "tokenizer": tokenizer_description(tokenizer)}
+    import_units(out_dir, config, gguf_units(src, reader, config), settings, extra,
+                 f"importing {os.path.basename(src)}: units", lambda folder: write_tokenizer(folder, tokenizer),
+                 progress, error=GGUFError)
     return out_dir

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_bitnet.model.config import ConfigError, ModelConfig
-from offload_bitnet.store.write import default_mode, write_store
+from offload_bitnet.store.write import default_mode
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
@@ -34,6 +34,7 @@ from offload_bitnet.store.units import block_index, is_block, is_projection, uni
 from offload_bitnet.model.ternary import PackedTernary, latent_weight, pack_weight, unpack_codes
 from offload_bitnet.tokenizers.runtime import load_tokenizer
 from offload_bitnet.formats.hf_tokenizer import write_tokenizer_files
+from offload_bitnet.formats.importing import check_target, import_units
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -520,6 +521,7 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
     gets latent shadow weights reconstructed from them (``latent_from_packed``; use an fp32 shadow so that
     they reproduce each scale to fp32 rounding).
     """
+    check_target(out_dir)
     config_json = read_config_json(src)
     config = config_from_hf(config_json, os.path.join(src, CONFIG))
     quant = bitnet_quantization(config_json) if config.arch == "bitnet" else None
@@ -564,25 +566,18 @@ def _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, con
     tokenizer = describe_tokenizer(src)
     if tokenizer:
         extra["tokenizer"] = tokenizer
-    report = None
     if progress:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        bar = Progress(len(unit_names(config)), f"importing {os.path.basename(os.path.abspath(src))}: units")
-        report = lambda done, total, unit: bar.update(done, unit)  # noqa: E731
-    created = not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir))
-    try:
-        units = read_units(checkpoint, config, quant, packed_only=settings.packed_only)
-        store = write_store(out_dir, config, units, settings, extra, report)
-    except BaseException:
-        if created and os.path.isdir(out_dir):  # leave no half-written store behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    store.close()
     files = tokenizer_files(src)
-    if files:  # generation_config.json travels along even without a tokenizer
-        copy_tokenizer(src, os.path.join(store.path, "tokenizer"), files)
-    return store.path
+
+    def add_tokenizer(folder: str):
+        if files:  # generation_config.json travels along even without a tokenizer
+            copy_tokenizer(src, os.path.join(folder, "tokenizer"), files)
+
+    units = read_units(checkpoint, config, quant, packed_only=settings.packed_only)
+    return import_units(out_dir, config, units, settings, extra,
+                        f"importing {os.path.basename(os.path.abspath(src))}: units", add_tokenizer, progress)
 
 
 # ---------------------------------------------------------------------------------------------- writing

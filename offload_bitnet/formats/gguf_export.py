@@ -29,7 +29,7 @@ from offload_bitnet.tokenizers.runtime import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
-from offload_bitnet.store.units import block_index, is_block
+from offload_bitnet.store.units import block_index, is_block, unit_shapes
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"
@@ -211,9 +211,7 @@ def tensor_types(store, arch: str, gguf_type: str) -> tuple[dict, list[str]]:
     if factors is not None:
         plan[gguf_tensor_name(arch, "rope_freqs")] = ((factors.numel(),), Q.F32)
     for unit in store.units:
-        shapes = config.block_shapes if is_block(unit) else {
-            "weight": (config.dim,) if unit == "norm" else (config.vocab_size, config.dim)}
-        for name, shape in shapes.items():
+        for name, shape in unit_shapes(config, unit).items():
             tensor = gguf_tensor_name(arch, unit, name)
             if len(shape) < 2:
                 qtype = Q.F32

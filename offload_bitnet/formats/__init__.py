@@ -22,8 +22,9 @@ import importlib
 import json
 import os
 
-from offload_bitnet.store.blockstore import MANIFEST, BlockStore, StoreSettings
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
 from offload_bitnet.formats.cache import cached_store_dir, ensure_cached_import
+from offload_bitnet.formats.importing import is_complete_store, is_store  # noqa: F401 - part of the API
 
 FORMATS = ("hf", "meta", "gguf")
 # What export_model writes, and the exporter of each: (module, function). ``gguf``: a llama.cpp GGUF of any store
@@ -34,17 +35,6 @@ EXPORTERS = {"hf": ("hf", "export_hf"), "hf-bitnet": ("hf", "export_hf_bitnet"),
 EXPORT_FORMATS = ("source",) + tuple(EXPORTERS)
 # GGUF tensor types (``--gguf-type``); see ``gguf_export``.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "tq2_0", "tq1_0")
-
-
-def is_store(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
-def is_complete_store(path: str) -> bool:
-    """A store whose creation or import finished (its first commit happened)."""
-    if not is_store(path):
-        return False
-    return BlockStore(path).step >= 0
 
 
 def detect_format(path: str) -> str:

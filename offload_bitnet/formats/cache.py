@@ -26,8 +26,8 @@ import shutil
 import sys
 import time
 
-from offload_bitnet.store.sizing import folder_bytes
-from offload_bitnet.formats.importing import staged_folder
+from offload_bitnet.store.sizing import folder_bytes, human
+from offload_bitnet.formats.importing import is_complete_store, staged_folder
 
 SOURCE_RECORD = "import_source.json"
 STAGING = ".staging"
@@ -171,8 +171,6 @@ class _EntryLock:
 def ensure_cached_import(src: str, importer, settings=None, progress: bool = True) -> str:
     """The cached store of ``src``, imported by ``importer(src, out_dir, settings, progress)`` when it is not in
     the cache yet or the source changed since. Prints (to stderr) which one it uses and why."""
-    from offload_bitnet.formats import is_complete_store
-
     root = cache_root()
     identity = source_identity(src)
     name = entry_name(src, identity, settings)
@@ -249,8 +247,6 @@ def list_entries() -> list[dict]:
 
 def format_entries(entries: list[dict]) -> list[str]:
     """Readable lines for ``offload-bitnet cache list``."""
-    from offload_bitnet.store.sizing import human
-
     if not entries:
         return [f"the import cache {cache_root()} is empty"]
     lines = [f"import cache {cache_root()}:"]

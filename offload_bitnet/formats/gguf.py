@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from collections import Counter
+from importlib.metadata import version
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def detect(path: str) -> bool:
 
 def open_reader(path: str):
     """``gguf.GGUFReader`` over ``path``, with truncation and corruption turned into a GGUFError."""
-    import gguf
+    import gguf  # lazy (here and below): detect_format loads this module for every model path, gguf costs ~0.4 s
 
     name = os.path.basename(path)
     if not detect(path):
@@ -143,8 +144,6 @@ def dequantized(path: str, tensor) -> torch.Tensor:
 
 def _gguf_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("gguf")
     except Exception:
         return "(unknown version)"

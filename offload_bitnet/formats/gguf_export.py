@@ -29,7 +29,9 @@ from offload_bitnet.tokenizers.runtime import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
+from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_index, is_block, unit_shapes
+from offload_bitnet.formats.ollama import write_modelfile
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"
@@ -232,9 +234,6 @@ def export_from_store(store, out_dir: str, gguf_type: str | None = None, file_na
                       progress: bool = True, modelfile: bool = True, **_ignored) -> str:
     """Write ``out_dir/model.gguf`` (and an Ollama ``Modelfile`` beside it) from ``store``; returns the GGUF's
     path. Everything is checked before a byte is written; the file appears only when complete."""
-    from offload_bitnet.store.layout import Layout
-    from offload_bitnet.formats.ollama import write_modelfile
-
     config = store.config
     gguf_type = (gguf_type or default_gguf_type(store)).lower()
     if gguf_type not in GGUF_TYPES:

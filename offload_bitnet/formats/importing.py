@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import MANIFEST, StoreError, StoreSettings
+from offload_bitnet.store.blockstore import MANIFEST, BlockStore, StoreError, StoreSettings
 from offload_bitnet.store.units import unit_names
 from offload_bitnet.store.write import write_store
 
@@ -26,6 +26,16 @@ STAGING_MARK = ".importing-"
 # Staging folders handed out by staged_folder in this process: a target that is one of them (the import cache
 # stages an importer that stages itself) is already staged, and is written in place.
 _ACTIVE: set[str] = set()
+
+
+def is_store(path: str) -> bool:
+    """Whether ``path`` holds a store's manifest."""
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def is_complete_store(path: str) -> bool:
+    """A store whose creation or import finished (its first commit happened)."""
+    return is_store(path) and BlockStore(path).step >= 0
 
 
 def unit_reporter(total: int, label: str) -> Callable[[int, int, str], None]:
@@ -66,7 +76,7 @@ def remove_leftovers(target: str, staging_root: str | None = None):
 
 def check_target(target: str, error: type[Exception] = StoreError):
     """Refuse a ``target`` that is a file, a store or a folder with files in it (nothing there is touched)."""
-    if os.path.isfile(os.path.join(target, MANIFEST)):
+    if is_store(target):
         raise error(f"{target} already holds a store; choose another folder or delete it first")
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise error(f"{target} exists and is not empty; choose an empty or new folder")

@@ -24,6 +24,9 @@ import os
 import shutil
 import sys
 
+import sentencepiece
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError
 from offload_bitnet.tokenizers.runtime import TOKENIZER_DIR, BaseTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -165,8 +168,6 @@ def sentencepiece_backend(tokenizer: SentencePieceTokenizer):
     recipe: the pieces and scores as vocabulary, merges of every split of a piece into two pieces ranked by
     the merged piece's score, byte fallback), with the control tokens matched whole in text and each text
     segment between them given its own dummy-prefix space, as ``SentencePieceTokenizer.encode`` does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
     sp = tokenizer.sp
     size = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(size)}
@@ -201,8 +202,6 @@ def sentencepiece_backend(tokenizer: SentencePieceTokenizer):
 def _with_bos_processor(tokenizer: BaseTokenizer, backend):
     """A copy of the backend whose post-processor adds BOS exactly when our tokenizer adds it to plain text,
     so ``AutoTokenizer(...)(text)`` gives the ids ``tokenizer.encode(text, bos=tokenizer.add_bos)`` gives."""
-    from tokenizers import Tokenizer, processors
-
     backend = Tokenizer.from_str(backend.to_str())
     bos = tokenizer.token_text(tokenizer.bos_id) or _piece(tokenizer, tokenizer.bos_id)
     if tokenizer.add_bos and bos is not None:
@@ -252,10 +251,8 @@ def tokenizer_token_count(folder: str) -> tuple[int, str] | None:
     model_path = os.path.join(folder, "tokenizer.model")
     if os.path.isfile(model_path):
         try:
-            import sentencepiece
-
             return sentencepiece.SentencePieceProcessor(model_file=model_path).get_piece_size(), model_path
-        except Exception:  # noqa: BLE001 - not a sentencepiece model (or no sentencepiece): checked on load
+        except Exception:  # noqa: BLE001 - not a sentencepiece model: its loader reports that
             return None
     return None
 

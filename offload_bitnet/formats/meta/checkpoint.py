@@ -9,6 +9,7 @@ import re
 import shutil
 import zipfile
 
+import sentencepiece
 import torch
 
 from offload_bitnet.model.config import ConfigError, ModelConfig
@@ -116,8 +117,6 @@ def read_params(src: str) -> tuple[dict, str]:
 def tokenizer_info(path: str) -> dict:
     """What a ``tokenizer.model`` is: SentencePiece (llama 1/2, Code Llama) or tiktoken ranks (Llama 3)."""
     try:
-        import sentencepiece
-
         processor = sentencepiece.SentencePieceProcessor(model_file=path)
         pad = processor.pad_id()
         return {"kind": "sentencepiece", "file": TOKENIZER, "vocab_size": processor.vocab_size(),

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 from offload_bitnet.model.config import ModelConfig
-from offload_bitnet.progress import Progress
+from offload_bitnet.progress import unit_reporter
 from offload_bitnet.store.blockstore import MANIFEST, BlockStore, StoreError, StoreSettings
 from offload_bitnet.store.units import unit_names
 from offload_bitnet.store.write import write_store
@@ -36,12 +36,6 @@ def is_store(path: str) -> bool:
 def is_complete_store(path: str) -> bool:
     """A store whose creation or import finished (its first commit happened)."""
     return is_store(path) and BlockStore(path).step >= 0
-
-
-def unit_reporter(total: int, label: str) -> Callable[[int, int, str], None]:
-    """A ``write_store`` progress callback printing ``label done/total unit`` with elapsed time and ETA."""
-    bar = Progress(total, label)
-    return lambda done, _total, unit: bar.update(done, unit)
 
 
 def staging_path(target: str, staging_root: str | None = None, pid: int | None = None) -> str:

@@ -41,8 +41,9 @@ def sources(root):
                                                               optim=AdamWConfig(lr=1e-2)))
     engine.train_step([(torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0)), None)])
     engine.close()
-    jobs = {fmt: (lambda out, src=src: import_model(src, out, progress=False)) for fmt, src in made.items()}
-    jobs["merge"] = lambda out: merge_lora(llama, str(root / "adapter"), out, progress=False)
+    jobs = {fmt: (lambda out, progress=False, src=src: import_model(src, out, progress=progress))
+            for fmt, src in made.items()}
+    jobs["merge"] = lambda out, progress=False: merge_lora(llama, str(root / "adapter"), out, progress=progress)
     return jobs
 
 
@@ -100,3 +101,11 @@ def test_a_staged_target_is_written_in_place_by_a_nested_stage(tmp_path):
             open(os.path.join(inner, "marker"), "w").close()
         assert os.listdir(tmp_path / ".staging") == [os.path.basename(outer)]
     assert os.listdir(target) == ["marker"] and os.listdir(tmp_path / ".staging") == []
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta", "gguf", "merge"])
+def test_imports_report_progress_with_an_eta(jobs, kind, tmp_path, capsys):
+    jobs[kind](str(tmp_path / "store"), progress=True)
+    err = capsys.readouterr().err
+    units = SHAPE["n_layers"] + 3  # embed, blocks, norm, head
+    assert f"units {units}/{units} head" in err and "ETA 0s" in err

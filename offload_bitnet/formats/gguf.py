@@ -3,9 +3,9 @@
 Import reads a ``llama`` GGUF tensor by tensor through ``gguf.GGUFReader`` (the file is memory-mapped),
 dequantizes each tensor with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and
 every other type that package can read), undoes llama.cpp's q/k row permutation, and hands one unit at a
-time to ``create.write_store``. The tokenizer (vocabulary, merges, scores, special ids, chat template) is
-copied verbatim from the metadata into ``STORE/tokenizer/gguf_tokenizer.json``; ``tokenizer.py`` rebuilds a
-working tokenizer from it.
+time to the import skeleton (``formats.importing``). The tokenizer (vocabulary, merges, scores, special ids,
+chat template) is copied verbatim from the metadata into ``STORE/tokenizer/gguf_tokenizer.json``;
+``tokenizers.runtime`` rebuilds a working tokenizer from it.
 
 Export (of any store, not only GGUF-imported ones) lives in ``gguf_export``; it reuses ``permute_qk`` here.
 """

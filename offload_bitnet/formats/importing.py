@@ -74,6 +74,10 @@ def check_target(target: str, error: type[Exception] = StoreError):
         raise error(f"{target} already holds a store; choose another folder or delete it first")
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise error(f"{target} exists and is not empty; choose an empty or new folder")
+    if os.path.isdir(target) and os.path.ismount(target):
+        # The store is built beside the target and renamed onto it: a mount point can be neither replaced nor
+        # reached by a rename from the file system above it.
+        raise error(f"{target} is a mount point; choose a new folder inside it (e.g. {os.path.join(target, 'store')})")
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Fold LoRA adapters into their base model: a new full-precision store with ``W + B A * alpha / r``.
 
-The base store is streamed one unit at a time into a new store (``formats.importing.import_units``); the adapters (small) stay in RAM.
+The base store is streamed one unit at a time into a new store (``formats.importing.import_units``); the
+adapters (small) stay in RAM.
 """
 from __future__ import annotations
 

@@ -12,9 +12,11 @@ from offload_bitnet.store.write import create_model, write_store
 from offload_bitnet.engine.streaming import EngineOptions, StepStats, StreamingEngine
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings
+from offload_bitnet.formats import export_model, import_model
 
 __all__ = [
     "AdamWConfig", "BlockStore", "EngineOptions", "ModelConfig", "StepStats", "StoreError", "StoreSettings",
-    "StreamingEngine", "config_for_size", "create_model", "open_for_training", "open_model", "write_store",
+    "StreamingEngine", "config_for_size", "create_model", "export_model", "import_model", "open_for_training",
+    "open_model", "write_store",
 ]
 __version__ = "0.1.0"

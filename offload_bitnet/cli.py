@@ -13,8 +13,10 @@ import sys
 from offload_bitnet.argparsing import ArgumentParser
 from offload_bitnet.model.config import SIZES
 from offload_bitnet.errors import describe_error, pipe_safe, quiet_broken_pipe
-from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES
+from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, export_model, import_model
+from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.progress import Progress
+from offload_bitnet.store.blockstore import StoreSettings
 
 
 def _create(args):
@@ -48,9 +50,6 @@ def _attach_tokenizer(path: str, tokenizer: str | None):
 
 
 def _import(args):
-    from offload_bitnet.formats import import_model
-    from offload_bitnet.store.blockstore import StoreSettings
-
     settings = None
     if args.mode or args.packed_only:
         settings = StoreSettings(mode=args.mode or "qat", shadow_dtype=args.shadow_dtype,
@@ -65,8 +64,6 @@ def _import(args):
 
 
 def _export(args):
-    from offload_bitnet.formats import export_model
-
     options = {"gguf_type": args.gguf_type} if args.gguf_type else {}
     path = export_model(args.store, args.out, format=args.format, **options)
     print(f"exported {args.store} to {path} ({args.format})")
@@ -81,8 +78,6 @@ def _export_adapter(args):
 
 
 def _merge(args):
-    from offload_bitnet.formats.merge import merge_lora
-
     path = merge_lora(args.store, args.adapter_dir, args.out, progress=True, shadow_dtype=args.dtype)
     print(f"merged {args.adapter_dir} into {path}")
 

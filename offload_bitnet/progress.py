@@ -42,3 +42,10 @@ class Progress:
             self._last_logged = time.perf_counter()
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def unit_reporter(total: int, label: str):
+    """A ``(done, total, unit)`` progress callback (``store.write.write_store``'s) that prints
+    ``label done/total unit`` with elapsed time and ETA."""
+    bar = Progress(total, label)
+    return lambda done, _total, unit: bar.update(done, unit)

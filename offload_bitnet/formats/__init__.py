@@ -7,36 +7,34 @@ Each format module (``hf``, ``meta``, ``gguf``) provides:
   into a new store (one unit in memory at a time), record ``manifest["extra"]["source"]`` (what export needs
   to write the source format back) and ``manifest["extra"]["tokenizer"]`` (tokenizer files go in
   ``STORE/tokenizer/``); returns the store path;
-* ``export_from_store(store: BlockStore, out_dir, **options) -> str`` (GGUF's, for any store, is in
-  ``gguf_export``);
+* exporters ``(store: BlockStore, out_dir, **options) -> str``, one per output kind, listed in ``EXPORTERS``
+  (GGUF's, for any store, is in ``gguf_export``);
 * ``read_config(path) -> ModelConfig`` and ``read_source(path) -> (ModelConfig, tokenizer or None)``: the
   shapes and tokenizer an import would give, from the source's metadata only (the dry-run plan).
+
+Every import (and ``merge``) makes its store through ``formats.importing`` (staging folder, cleanup, progress,
+atomic rename). The format modules are loaded when first needed (``importlib``): loading them all would add
+the ``gguf`` package, safetensors and tokenizers to the start-up of every command.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
-from offload_bitnet.store.blockstore import MANIFEST, StoreSettings
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.formats.cache import cached_store_dir, ensure_cached_import
+from offload_bitnet.formats.importing import is_complete_store, is_store  # noqa: F401 - part of the API
 
 FORMATS = ("hf", "meta", "gguf")
-# What export_model writes. ``gguf``: a llama.cpp GGUF of any store (``gguf_export``; ``--gguf-type``).
-EXPORT_FORMATS = ("source", "hf", "hf-bitnet", "meta", "gguf")
+# What export_model writes, and the exporter of each: (module, function). ``gguf``: a llama.cpp GGUF of any store
+# (``--gguf-type``). ``source``: the format the store was imported from. The one list of export formats: the
+# CLI's ``export --format``, finetune's ``--export-format`` and the README's table follow it.
+EXPORTERS = {"hf": ("hf", "export_hf"), "hf-bitnet": ("hf", "export_hf_bitnet"), "meta": ("meta", "export_from_store"),
+             "gguf": ("gguf_export", "export_from_store")}
+EXPORT_FORMATS = ("source",) + tuple(EXPORTERS)
 # GGUF tensor types (``--gguf-type``); see ``gguf_export``.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "tq2_0", "tq1_0")
-
-
-def is_store(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
-def is_complete_store(path: str) -> bool:
-    """A store whose creation or import finished (its first commit happened)."""
-    if not is_store(path):
-        return False
-    from offload_bitnet.store.blockstore import BlockStore
-
-    return BlockStore(path).step >= 0
 
 
 def detect_format(path: str) -> str:
@@ -60,8 +58,6 @@ def detect_format(path: str) -> str:
 
 def _run_or_adapter_hint(path: str) -> str | None:
     """The message for a run folder or a LoRA adapter folder given where a model is expected."""
-    import json
-
     def run_record(folder: str) -> dict:
         try:
             with open(os.path.join(folder, "run.json")) as handle:
@@ -118,30 +114,24 @@ def export_model(store_path: str, out_dir: str, format: str = "source", **option
     """Export a store. ``format``: ``source`` (the format it was imported from), ``hf`` (LlamaForCausalLM
     full precision), ``hf-bitnet`` (packed BitNetForCausalLM), ``meta`` or ``gguf`` (llama.cpp; option
     ``gguf_type``: f32, f16, bf16, q8_0, tq2_0, tq1_0, default tq2_0 for ternary stores and f16 otherwise)."""
-    from offload_bitnet.store.blockstore import BlockStore
-
     store = BlockStore(store_path)
     requested_source = format == "source"
-    if format == "source":
+    if requested_source:
         format = store.extra.get("source", {}).get("format", "hf")
-    module_name = {"hf": "hf", "hf-bitnet": "hf", "meta": "meta", "gguf": "gguf_export"}.get(format)
-    if module_name is None:
+    if format not in EXPORTERS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if format != "gguf" and options.pop("gguf_type", None):
         raise ValueError(f"--gguf-type applies to GGUF exports; store {store_path} exports to {format}")
-    module = importlib.import_module(f".{module_name}", __name__)
-    if format == "hf-bitnet":
-        options.setdefault("bitnet", True)
-    elif format == "hf" and module_name == "hf" and not requested_source:
-        options.setdefault("source", False)  # "hf" means the generic LlamaForCausalLM, whatever the origin
-    return module.export_from_store(store, out_dir, **options)
+    module_name, function = EXPORTERS[format]
+    if requested_source and format == "hf":
+        function = "export_from_store"  # the source layout of a Hugging Face import, else the generic one
+    exporter = getattr(importlib.import_module(f".{module_name}", __name__), function)
+    return exporter(store, out_dir, **options)
 
 
 def default_store_dir(src: str, settings: StoreSettings | None = None) -> str:
     """Where the cached import of ``src`` (as it is now) lives: ``~/.cache/offload_bitnet/<name>-<digest>``
     (see ``formats.cache``)."""
-    from offload_bitnet.formats.cache import cached_store_dir
-
     return cached_store_dir(src, settings)
 
 
@@ -150,6 +140,4 @@ def ensure_store(path: str, settings: StoreSettings | None = None, progress: boo
     when the source changed; says which on stderr when ``progress``)."""
     if detect_format(path) == "store":
         return path
-    from offload_bitnet.formats.cache import ensure_cached_import
-
     return ensure_cached_import(path, import_model, settings, progress)

@@ -8,7 +8,8 @@ same name gets a new import, and the user is told. Layout::
 
     CACHE/<name>-<digest>/            a finished store; <digest> covers the path, the identity and the settings
     CACHE/<name>-<digest>/import_source.json    what was imported, when, and its identity
-    CACHE/.staging/                   imports in progress (renamed into place when finished)
+    CACHE/.staging/                   imports in progress (``formats.importing.staged_folder``; renamed into
+                                      place when finished, removed when they fail)
     CACHE/.locks/<name>-<digest>.lock exists (and is flocked) while an import of that entry runs
 
 Two processes importing the same source at once: the second waits on the lock, then uses the first's import.
@@ -25,7 +26,8 @@ import shutil
 import sys
 import time
 
-from offload_bitnet.store.sizing import folder_bytes
+from offload_bitnet.store.sizing import folder_bytes, human
+from offload_bitnet.formats.importing import is_complete_store, staged_folder
 
 SOURCE_RECORD = "import_source.json"
 STAGING = ".staging"
@@ -169,8 +171,6 @@ class _EntryLock:
 def ensure_cached_import(src: str, importer, settings=None, progress: bool = True) -> str:
     """The cached store of ``src``, imported by ``importer(src, out_dir, settings, progress)`` when it is not in
     the cache yet or the source changed since. Prints (to stderr) which one it uses and why."""
-    from offload_bitnet.formats import is_complete_store
-
     root = cache_root()
     identity = source_identity(src)
     name = entry_name(src, identity, settings)
@@ -190,11 +190,6 @@ def ensure_cached_import(src: str, importer, settings=None, progress: bool = Tru
         if is_complete_store(target):  # the other process finished it while we waited
             say(f"using the cached import of {src}: {target}")
             return target
-        staging_root = os.path.join(root, STAGING)
-        os.makedirs(staging_root, exist_ok=True)
-        for leftover in os.listdir(staging_root):  # we hold the lock: these are interrupted imports of ours
-            if f"{name}.importing-" in leftover:
-                shutil.rmtree(os.path.join(staging_root, leftover), ignore_errors=True)
         if os.path.isdir(target):  # not a finished store (an older layout, or damaged): import again
             shutil.rmtree(target)
         earlier = _earlier_imports(root, src, target)
@@ -205,18 +200,14 @@ def ensure_cached_import(src: str, importer, settings=None, progress: bool = Tru
                 "`offload-bitnet cache clear --stale` removes it.")
         else:
             say(f"importing {src} into the cache: {target} (once; later runs reuse it)")
-        staging = os.path.join(staging_root, f"{name}.importing-{os.getpid()}")
-        try:
+        # Built in CACHE/.staging (an importer that stages its own output writes straight into this folder).
+        with staged_folder(target, os.path.join(root, STAGING)) as staging:
             importer(src, staging, settings, progress)
             record = {"source": os.path.abspath(src), "identity": identity,
                       "settings": settings.__dict__ if settings is not None else None,
                       "imported": datetime.datetime.now().isoformat(timespec="seconds")}
             with open(os.path.join(staging, SOURCE_RECORD), "w") as handle:
                 json.dump(record, handle, indent=1)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
     finally:
         lock.release()
@@ -256,8 +247,6 @@ def list_entries() -> list[dict]:
 
 def format_entries(entries: list[dict]) -> list[str]:
     """Readable lines for ``offload-bitnet cache list``."""
-    from offload_bitnet.store.sizing import human
-
     if not entries:
         return [f"the import cache {cache_root()} is empty"]
     lines = [f"import cache {cache_root()}:"]

@@ -3,9 +3,9 @@
 Import reads a ``llama`` GGUF tensor by tensor through ``gguf.GGUFReader`` (the file is memory-mapped),
 dequantizes each tensor with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and
 every other type that package can read), undoes llama.cpp's q/k row permutation, and hands one unit at a
-time to ``create.write_store``. The tokenizer (vocabulary, merges, scores, special ids, chat template) is
-copied verbatim from the metadata into ``STORE/tokenizer/gguf_tokenizer.json``; ``tokenizer.py`` rebuilds a
-working tokenizer from it.
+time to the import skeleton (``formats.importing``). The tokenizer (vocabulary, merges, scores, special ids,
+chat template) is copied verbatim from the metadata into ``STORE/tokenizer/gguf_tokenizer.json``;
+``tokenizers.runtime`` rebuilds a working tokenizer from it.
 
 Export (of any store, not only GGUF-imported ones) lives in ``gguf_export``; it reuses ``permute_qk`` here.
 """
@@ -14,19 +14,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections import Counter
+from importlib.metadata import version
 
 import numpy as np
 import torch
 
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.block import rope_inverse_frequencies
-from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import StoreSettings
-from offload_bitnet.store.units import block_unit, unit_names
+from offload_bitnet.store.units import block_unit
 from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.formats.importing import check_target, import_units
 
 TOKENIZER_FILE = "gguf_tokenizer.json"
 
@@ -84,7 +84,7 @@ def detect(path: str) -> bool:
 
 def open_reader(path: str):
     """``gguf.GGUFReader`` over ``path``, with truncation and corruption turned into a GGUFError."""
-    import gguf
+    import gguf  # lazy (here and below): detect_format loads this module for every model path, gguf costs ~0.4 s
 
     name = os.path.basename(path)
     if not detect(path):
@@ -144,8 +144,6 @@ def dequantized(path: str, tensor) -> torch.Tensor:
 
 def _gguf_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("gguf")
     except Exception:
         return "(unknown version)"
@@ -302,15 +300,9 @@ def gguf_units(path: str, reader, config: ModelConfig):
 
 
 def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = None, progress: bool = True) -> str:
-    """Import the llama GGUF file ``src`` into a new store at ``out_dir`` (default mode ``full``).
-
-    The store is built in a sibling temporary folder and renamed into place at the end, so an interrupted
-    import never leaves something at ``out_dir`` that looks like a finished store.
-    """
-    from offload_bitnet.store.write import write_store
-
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise GGUFError(f"cannot import {src}: {out_dir} exists and is not empty; choose a new folder")
+    """Import the llama GGUF file ``src`` into a new store at ``out_dir`` (default mode ``full``), through a
+    staging folder (``formats.importing``): an interrupted import leaves nothing at ``out_dir``."""
+    check_target(out_dir, GGUFError)
     reader = open_reader(src)
     config = read_config(src, reader)
     check_tensor_names(src, reader, config)
@@ -320,24 +312,8 @@ def import_to_store(src: str, out_dir: str, settings: StoreSettings | None = Non
         "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
         "name": field_value(reader, "general.name"), "file_type": field_value(reader, "general.file_type"),
     }
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.importing-{os.getpid()}")
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
-    report = None
-    if progress:
-        bar = Progress(len(unit_names(config)), f"importing {os.path.basename(src)}: units")
-        report = lambda done, total, unit: bar.update(done, unit)  # noqa: E731
-    try:
-        extra = {"source": source, "tokenizer": tokenizer_description(tokenizer)}
-        store = write_store(staging, config, gguf_units(src, reader, config), settings, extra=extra, progress=report)
-        store.close()
-        write_tokenizer(staging, tokenizer)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    extra = {"source": source, "tokenizer": tokenizer_description(tokenizer)}
+    import_units(out_dir, config, gguf_units(src, reader, config), settings, extra,
+                 f"importing {os.path.basename(src)}: units", lambda folder: write_tokenizer(folder, tokenizer),
+                 progress, error=GGUFError)
     return out_dir

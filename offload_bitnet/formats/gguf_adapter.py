@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+import gguf
+
 from offload_bitnet.store.units import block_unit
 from offload_bitnet.formats.gguf import GGUFError
 from offload_bitnet.formats.gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
@@ -35,8 +37,6 @@ def lora_tensors(adapters, config):
 def write_lora_gguf(adapters, store, out: str, progress: bool = True) -> str:
     """Write ``adapters`` (an AdapterSet trained on ``store``) as a llama.cpp LoRA GGUF at ``out`` (a file
     ending in .gguf, or a folder that gets ``adapter.gguf``); returns the file path."""
-    import gguf
-
     config = store.config
     if config.arch != "llama":
         raise GGUFError(f"the adapters' base {store.path} is a {config.arch} model; llama.cpp LoRA adapters are "

@@ -29,7 +29,9 @@ from offload_bitnet.tokenizers.runtime import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
-from offload_bitnet.store.units import block_index, is_block
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.store.units import block_index, is_block, unit_shapes
+from offload_bitnet.formats.ollama import write_modelfile
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"
@@ -211,9 +213,7 @@ def tensor_types(store, arch: str, gguf_type: str) -> tuple[dict, list[str]]:
     if factors is not None:
         plan[gguf_tensor_name(arch, "rope_freqs")] = ((factors.numel(),), Q.F32)
     for unit in store.units:
-        shapes = config.block_shapes if is_block(unit) else {
-            "weight": (config.dim,) if unit == "norm" else (config.vocab_size, config.dim)}
-        for name, shape in shapes.items():
+        for name, shape in unit_shapes(config, unit).items():
             tensor = gguf_tensor_name(arch, unit, name)
             if len(shape) < 2:
                 qtype = Q.F32
@@ -234,9 +234,6 @@ def export_from_store(store, out_dir: str, gguf_type: str | None = None, file_na
                       progress: bool = True, modelfile: bool = True, **_ignored) -> str:
     """Write ``out_dir/model.gguf`` (and an Ollama ``Modelfile`` beside it) from ``store``; returns the GGUF's
     path. Everything is checked before a byte is written; the file appears only when complete."""
-    from offload_bitnet.store.layout import Layout
-    from offload_bitnet.formats.ollama import write_modelfile
-
     config = store.config
     gguf_type = (gguf_type or default_gguf_type(store)).lower()
     if gguf_type not in GGUF_TYPES:

@@ -1,6 +1,7 @@
 """Fold LoRA adapters into their base model: a new full-precision store with ``W + B A * alpha / r``.
 
-The base store is streamed one unit at a time into ``create.write_store``; the adapters (small) stay in RAM.
+The base store is streamed one unit at a time into a new store (``formats.importing.import_units``); the
+adapters (small) stay in RAM.
 """
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import sys
 
 import torch
 
-from offload_bitnet.store.write import write_store
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, AdapterSet
-from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
 from offload_bitnet.store.units import block_index, is_block
+from offload_bitnet.formats.importing import import_units
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -98,26 +98,19 @@ def merge_lora(store_path: str, adapter_dir: str, out_dir: str, progress: bool =
         if dtype not in DTYPES:
             raise ValueError(f"shadow_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         settings = StoreSettings(mode="full", shadow_dtype=dtype, state_dtype=base.settings.state_dtype)
-        report = None
-        if progress:
-            if base.settings.mode == "qat":
-                print("note: the merged store is full precision: its projections no longer quantize their "
-                      "activations, so its outputs differ slightly from the quantized model with adapters",
-                      file=sys.stderr)
-            bar = Progress(len(base.units), f"merging {adapter_dir} into {out_dir}: units")
-            report = lambda done, total, unit: bar.update(done, unit)  # noqa: E731
-        created = not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir))
-        try:
-            merged = write_store(out_dir, base.config, merged_units(base, adapters), settings,
-                                 merged_extra(base, adapters, adapter_dir), report)
-            merged.close()
-            folder = (base.extra.get("tokenizer") or {}).get("dir") or TOKENIZER_DIR
+        if progress and base.settings.mode == "qat":
+            print("note: the merged store is full precision: its projections no longer quantize their "
+                  "activations, so its outputs differ slightly from the quantized model with adapters",
+                  file=sys.stderr)
+        folder = (base.extra.get("tokenizer") or {}).get("dir") or TOKENIZER_DIR
+
+        def add_tokenizer(staging: str):
             if os.path.isdir(os.path.join(base.path, folder)):
-                shutil.copytree(os.path.join(base.path, folder), os.path.join(out_dir, folder))
-        except BaseException:
-            if created and os.path.isdir(out_dir):  # leave no half-written store behind
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+                shutil.copytree(os.path.join(base.path, folder), os.path.join(staging, folder))
+
+        import_units(out_dir, base.config, merged_units(base, adapters), settings,
+                     merged_extra(base, adapters, adapter_dir), f"merging {adapter_dir} into {out_dir}: units",
+                     add_tokenizer, progress)
     finally:
         base.close()
     return os.path.abspath(out_dir)

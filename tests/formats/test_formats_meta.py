@@ -242,7 +242,7 @@ def test_import_rereads_shards_in_bounded_windows(tmp_path, monkeypatch):
     write_checkpoint(tmp_path / "meta", n_shards=2)
     opened = []
     real_load = meta.load_shard
-    monkeypatch.setattr(meta, "load_shard", lambda path: opened.append(path) or real_load(path))
+    monkeypatch.setattr(meta.checkpoint, "load_shard", lambda path: opened.append(path) or real_load(path))
     monkeypatch.setattr(meta.ShardSet, "REMAP_BYTES", 1)  # re-open before every tensor
     meta.import_to_store(str(tmp_path / "meta"), str(tmp_path / "store"), progress=False)
     n_tensors = 3 + 2 * 9

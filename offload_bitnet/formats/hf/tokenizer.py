@@ -24,11 +24,18 @@ import os
 import shutil
 import sys
 
+import sentencepiece
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.formats.hf.config import CONFIG, HFFormatError
 from offload_bitnet.tokenizers.runtime import TOKENIZER_DIR, BaseTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPACE = "\u2581"  # sentencepiece's whitespace mark
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[str]:
@@ -47,8 +54,6 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
             written.append(GENERATION_CONFIG)
         return written
     if kind == "hf":  # the source's own files; loaded only when a file transformers needs has to be written
-        from offload_bitnet.formats.hf import TOKENIZER_FILES  # here, not at the top: formats.hf imports this module
-
         written = _copy_source_files(source_dir, out_dir, TOKENIZER_FILES)
         if TOKENIZER_CONFIG not in written and "tokenizer.json" in written:  # special tokens, chat template
             _write_json(out_dir, TOKENIZER_CONFIG,
@@ -163,8 +168,6 @@ def sentencepiece_backend(tokenizer: SentencePieceTokenizer):
     recipe: the pieces and scores as vocabulary, merges of every split of a piece into two pieces ranked by
     the merged piece's score, byte fallback), with the control tokens matched whole in text and each text
     segment between them given its own dummy-prefix space, as ``SentencePieceTokenizer.encode`` does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
     sp = tokenizer.sp
     size = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(size)}
@@ -199,8 +202,6 @@ def sentencepiece_backend(tokenizer: SentencePieceTokenizer):
 def _with_bos_processor(tokenizer: BaseTokenizer, backend):
     """A copy of the backend whose post-processor adds BOS exactly when our tokenizer adds it to plain text,
     so ``AutoTokenizer(...)(text)`` gives the ids ``tokenizer.encode(text, bos=tokenizer.add_bos)`` gives."""
-    from tokenizers import Tokenizer, processors
-
     backend = Tokenizer.from_str(backend.to_str())
     bos = tokenizer.token_text(tokenizer.bos_id) or _piece(tokenizer, tokenizer.bos_id)
     if tokenizer.add_bos and bos is not None:
@@ -209,3 +210,67 @@ def _with_bos_processor(tokenizer: BaseTokenizer, backend):
     elif isinstance(tokenizer, HFTokenizer):
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     return backend
+
+
+# ---------------------------------------------------------------------------------------------- source folders
+def tokenizer_files(folder: str) -> list[str]:
+    return [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, name))]
+
+
+def describe_tokenizer(folder: str) -> dict | None:
+    """``manifest["extra"]["tokenizer"]`` for the tokenizer files of ``folder`` (None when it has none)."""
+    files = tokenizer_files(folder)
+    if "tokenizer.json" in files:
+        kind = "hf"
+    elif "tokenizer.model" in files:
+        kind = "sentencepiece"
+    else:
+        return None
+    description = {"kind": kind, "dir": "tokenizer", "files": files}
+    if kind == "sentencepiece":
+        description["model"] = "tokenizer.model"
+    return description
+
+
+def tokenizer_token_count(folder: str) -> tuple[int, str] | None:
+    """How many token ids the tokenizer of ``folder`` can produce (highest id + 1) and the file that says so;
+    None when there is no tokenizer or its size cannot be read here (its loader reports that later)."""
+    json_path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            # BPE/WordPiece/WordLevel map token -> id; Unigram lists [piece, score] by id.
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+            ids += [token["id"] for token in data.get("added_tokens") or [] if isinstance(token, dict)]
+            ids = [i for i in ids if isinstance(i, int)]
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            return None
+        return (max(ids) + 1, json_path) if ids else None
+    model_path = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(model_path):
+        try:
+            return sentencepiece.SentencePieceProcessor(model_file=model_path).get_piece_size(), model_path
+        except Exception:  # noqa: BLE001 - not a sentencepiece model: its loader reports that
+            return None
+    return None
+
+
+def check_tokenizer_fits(folder: str, config: ModelConfig):
+    """Refuse a tokenizer that produces ids past the embedding: they would index outside it in training and
+    generation. (A tokenizer smaller than the embedding is normal: vocabularies are often padded.)"""
+    found = tokenizer_token_count(folder)
+    if found and found[0] > config.vocab_size:
+        count, path = found
+        raise HFFormatError(f"{path} has {count} tokens (ids up to {count - 1}), but {CONFIG} in {folder} gives the "
+                            f"model only vocab_size={config.vocab_size} embedding rows: the tokenizer does not belong "
+                            "to these weights. Use the tokenizer files that came with the model, or resize the "
+                            "embedding (model.resize_token_embeddings) and save the model again.")
+
+
+
+def copy_tokenizer(src_folder: str, dst_folder: str, files: list[str]):
+    os.makedirs(dst_folder, exist_ok=True)
+    for name in files:
+        shutil.copyfile(os.path.join(src_folder, name), os.path.join(dst_folder, name))

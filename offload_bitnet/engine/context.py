@@ -26,12 +26,21 @@ class StepContext:
     ``quantize``: the activation quantization it implies; ``optim``: the AdamW settings of this step (with a
     scheduled weight decay); ``submitted_bytes``: the size of the parts its updates made so far."""
 
+    @property
+    def submitted_bytes(self) -> int:
+        return sum(self._submitted)
+
+    def add_submitted(self, nbytes: int):
+        """Count the parts of one update. Updates run on the writer thread and on main (a stolen update) at the
+        same time: a list's append is atomic where ``+=`` on an attribute could lose one of two counts."""
+        self._submitted.append(nbytes)
+
     def __init__(self, engine, micro_batches, step: int, lr: float | None, optim: AdamWConfig,
                  quant_mix: float = 1.0, weight_decay: float | None = None):
         self.step, self.lr = step, lr
         self.optim = optim if weight_decay is None else dataclasses.replace(optim, weight_decay=weight_decay)
         self.quant_mix = check_quant_mix(quant_mix)
-        self.submitted_bytes = 0
+        self._submitted: list[int] = []
         self.ids = [batch[0].to(engine.device) for batch in micro_batches]
         self.targets = [shift_labels(batch[0], batch[1]).to(engine.device) for batch in micro_batches]
         self.n_tokens = sum(int((t != IGNORE_INDEX).sum()) for t in self.targets)

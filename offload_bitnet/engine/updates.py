@@ -53,7 +53,7 @@ def make_update(engine, unit: str, masters: dict, grads: dict, moments, ctx: Ste
 
     def made(parts: dict) -> dict:
         """The update's parts are final: the new forward part replaces the kept one (if kept)."""
-        ctx.submitted_bytes += sum(encoded_size(tensors) for tensors in parts.values())
+        ctx.add_submitted(sum(encoded_size(tensors) for tensors in parts.values()))
         engine.resident.replace(unit, parts["weights"])
         return parts
 

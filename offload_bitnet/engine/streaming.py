@@ -11,7 +11,8 @@ optimizer moments), whatever G is. Three threads share the work:
 
 - main: the compute (forward, replay, backward) and the embedding's update, which ends the step;
 - prefetch: loads one unit ahead, in one stream for both passes, so the head loads while the last blocks
-  run forward;
+  run forward. The stream is the step plan (``step_plan.py``): built once per step, each load named by unit
+  and kind, and taken by name (``StepPlan.take``), so a step that disagrees with its plan fails loudly;
 - writer: each unit's AdamW update (reading its moments then, so a queued update holds none), the write of
   the new version, and the commit. When its queue is full, main runs the oldest queued update itself rather
   than wait. Until a write lands, reads of that unit are served from memory. An untied head's update starts
@@ -23,8 +24,13 @@ come from a pool that reuses them (``buffers.py``), and the replay's projection 
 which spare the replay its matmuls) are capped at two blocks' worth. Within a unit it stays a few
 projections: updates run one tensor at a time, a ternary block's backward computes from its packed weights
 (the update reads the shadow itself), and blocks above ``dense_block_bytes`` make each projection only while
-a matmul needs it (``model.LazyWeight``). Forward parts may stay resident across steps (``resident_bytes``). The engine knows scheduling, prefetch
-and RNG replay, nothing about file formats.
+a matmul needs it (``model.LazyWeight``). Forward parts may stay resident across steps (``resident_bytes``).
+
+What is trained is a plug-in (``trainables.py``: full weights, or LoRA adapters on a frozen base): it plans the
+backward loads, makes each unit's parameters, runs the updates and the commit; this module runs the compute,
+the same for both. Per-step values (lr, optimizer settings, quantization mix, bytes submitted) live in the
+step's ``StepContext``, never on the engine. The engine knows scheduling, prefetch and RNG replay, nothing
+about file formats (LoRA adapters come in RAM and commit to their owner's ``AdapterCheckpoint``).
 """
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ class StreamingEngine:
         self.step = self.trainable.committed_step
         self.prefetcher = Prefetcher(self.options.prefetch_depth)
         self.writer = None
-        if store.writable and isinstance(self.trainable, FullWeights):
+        if store.writable and self.trainable.writes_store:
             store.check_free_space()
             self.writer = WriteBehind(store, self.options.max_pending_writes)
         # Spilled activations go beside the adapters in LoRA runs: the base store stays untouched and shareable.

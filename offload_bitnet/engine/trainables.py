@@ -62,6 +62,7 @@ class Trainable:
     """What a step trains and how (see the module docstring for the order of the calls)."""
 
     adapters: AdapterSet | None = None
+    writes_store = False  # whether its updates write the store (the engine then runs a writer thread)
 
     def check_can_train(self):
         """Raise RuntimeError when this engine cannot train (opened read-only, no place to commit)."""
@@ -102,6 +103,8 @@ class Trainable:
 class FullWeights(Trainable):
     """Every unit's weights (qat: ternary blocks with 16-bit shadows; full: 16-bit weights), AdamW moments on
     disk, each update on the writer thread, committed with the store."""
+
+    writes_store = True
 
     def __init__(self, engine):
         self.engine = engine

@@ -47,7 +47,7 @@ class StepContext:
         if self.n_tokens == 0:
             raise ValueError("no token in this batch has a target")
         self.quantize = engine.quantize * self.quant_mix
-        # Several micro-batches: lazy projections are made once per pass and kept (see StreamingEngine._lazy).
+        # Several micro-batches: lazy projections are made once per pass and kept (see StreamingEngine.lazy).
         self.keep = len(self.ids) > 1
         self.tables = {}  # rope tables per sequence length: micro-batches may differ in length
         for ids in self.ids:

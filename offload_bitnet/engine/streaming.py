@@ -270,6 +270,10 @@ class StreamingEngine:
             return masters, self._optim_part(unit) if with_moments else None
         return job
 
+    def moments_job(self, unit: str):
+        """Load a unit's moments alone (an untied head's, whose update starts during the cross-entropy)."""
+        return lambda: self._optim_part(unit)
+
     def _read_stored(self, unit: str, part: str) -> dict:
         """A part as the store has it, for an update (on the writer thread, or on main when it takes a queued
         update over): every earlier write of the unit is in the store by then."""

@@ -127,7 +127,7 @@ class FullWeights(Trainable):
         loads = [Load("norm", "masters", engine.update_job("norm", mix, with_moments=True))]
         if engine.head_unit == "head":
             loads += [Load("head", "masters", engine.update_job("head", mix, with_moments=False)),
-                      Load("head", "moments", lambda: engine._optim_part("head"))]
+                      Load("head", "moments", engine.moments_job("head"))]
         else:
             loads.append(Load("embed", "masters", engine.update_job("embed", mix, with_moments=True)))
         loads += [Load(block_unit(i), "masters", engine.update_job(block_unit(i), mix, with_moments=False))

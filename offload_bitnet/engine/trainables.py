@@ -153,6 +153,9 @@ class FullWeights(Trainable):
 
     def _head_row_updates(self, head: HeadPass, plan: StepPlan, ctx: StepContext):
         """An untied head's update starts a row range at a time, while the cross-entropy still computes."""
+        # The callback holds the tensors, not ``head``: head -> callback -> head would be a reference cycle, and
+        # the head's buffers would wait for the garbage collector instead of going back to the pool at once.
+        masters, weight_grad = head.masters, head.weight_grad
         update = None
 
         def update_head_rows(rows: slice, loss_so_far: float):
@@ -160,9 +163,9 @@ class FullWeights(Trainable):
             if not math.isfinite(ctx.loss + loss_so_far):
                 raise NonFiniteStep(f"non-finite loss ({ctx.loss + loss_so_far})")
             if update is None:  # its moments were loaded during the cross-entropy's forward
-                update = make_update(self.engine, "head", head.masters, {"weight": head.weight_grad},
+                update = make_update(self.engine, "head", masters, {"weight": weight_grad},
                                      plan.take("head", "moments"), ctx, keep_masters=True)
-            final = rows.stop == head.weight_grad.shape[0]
+            final = rows.stop == weight_grad.shape[0]
             # Only the writer runs them, one after another (each range's update is cheap; the last makes the parts).
             self.engine.writer.update("head", functools.partial(update, rows, final), ctx.step, stealable=False)
         return update_head_rows

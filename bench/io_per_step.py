@@ -2,7 +2,7 @@
 
 The engine's ``StepStats`` gives a step's total; to split it, the bench opens the store through a subclass of
 ``BlockStore`` that records every read and write with the phase it belongs to. The phase comes from the
-engine's load jobs (``_forward_job``: what forward streams; ``_update_job`` and ``_moments_job``: what the
+engine's load jobs (``forward_job``: what forward streams; ``update_job`` and ``moments_job``: what the
 backward pass loads; ``_read_stored``: the moments and shadow an update reads), which a subclass of ``StreamingEngine``
 wraps; the tag is thread-local, so it is exact whichever thread reads. Nothing in the engine or store is changed.
 
@@ -54,16 +54,16 @@ class RecordingStore(BlockStore):
 class PhaseEngine(StreamingEngine):
     """Tags the reads of forward load jobs as ``forward`` and of the backward pass's load jobs as ``backward``."""
 
-    def _forward_job(self, unit, keep=False):
-        job = super()._forward_job(unit, keep)
+    def forward_job(self, unit, quant_mix=1.0, keep=False):
+        job = super().forward_job(unit, quant_mix, keep)
         return lambda: _tagged("forward", job)
 
-    def _update_job(self, unit, with_moments=True):
-        job = super()._update_job(unit, with_moments)
+    def update_job(self, unit, quant_mix, with_moments=True):
+        job = super().update_job(unit, quant_mix, with_moments)
         return lambda: _tagged("backward", job)
 
-    def _moments_job(self, unit):
-        job = super()._moments_job(unit)
+    def moments_job(self, unit):
+        job = super().moments_job(unit)
         return lambda: _tagged("backward", job)
 
     def _read_stored(self, unit, part):  # called by the updates, on the writer or main thread

@@ -43,6 +43,8 @@ import torch
 
 import _common as c
 from offload_bitnet.engine import streaming as engine_module
+from offload_bitnet.engine import trainables as trainables_module
+from offload_bitnet.engine import updates as updates_module
 from offload_bitnet.store import layout as layout_module
 from offload_bitnet.store import blockstore as store_module
 from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
@@ -141,8 +143,9 @@ class Timers:
         self.patch(engine_module, "block_forward", "compute: block forward / replay")
         self.patch(engine_module, "chunked_cross_entropy", "compute: head + cross-entropy")
         self.patch(engine_module, "quantize_weight", "compute: quantize masters for replay")
-        self.patch(engine_module, "adamw_update", "AdamW update")
-        self.patch(engine_module, "_check_finite", "finite-gradient check", optional=True)
+        self.patch(updates_module, "adamw_update", "AdamW update")
+        for module in (updates_module, trainables_module):  # each calls it through its own global
+            self.patch(module, "check_finite", "finite-gradient check", optional=True)
         self.patch(torch.Tensor, "backward", "compute: autograd backward")
         self.patch(engine_module.StreamingEngine, "train_step", "main: other (python, stash, embed...)")
         self.patch(engine_module.Prefetcher, "stream", "main: waiting for prefetch")

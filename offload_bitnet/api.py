@@ -16,16 +16,15 @@ def open_model(path: str, device: str = "cpu", adapter: str | None = None, **eng
     from offload_bitnet.formats.merge import load_adapters
 
     store = BlockStore(ensure_store(path), writable=False)
-    engine = StreamingEngine(store, EngineOptions(device=device, **engine_options))
-    if adapter is not None:
-        try:
-            # Evaluation only reads the adapters: the same in-RAM AdapterSet training uses, without a folder to
-            # save into (so EngineOptions(lora=...) is not the way in).
-            engine.adapters = load_adapters(adapter, store.config)
-        except BaseException:
-            engine.close()
-            raise
-    return engine
+    try:
+        if adapter is not None:
+            # Evaluation only reads the adapters: the same in-RAM AdapterSet training uses, without a checkpoint
+            # to commit to (so the engine only applies them).
+            engine_options["adapters"] = load_adapters(adapter, store.config)
+        return StreamingEngine(store, EngineOptions(device=device, **engine_options))
+    except BaseException:
+        store.close()
+        raise
 
 
 def open_for_training(path: str, **engine_options) -> StreamingEngine:

@@ -218,6 +218,26 @@ class AdapterSet:
                              f"the adapter was trained on another base model or targets other projections")
 
 
+class AdapterCheckpoint:
+    """An adapter folder as the commit record of a LoRA run: each committed step's adapters, moments, step and
+    extra (``AdapterSet.save``), and the last of them read back (to resume, or to undo an abandoned step).
+    Its owner (the trainer, or whoever opens a LoRA engine) creates it; the engine only commits to it."""
+
+    def __init__(self, directory: str, base_model: str = ""):
+        self.directory, self.base_model = directory, base_model
+
+    def exists(self) -> bool:
+        return os.path.exists(os.path.join(self.directory, ADAPTER_PROGRESS))
+
+    def restore(self, config: ModelConfig, lora: LoRAConfig) -> AdapterSet:
+        """The adapters of the last commit, or fresh ones (``lora``) when nothing was committed yet."""
+        return AdapterSet.load(self.directory, config) if self.exists() else AdapterSet(config, lora)
+
+    def commit(self, adapters: AdapterSet, step: int, extra: dict | None = None):
+        """Save ``adapters`` as step ``step`` (atomically: a crash leaves the previous commit readable)."""
+        adapters.save(self.directory, step, extra, base_model=self.base_model)
+
+
 # PEFT LoraConfig fields whose non-default values change the math in ways an AdapterSet cannot express.
 _UNSUPPORTED_PEFT = {
     "use_dora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "bias": ("none", None),

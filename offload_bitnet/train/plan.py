@@ -55,9 +55,6 @@ RUNNING_UPDATES = 1       # the writer's (main runs one more itself only when th
 LOADS_AHEAD = 1           # EngineOptions.prefetch_depth
 CE_LOGIT_COPIES = 4       # logits, the saved log-softmax, its gradient and softmax's temporary (chunk rows each)
 CE_CHUNK_TOKENS = 1024    # EngineOptions.ce_chunk_tokens
-# finetune.py's LoRA runs replace the engine's activation stash with one that has no memo budget (issue 12
-# fixes that); when they keep memos again, this becomes the full-weights rule.
-LORA_MEMO_BYTES = 0
 # --- the time model ---------------------------------------------------------------------------------------------
 MATMUL_FLOPS_PER_PARAM_TOKEN = dict(forward=2, replay=2, backward=4)   # backward: input and weight gradients
 LORA_BACKWARD_FLOPS = 2                                                # input gradients only
@@ -170,9 +167,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     in_ram = min(stash, memory_budget_bytes)
     shapes = cfg.projection_shapes
     memo_per_block = peak_tokens * sum(out for out, _ in shapes.values()) * 4
+    # The same rule for LoRA: its runs keep memos in the same budget (EngineOptions.memo_budget_bytes).
     memo_room = min(max(memory_budget_bytes - stash, 0), 2 * 4 * block_params)
-    if lora is not None:
-        memo_room = LORA_MEMO_BYTES
     memo_blocks = min(cfg.n_layers, memo_room // memo_per_block) if memo_per_block else 0
     micro_peak = micro_batch_size * max_seq_len
     per_token = REPLAY_VALUES_PER_TOKEN["dim"] * cfg.dim + REPLAY_VALUES_PER_TOKEN["hidden"] * cfg.hidden_dim

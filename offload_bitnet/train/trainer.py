@@ -47,7 +47,7 @@ from offload_bitnet.model.config import ConfigError
 from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
 from offload_bitnet.errors import pipe_safe, quiet_broken_pipe
 from offload_bitnet.formats.adapters import peft_base_model
-from offload_bitnet.model.lora import LoRAConfig
+from offload_bitnet.model.lora import AdapterCheckpoint, LoRAConfig
 from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.progress import format_seconds
@@ -57,7 +57,6 @@ from offload_bitnet.train.schedule import make_schedule, quant_mix
 from offload_bitnet.store.sizing import folder_bytes, human
 from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings, no_master_weights
 from offload_bitnet.tokenizers.runtime import ByteTokenizer
-from offload_bitnet.engine.streams import ActivationStash
 
 STATE_KEY = "train_state"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -478,8 +477,7 @@ class Trainer:
         survives a restart: the manifest (or the adapter checkpoint) is rewritten at the same step."""
         extra = {**{k: v for k, v in self.committed_extra().items() if k != STATE_KEY}, STATE_KEY: state}
         if self.lora:
-            self.engine.adapters.save(self.paths.adapter_dir, self.engine.adapters.step, extra,
-                                      base_model=self.engine.options.adapter_base or self.store.path)
+            self.engine.options.adapter_checkpoint.commit(self.engine.adapters, self.engine.adapters.step, extra)
         else:
             self.engine.flush()  # the writer is idle after this, so the manifest can be replaced here
             self.store.commit(self.store.step, extra)
@@ -753,13 +751,12 @@ class Trainer:
         quantization warmup the model is evaluated at the mix of ``step`` (or ``mix``)."""
         if self.warmup:
             mix = self.quant_mix_at(step) if mix is None else mix
-            self.engine.quant_mix = mix  # what every forward of the engine sees until the next train_step
         total, count = 0.0, 0
         began = time.perf_counter()
         for ids, labels in datalib.eval_batches(self.dataset.val, self.config.eval_batch_size, self.pad_id,
                                                 self.config.eval_max_batches):
             targets = int((labels[:, 1:] != datalib.IGNORE_INDEX).sum())
-            total += self.engine.loss(ids, labels) * targets
+            total += self.engine.loss(ids, labels, quant_mix=1.0 if mix is None else mix) * targets
             count += targets
         loss = total / count
         record = {"type": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss), "tokens": count,
@@ -1038,12 +1035,16 @@ def train(config: RunConfig, paths: RunPaths, command: RunCommand, cleanup: Refu
     remove_leftover_temporaries(paths.run_dir)  # this run holds the run folder's lock (and the store's) now
     try:
         check_store_settings(config, store)
-        engine = StreamingEngine(store, engine_options(config, store, paths))
+        options = engine_options(config, store, paths)
         if config.is_lora:
-            # The engine spills activations beyond the budget into STORE/scratch. A LoRA base must stay untouched
-            # (it may be read-only, or shared by several LoRA runs whose spill files would collide): spill into
-            # the run folder instead. (To be replaced by an engine option for the spill folder.)
-            engine.stash = ActivationStash(config.memory_budget_bytes, os.path.join(paths.run_dir, "scratch"))
+            # The trainer owns the adapter folder: it resumes the adapters from their last commit, and the engine
+            # commits each step to it. Activations beyond the budget spill into the run folder, not STORE/scratch:
+            # a LoRA base stays untouched (it may be read-only, or shared by several LoRA runs).
+            checkpoint = AdapterCheckpoint(paths.adapter_dir, options.adapter_base or store.path)
+            options = dataclasses.replace(options, adapters=checkpoint.restore(store.config, options.lora),
+                                          adapter_checkpoint=checkpoint, lora=None, adapter_dir=None,
+                                          scratch_dir=os.path.join(paths.run_dir, "scratch"))
+        engine = StreamingEngine(store, options)
     except BaseException:
         store.close()
         raise

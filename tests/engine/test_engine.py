@@ -140,12 +140,13 @@ def test_quant_warmup_mix_spans_full_precision_to_ternary(tmp_path):
     reference = InMemoryModel.from_store(engine.store)
     reference.mode = "full"  # the same shadow weights, no quantization
     full_logits = reference.logits(ids)
-    engine.quant_mix = 0.0
-    assert torch.allclose(engine.logits(ids), full_logits, atol=1e-5)
-    engine.quant_mix = 1.0
-    assert engine.loss(ids) == ternary_loss
+    assert torch.allclose(engine.logits(ids, quant_mix=0.0), full_logits, atol=1e-5)
+    assert engine.loss(ids, quant_mix=1.0) == ternary_loss
     stats = engine.train_step([(ids, None)], quant_mix=0.5)
-    assert stats.step == 1 and engine.quant_mix == 0.5
+    # A step's mix holds for that step only: nothing of it stays on the engine.
+    assert stats.step == 1 and not hasattr(engine, "quant_mix")
+    with pytest.raises(ValueError, match="quant_mix"):
+        engine.loss(ids, quant_mix=-0.1)
     with pytest.raises(ValueError, match="quant_mix"):
         engine.train_step([(ids, None)], quant_mix=1.5)
     engine.close()
@@ -172,27 +173,28 @@ def test_non_finite_loss_skips_the_whole_step(tmp_path):
 
 
 def test_step_abandoned_after_some_units_were_written_leaves_the_store_as_committed(tmp_path, monkeypatch):
-    from offload_bitnet.engine import streaming as engine_module
+    from offload_bitnet.engine import stats as stats_module
+    from offload_bitnet.engine.trainables import FullWeights
 
     path = create_model(str(tmp_path / "m"), size="demo", arch="bitnet", n_layers=3)
     store = BlockStore(path, writable=True)
     before = {unit: dict(parts) for unit, parts in store.manifest["files"].items()}
     engine = StreamingEngine(store)
-    original = StreamingEngine._apply_update
+    original = FullWeights._apply_update
 
     def failing(self, unit, *args):
         if unit == "block.000":  # head, norm and blocks 2..1 are already on their way to disk
-            raise engine_module.NonFiniteStep("non-finite gradient in block.000 q_proj")
+            raise stats_module.NonFiniteStep("non-finite gradient in block.000 q_proj")
         return original(self, unit, *args)
 
-    monkeypatch.setattr(StreamingEngine, "_apply_update", failing)
+    monkeypatch.setattr(FullWeights, "_apply_update", failing)
     batch = [(torch.randint(0, 256, (1, 16)), None)]
     stats = engine.train_step(batch)
     assert stats.skipped == "non-finite gradient in block.000 q_proj" and engine.step == 0
     assert store.manifest["files"] == before
     committed = {e["file"] for parts in before.values() for e in parts.values()}
     assert set(os.listdir(os.path.join(path, "units"))) == committed
-    monkeypatch.setattr(StreamingEngine, "_apply_update", original)
+    monkeypatch.setattr(FullWeights, "_apply_update", original)
     assert engine.train_step(batch).skipped is None and engine.step == 1
     engine.close()
     assert BlockStore(path).step == 1

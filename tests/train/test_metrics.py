@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from offload_bitnet.train.metrics import (MetricsLog, PlotUnavailable, lock_holder, perplexity, plot_losses, plot_run,
+from offload_bitnet.train.metrics import (MetricsLog, PlotUnavailable, perplexity, plot_losses, plot_run,
                                           print_status, smooth, status_lines, summarize, write_status)
+from offload_bitnet.io.locks import lock_holder
 from repo_paths import REPO
 
 

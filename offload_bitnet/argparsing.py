@@ -138,7 +138,6 @@ def check_device(device: str):
 _SIZE_UNITS = {"": 1, "b": 1,
                "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
                "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-SIZE_HELP = "bytes, or a size like 512M, 2G (G = GiB), 1.5GiB or 4GB (GB = 10^9 bytes)"
 
 
 def parse_size(value) -> int:
@@ -150,7 +149,7 @@ def parse_size(value) -> int:
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size like 512MiB or 4GiB, got {value!r} ({SIZE_HELP})")
+        raise ValueError(f"expected a size like 512MiB or 4GiB, got {value!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 

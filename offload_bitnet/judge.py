@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 
 from offload_bitnet.train import data as datalib
+from offload_bitnet.train.records import DataOptions, alpaca_prompt, messages_prompt_ids
 from offload_bitnet.formats.merge import load_adapters
 from offload_bitnet.progress import Progress
 
@@ -166,7 +167,7 @@ def record_item(record: dict, tokenizer) -> JudgeItem:
     if "messages" not in record:
         text = record["instruction"] + (f"\n\n{record['input']}" if (record.get("input") or "").strip() else "")
         return JudgeItem(text, record["output"],
-                         tokenizer.encode(datalib.alpaca_prompt(record), bos=True, eos=False))
+                         tokenizer.encode(alpaca_prompt(record), bos=True, eos=False))
     messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     context = messages[:last]
@@ -174,7 +175,7 @@ def record_item(record: dict, tokenizer) -> JudgeItem:
         text = context[0]["content"]
     else:
         text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in context)
-    return JudgeItem(text, messages[last]["content"], datalib.messages_prompt_ids(tokenizer, context))
+    return JudgeItem(text, messages[last]["content"], messages_prompt_ids(tokenizer, context))
 
 
 def judge_items(examples: list, tokenizer, max_records: int = 0) -> list[JudgeItem]:
@@ -185,7 +186,7 @@ def judge_items(examples: list, tokenizer, max_records: int = 0) -> list[JudgeIt
 
 def load_items(paths: list[str], tokenizer, max_seq_len: int, max_records: int = 0) -> list[JudgeItem]:
     """Every Alpaca or chat record of ``paths`` (read and checked by ``data.load_dataset``)."""
-    options = datalib.DataOptions(max_seq_len=max_seq_len)
+    options = DataOptions(max_seq_len=max_seq_len)
     dataset = datalib.load_dataset(paths, [], tokenizer, options, val_fraction=0.0, seed=0)
     items = judge_items(dataset.train, tokenizer, max_records)
     if not items:
@@ -251,7 +252,7 @@ class EngineJudge:
         context = self.generator.config.max_seq_len
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            encoded = [datalib.messages_prompt_ids(self.tokenizer, judge_messages(p))
+            encoded = [messages_prompt_ids(self.tokenizer, judge_messages(p))
                        for p in prompts[start:start + self.batch_size]]
             fits = [ids for ids in encoded if len(ids) < context - 1]
             replies = iter([])

@@ -261,8 +261,9 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
     engine = open_adapter_engine(model, str(run_dir / "adapter"))
     try:
         from offload_bitnet.train import data as datalib
+        from offload_bitnet.train.records import DataOptions
 
-        val = datalib.load_dataset([data], [], tokenizer, datalib.DataOptions(max_seq_len=512), 0.25, 0).val
+        val = datalib.load_dataset([data], [], tokenizer, DataOptions(max_seq_len=512), 0.25, 0).val
         items = judge_items(val, tokenizer)
         assert [i.reference for i in items] == [r["reference"] for r in tuned]
         expected = engine_continuations(engine, tokenizer, [i.prompt_ids for i in items], 6)

@@ -3,15 +3,15 @@ the context before training starts, and continued greedily from the weights comm
 from __future__ import annotations
 
 from offload_bitnet.generate import GenerationError, Generator, SamplingOptions, decode_continuation
-from offload_bitnet.train import data as datalib
 from offload_bitnet.train.messages import TrainError, say
+from offload_bitnet.train.records import chat_prompt_ids
 from offload_bitnet.train.runconfig import RunConfig
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     """A prompt as the model saw its training data: a user turn when it trains on chats, else plain text."""
     if chat:
-        return datalib.chat_prompt_ids(tokenizer, prompt)
+        return chat_prompt_ids(tokenizer, prompt)
     return tokenizer.encode(prompt, bos=getattr(tokenizer, "add_bos", True))
 
 

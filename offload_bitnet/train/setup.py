@@ -17,6 +17,7 @@ from offload_bitnet.store.write import create_model
 from offload_bitnet.tokenizers.loaders import install_tokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train.messages import TrainError, say
+from offload_bitnet.train.records import DataOptions
 from offload_bitnet.train.run_commands import RunCommand
 from offload_bitnet.train.run_folder import (RunPaths, check_run_folder, restart_run, source_label, store_is_complete,
                                              training_kind, write_json)
@@ -99,7 +100,7 @@ def default_lr(config: RunConfig, store: BlockStore) -> float:
 
 def load_data(config: RunConfig, tokenizer, vocab_size: int) -> datalib.Dataset:
     """The run's dataset, checked against the model's vocabulary."""
-    options = datalib.DataOptions(max_seq_len=config.max_seq_len, data_format=config.data_format,
+    options = DataOptions(max_seq_len=config.max_seq_len, data_format=config.data_format,
                                   completion_only=not config.train_on_prompt,
                                   skip_bad_records=config.skip_bad_records, packing=config.packing)
     dataset = datalib.load_dataset(config.data, config.val_data, tokenizer, options, config.val_fraction, config.seed)

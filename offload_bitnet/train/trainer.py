@@ -42,7 +42,8 @@ from offload_bitnet.train.plan import dry_run
 from offload_bitnet.train.run_commands import RunCommand, shown_path
 from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries, resolve_paths,
                                              store_is_complete)
-from offload_bitnet.train.runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
+from offload_bitnet.train.runconfig import RunConfig, RunConfigError, resume_fingerprint
+from offload_bitnet.train.runconfig_loading import parse_args
 from offload_bitnet.train.samples import check_prompts, generate_samples
 from offload_bitnet.train.schedule import make_schedule, quant_mix
 from offload_bitnet.train.setup import (check_store_settings, default_lr, engine_options, files_digest, load_data,

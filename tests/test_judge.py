@@ -214,7 +214,7 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
     from offload_bitnet.judge import judge_items
     from offload_bitnet.formats.merge import load_adapters
     from offload_bitnet.store.blockstore import BlockStore
-    from offload_bitnet.tokenizers.runtime import ByteTokenizer
+    from offload_bitnet.tokenizers.base import ByteTokenizer
 
     @torch.no_grad()
     def engine_continuations(engine, tokenizer, encoded, max_new_tokens):

@@ -13,8 +13,9 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from offload_bitnet.tokenizers.runtime import (TOKENIZER_DIR, BaseTokenizer, TokenizerError, _store_defaults, byte_fallback,
-                         check_fits, gguf_tokenizer, load_tokenizer, load_tokenizer_files)
+from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer, TokenizerError
+from offload_bitnet.tokenizers.gguf_rebuild import gguf_tokenizer
+from offload_bitnet.tokenizers.runtime import _store_defaults, byte_fallback, check_fits, load_tokenizer, load_tokenizer_files
 
 BYTE = "byte"
 

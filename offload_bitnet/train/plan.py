@@ -30,7 +30,7 @@ from offload_bitnet.train.runconfig import RunConfig
 from offload_bitnet.store.sizing import human, part_bytes, step_io, store_bytes
 from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings
 from offload_bitnet.store.units import block_unit, unit_names
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.argparsing import check_device
 from offload_bitnet.engine.streaming import peak_rss_bytes
 from offload_bitnet.io.buffers import default_keep_bytes

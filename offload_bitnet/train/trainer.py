@@ -34,7 +34,7 @@ from offload_bitnet.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_US
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.sizing import human
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train.messages import TrainError, say
 from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status

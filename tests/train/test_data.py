@@ -7,7 +7,7 @@ import torch
 from offload_bitnet.train import data as d
 from offload_bitnet.train import records
 from offload_bitnet.model.loss import IGNORE_INDEX
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.tokenizers.base import ByteTokenizer
 from repo_paths import REPO
 
 ROOT = REPO

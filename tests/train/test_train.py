@@ -414,7 +414,7 @@ def test_lora_samples_use_the_adapters(tmp_path, capsys):
     samples = [r for r in metrics(str(tmp_path / "samples")) if r["type"] == "sample"]
     assert len(samples) == 1 and samples[0]["prompt"] == "The light" and samples[0]["text"]
     from offload_bitnet.engine.streaming import StreamingEngine
-    from offload_bitnet.tokenizers.runtime import ByteTokenizer
+    from offload_bitnet.tokenizers.base import ByteTokenizer
     from offload_bitnet.train.samples import generate_samples
 
     base = StreamingEngine(BlockStore(str(tmp_path / "samples" / "store")))
@@ -552,7 +552,8 @@ def test_a_run_with_tokenizer_option_stores_it_in_its_own_copy(tmp_path, capsys)
     """A model without a tokenizer (vocabulary 300, not bytes) trains with --tokenizer; the run's imported
     copy then carries that tokenizer, so test_gen.py and exports of it need no option."""
     from offload_bitnet.formats import export_model
-    from offload_bitnet.tokenizers.runtime import build_gguf_bpe, bytes_to_unicode, load_tokenizer
+    from offload_bitnet.tokenizers.gguf_rebuild import build_gguf_bpe, bytes_to_unicode
+    from offload_bitnet.tokenizers.runtime import load_tokenizer
 
     tokens = [bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"]  # byte-level BPE, no merges
     folder = tmp_path / "tok"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from offload_bitnet import create_model
+from offload_bitnet import judge as judge_module
 from offload_bitnet.cli import main as cli_main
 from offload_bitnet.judge import (HttpJudge, JudgeError, JudgeItem, RUBRIC, SYSTEM_PROMPT, build_judge_prompt,
                                   check_url, evaluate, judge_messages, parse_score, summarize_scores)
@@ -198,13 +199,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_judge_url_with_no_server_fails_fast_and_bounded():
+def test_a_judge_url_with_no_server_fails_fast_and_bounded(monkeypatch):
+    # Bounded by counting requests and back-off sleeps, not by the wall clock (a loaded machine is slow).
     judge = HttpJudge(f"http://127.0.0.1:{free_port()}/v1", timeout=5, attempts=2)
+    opened, slept = [], []
+    real_open = judge_module._LOOPBACK.open
+    monkeypatch.setattr(judge_module._LOOPBACK, "open", lambda *a, **k: (opened.append(k.get("timeout")),
+                                                                        real_open(*a, **k))[1])
+    monkeypatch.setattr(judge_module.time, "sleep", slept.append)
     calls = []
-    began = time.monotonic()
     with pytest.raises(JudgeError, match="failed 3 record\\(s\\) in a row.*is the server running"):
         judge.replies(["a", "b", "c", "d", "e"], calls.append)
-    assert calls == [1, 2] and time.monotonic() - began < 60  # stopped after 3 records, not all 5
+    assert calls == [1, 2]  # stopped after 3 records, not all 5
+    assert opened == [5] * 6 and slept == [2.0] * 3  # 2 attempts per record, each waiting at most 5 s
 
 
 # ---------------------------------------------------------------------------------------------- with training

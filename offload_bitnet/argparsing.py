@@ -18,6 +18,8 @@ import os
 import re
 import sys
 
+import torch
+
 # The compute devices a script accepts: cpu, cuda, cuda:N, mps.
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps"
 # argparse's own test for "a negative number, not an option" knows -1 and -.5 but not -1e-3 or -2.
@@ -120,8 +122,6 @@ class DeviceError(ValueError):
 
 def check_device(device: str):
     """``torch.device(device)``, refusing one this machine does not have with a message that says what to use."""
-    import torch  # here, not at the top: --help and argument errors of every script must not wait for torch
-
     try:
         parsed = torch.device(device)
     except RuntimeError:

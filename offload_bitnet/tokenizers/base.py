@@ -105,7 +105,7 @@ class ByteTokenizer(BaseTokenizer):
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
     """Render a Hugging Face style chat template the way transformers does (sandboxed jinja2, trim_blocks,
     lstrip_blocks, ``tojson``, ``raise_exception``, ``strftime_now``)."""
-    import jinja2
+    import jinja2  # loaded on first use: only chat templates need it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):

@@ -43,7 +43,7 @@ CONTROL, USER_DEFINED = 3, 4
 
 def build_gguf_bpe(data: dict):
     """A ``tokenizers`` byte-level BPE from GGUF ``gpt2`` metadata (tokens, merges, token types, pre)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # only this tokenizer kind needs it
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -116,7 +116,7 @@ def sentencepiece_model_proto(pieces: list[tuple[str, float, int]], *, unk_id: i
 
 def build_gguf_sentencepiece(data: dict):
     """A ``sentencepiece`` processor from GGUF ``llama`` metadata (tokens, scores, token types)."""
-    import sentencepiece
+    import sentencepiece  # loaded here: only this tokenizer kind needs the package
 
     tokens = data["tokens"]
     scores = data.get("scores") or [0.0] * len(tokens)

@@ -41,7 +41,7 @@ class HFTokenizer(BaseTokenizer):
 
 def load_hf(directory: str, description: dict, defaults: dict) -> BaseTokenizer:
     """``tokenizer.json`` (or, without it, ``tokenizer.model``) with its ``tokenizer_config.json``."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # only this tokenizer kind needs it
 
     config_path = os.path.join(directory, "tokenizer_config.json")
     config = read_json(config_path) if os.path.isfile(config_path) else {}

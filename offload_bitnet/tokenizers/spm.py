@@ -61,7 +61,7 @@ class SentencePieceTokenizer(BaseTokenizer):
 
 def load_sentencepiece(directory: str, description: dict, defaults: dict) -> BaseTokenizer:
     """``tokenizer.model`` with the special ids and chat template of ``tokenizer_config.json`` when present."""
-    import sentencepiece
+    import sentencepiece  # loaded here: only this tokenizer kind needs the package
 
     model_path = os.path.join(directory, description.get("model") or description.get("file") or "tokenizer.model")
     if not os.path.isfile(model_path):

@@ -2,6 +2,7 @@
 tokens and the Llama 3 chat format."""
 from __future__ import annotations
 
+import base64
 import os
 
 from offload_bitnet.tokenizers.base import BaseTokenizer, TokenizerError
@@ -21,7 +22,7 @@ def build_tiktoken_bpe(ranks: dict[bytes, int], special: list[str], split: str =
     """A ``tokenizers`` BPE equal to tiktoken's rank-ordered merging: every split (left, right) of a token
     whose halves are tokens becomes a merge, ranked by the merged token's rank (transformers'
     TikTokenConverter does the same)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # only this tokenizer kind needs it
 
     spelling = bytes_to_unicode()
     spell = lambda b: "".join(spelling[c] for c in b)  # noqa: E731
@@ -47,8 +48,6 @@ def build_tiktoken_bpe(ranks: dict[bytes, int], special: list[str], split: str =
 def load_tiktoken(directory: str, description: dict, defaults: dict) -> BaseTokenizer:
     """A Llama 3 ``tokenizer.model`` (tiktoken ranks: base64 token and rank per line) with Meta's special tokens
     and the Llama 3 chat format (Meta's folders carry no chat template)."""
-    import base64
-
     path = os.path.join(directory, description.get("file", "tokenizer.model"))
     ranks, number = {}, 0
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from offload_bitnet.argparsing import DEVICE_PATTERN, parse_size
 from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES
+from offload_bitnet.judge import JudgeError, check_url
 from offload_bitnet.model.config import SIZES
 from offload_bitnet.model.lora import ALL_TARGETS, ATTENTION
 from offload_bitnet.store.units import MODES as STORE_MODES
@@ -305,8 +306,6 @@ class RunConfig:
     def _validate_judge(self, bad):
         """Judge options are checked before hours of training, not after."""
         if self.judge_url:
-            from offload_bitnet.judge import JudgeError, check_url
-
             try:
                 check_url(self.judge_url)
             except JudgeError as error:

@@ -12,30 +12,25 @@ $OFFLOAD_BITNET_CACHE). Several --prompt options run as one batch.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-
-def parse_bytes(text: str) -> int:
-    """``2G``, ``512M``, ``1.5GiB`` or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M or a byte count)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+from offload_bitnet.argparsing import ArgumentParser, choose_device, size_argument
+from offload_bitnet.cli import DefaultsHelpFormatter
+from offload_bitnet.errors import EXIT_ERROR, EXIT_INTERRUPTED, describe_error, pipe_safe, quiet_broken_pipe
+from offload_bitnet.formats import ensure_store
+from offload_bitnet.formats.merge import load_adapters
+from offload_bitnet.generate import Generator, SamplingOptions, TextStreamer, decode_continuation
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.tokenizers.loaders import open_tokenizer
 
 
 def _help_formatter():
-    from offload_bitnet.cli import DefaultsHelpFormatter
-
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
         """The module docstring as written, and every option's default."""
     return HelpFormatter
 
 
 def parse_args(argv=None):
-    from offload_bitnet.argparsing import ArgumentParser, choose_device
-
     parser = ArgumentParser(description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
     parser.add_argument("device", nargs="?", help="cpu (default), cuda, cuda:1, mps; or give --device")
@@ -51,8 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--memory-budget", type=parse_bytes, default="2G",
-                        help="bytes of weights kept in memory; larger models stream from disk every token")
+    parser.add_argument("--memory-budget", type=size_argument, default="2G",
+                        help="weights kept in memory; larger models stream from disk every token: 512M, 2G "
+                             "(G = GiB), 1.5GiB, 4GB (GB = 10^9 bytes) or a byte count")
     parser.add_argument("--adapter", metavar="DIR",
                         help="LoRA adapters to apply on top of MODEL without merging: a LoRA run's RUN_DIR/adapter "
                              "(MODEL is then the run's base model) or any PEFT LoRA adapter folder")
@@ -69,11 +65,6 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    from offload_bitnet.formats import ensure_store
-    from offload_bitnet.generate import Generator, SamplingOptions, TextStreamer, decode_continuation
-    from offload_bitnet.store.blockstore import BlockStore
-    from offload_bitnet.tokenizers.loaders import open_tokenizer
-
     if not args.prompt:
         raise ValueError("give at least one --prompt")
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -91,8 +82,6 @@ def run(args) -> int:
         prompts = [tokenizer.encode(text, bos=tokenizer.add_bos) for text in args.prompt]
     adapters = None
     if args.adapter:
-        from offload_bitnet.formats.merge import load_adapters
-
         adapters = load_adapters(args.adapter, store.config)
         print(f"applying LoRA adapters from {args.adapter} (rank {adapters.lora.rank}, step {adapters.step}, "
               f"targets {','.join(adapters.lora.targets)})", file=sys.stderr)
@@ -119,8 +108,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from offload_bitnet.errors import describe_error, quiet_broken_pipe
-
     args = None
     try:
         args = parse_args(argv)
@@ -130,15 +117,13 @@ def main(argv=None) -> int:
         return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - one readable paragraph; the messages name the file and the fix
         if args is not None and args.debug:
             raise
         print(f"error: {describe_error(error)}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
-    from offload_bitnet.errors import pipe_safe
-
     sys.exit(pipe_safe(main)())

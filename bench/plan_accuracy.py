@@ -30,8 +30,8 @@ from bench._common import scratch_dir  # noqa: E402
 PREDICT = """
 import dataclasses, json, sys
 from offload_bitnet.train.plan import make_plan
-from offload_bitnet.train.runconfig import parse_args
-from offload_bitnet.train.trainer import resolve_paths
+from offload_bitnet.train.runconfig_loading import parse_args
+from offload_bitnet.train.run_folder import resolve_paths
 config = parse_args(sys.argv[1:])
 plan = make_plan(config, resolve_paths(config))
 print("PLAN " + json.dumps(dataclasses.asdict(plan.prediction)))

@@ -220,8 +220,8 @@ def plan_prediction(argv: list[str]):
     """The plan's prediction for the run ``argv`` (finetune.py's arguments), made as ``--dry-run`` makes it:
     the same checks, the run's own batches, this machine's calibration (issue 11 section 5)."""
     from offload_bitnet.train.plan import make_plan
-    from offload_bitnet.train.runconfig import parse_args
-    from offload_bitnet.train.trainer import resolve_paths
+    from offload_bitnet.train.runconfig_loading import parse_args
+    from offload_bitnet.train.run_folder import resolve_paths
 
     config = parse_args(argv)
     return make_plan(config, resolve_paths(config)).prediction

@@ -18,6 +18,8 @@ import os
 import re
 import sys
 
+import torch
+
 # The compute devices a script accepts: cpu, cuda, cuda:N, mps.
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps"
 # argparse's own test for "a negative number, not an option" knows -1 and -.5 but not -1e-3 or -2.
@@ -112,3 +114,48 @@ def choose_device(positional: str | None, option: str | None) -> str | None:
         raise ValueError(f"the device is given twice and the two disagree: {positional!r} as an argument and "
                          f"--device {option}; give it once (either form works)")
     return option if option is not None else positional
+
+
+class DeviceError(ValueError):
+    """A device this machine does not have (or that torch does not know)."""
+
+
+def check_device(device: str):
+    """``torch.device(device)``, refusing one this machine does not have with a message that says what to use."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: this PyTorch build or machine has no usable CUDA GPU; use --device cpu")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {device}: MPS is not available here; use --device cpu")
+    return parsed
+
+
+# Sizes: a bare K/M/G/T is binary, as in `docker --memory 2g`, `java -Xmx2G` or `ulimit`: 2G = 2 GiB. The SI and IEC
+# spellings mean exactly what they say: 2GB = 2 * 10**9 bytes, 2GiB = 2 * 2**30 bytes.
+_SIZE_UNITS = {"": 1, "b": 1,
+               "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+               "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_size(value) -> int:
+    """Bytes from ``2G`` (2 GiB), ``1.5GiB``, ``4GB`` (4 * 10**9), ``512M`` or a plain number: the one meaning of a
+    size on every command line and in run config files. ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 4GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like 512MiB or 4GiB, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def size_argument(text: str) -> int:
+    """``parse_size`` as an argparse ``type=``: a bad size is a one-line usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -1,11 +1,19 @@
-"""How the command-line scripts report failures: one readable paragraph, the traceback only with --debug."""
+"""How the command-line scripts report failures: one readable paragraph, the traceback only with --debug, and
+the exit statuses they return."""
 from __future__ import annotations
+
+import functools
+import os
+import sys
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130 = 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def describe_error(error: BaseException) -> str:
-    """The message of an expected failure (the package's errors and ValueErrors name the file and the fix);
-    for an OS error its reason and file; for anything else its type too, and how to see the traceback."""
-    if type(error).__module__.startswith("offload_bitnet") or isinstance(error, ValueError):
+    """The message of an expected failure: the package's own errors and plain ``ValueError``s name the file and the
+    fix; for an OS error its reason and file; for anything else (a library's ``ValueError`` subclass such as
+    ``UnicodeDecodeError`` included) its type too, and how to see the traceback."""
+    if type(error).__module__.startswith("offload_bitnet") or type(error) is ValueError:
         return str(error)
     if isinstance(error, OSError):
         return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
@@ -18,9 +26,6 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a Unix tool cu
 def quiet_broken_pipe() -> int:
     """The reader of stdout went away (``... | head``): stop without an error message, as Unix tools do.
     stdout is pointed at /dev/null so that the interpreter's final flush does not complain either."""
-    import os
-    import sys
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -34,9 +39,6 @@ def pipe_safe(main):
     before returning (also after argparse's --help, which exits through SystemExit), so the error cannot
     surface at interpreter exit as "Exception ignored ... BrokenPipeError". ``main`` itself should return
     ``quiet_broken_pipe()`` on a BrokenPipeError raised while it runs."""
-    import functools
-    import sys
-
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:

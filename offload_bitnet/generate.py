@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from offload_bitnet.argparsing import DeviceError, check_device
 from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterSet
@@ -167,19 +168,6 @@ def tensor_bytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def check_device(device: str) -> torch.device:
-    """``torch.device(device)``, refusing one this machine does not have with a clear message."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"device {device!r} asked for, but this PyTorch has no usable CUDA GPU; use cpu")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerationError(f"device {device!r} asked for, but MPS is not available here; use cpu")
-    return parsed
-
-
 class Generator:
     """Autoregressive generation over a store, one unit of weights in flight at a time beyond the cache."""
 
@@ -189,7 +177,10 @@ class Generator:
         projections they target on every step, without merging them into the weights."""
         self.store = store if isinstance(store, BlockStore) else BlockStore(store)
         self.config = self.store.config
-        self.device = check_device(device)
+        try:
+            self.device = check_device(device)
+        except DeviceError as error:  # the Generator API reports every refusal as a GenerationError
+            raise GenerationError(str(error)) from None
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.layout = Layout(self.store.settings)
         self.quantize = self.store.settings.mode == "qat"

@@ -19,6 +19,12 @@ import urllib.parse
 import urllib.request
 
 from offload_bitnet.train import data as datalib
+from offload_bitnet.formats import ensure_store
+from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator, SamplingOptions, decode_continuation
+from offload_bitnet.io.files import write_file_atomic
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.tokenizers.loaders import open_tokenizer
+from offload_bitnet.train.records import DataOptions, alpaca_prompt, messages_prompt_ids
 from offload_bitnet.formats.merge import load_adapters
 from offload_bitnet.progress import Progress
 
@@ -166,7 +172,7 @@ def record_item(record: dict, tokenizer) -> JudgeItem:
     if "messages" not in record:
         text = record["instruction"] + (f"\n\n{record['input']}" if (record.get("input") or "").strip() else "")
         return JudgeItem(text, record["output"],
-                         tokenizer.encode(datalib.alpaca_prompt(record), bos=True, eos=False))
+                         tokenizer.encode(alpaca_prompt(record), bos=True, eos=False))
     messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     context = messages[:last]
@@ -174,7 +180,7 @@ def record_item(record: dict, tokenizer) -> JudgeItem:
         text = context[0]["content"]
     else:
         text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in context)
-    return JudgeItem(text, messages[last]["content"], datalib.messages_prompt_ids(tokenizer, context))
+    return JudgeItem(text, messages[last]["content"], messages_prompt_ids(tokenizer, context))
 
 
 def judge_items(examples: list, tokenizer, max_records: int = 0) -> list[JudgeItem]:
@@ -185,7 +191,7 @@ def judge_items(examples: list, tokenizer, max_records: int = 0) -> list[JudgeIt
 
 def load_items(paths: list[str], tokenizer, max_seq_len: int, max_records: int = 0) -> list[JudgeItem]:
     """Every Alpaca or chat record of ``paths`` (read and checked by ``data.load_dataset``)."""
-    options = datalib.DataOptions(max_seq_len=max_seq_len)
+    options = DataOptions(max_seq_len=max_seq_len)
     dataset = datalib.load_dataset(paths, [], tokenizer, options, val_fraction=0.0, seed=0)
     items = judge_items(dataset.train, tokenizer, max_records)
     if not items:
@@ -200,8 +206,6 @@ def answer_with_store(store, tokenizer, items: list[JudgeItem], max_new_tokens: 
                       adapters=None) -> list[str]:
     """Greedy answers from a store (a path or an open ``BlockStore``) through ``generate.Generator``, with LoRA
     ``adapters`` (an ``AdapterSet``) applied when given, without merging."""
-    from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator, SamplingOptions, decode_continuation
-
     generator = Generator(store, device=device, memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET,
                           adapters=adapters)
     bar = Progress(len(items), f"answering ({label})")
@@ -230,11 +234,6 @@ class EngineJudge:
 
     def __init__(self, path: str, device: str = "cpu", memory_budget: int | None = None, max_tokens: int = 256,
                  batch_size: int = 4):
-        from offload_bitnet.formats import ensure_store
-        from offload_bitnet.tokenizers.loaders import open_tokenizer
-        from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator
-        from offload_bitnet.store.blockstore import BlockStore
-
         if not os.path.exists(path):
             raise JudgeError(f"judge model {path} does not exist; give a store, an HF or Meta folder, or a .gguf "
                              "file (or --judge-url for a server)")
@@ -246,12 +245,10 @@ class EngineJudge:
 
     def replies(self, prompts: list[str], on_done) -> list[dict]:
         """``{"reply": text}`` per prompt, greedy, in batches; ``on_done(count)`` after each batch."""
-        from offload_bitnet.generate import SamplingOptions, decode_continuation
-
         context = self.generator.config.max_seq_len
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            encoded = [datalib.messages_prompt_ids(self.tokenizer, judge_messages(p))
+            encoded = [messages_prompt_ids(self.tokenizer, judge_messages(p))
                        for p in prompts[start:start + self.batch_size]]
             fits = [ids for ids in encoded if len(ids) < context - 1]
             replies = iter([])
@@ -363,8 +360,6 @@ def open_judge(model: str | None, url: str | None, device: str = "cpu", memory_b
 def evaluate(items: list[JudgeItem], answers: dict[str, list[str]], judge, out_dir: str, say=print) -> dict:
     """Grade ``answers`` (model label -> one answer per item) with ``judge``; writes ``judge.jsonl`` and
     ``judge_summary.json`` in ``out_dir`` and returns the summary."""
-    from offload_bitnet.io.files import write_file_atomic
-
     rows, scores = [], {}
     for label, texts in answers.items():
         prompts = [build_judge_prompt(item.instruction, text, item.reference) for item, text in zip(items, texts)]
@@ -423,10 +418,6 @@ def add_arguments(parser):
 
 def run_command(args) -> int:
     """``offload-bitnet judge``: answer, grade, report."""
-    from offload_bitnet.formats import ensure_store
-    from offload_bitnet.tokenizers.loaders import open_tokenizer
-    from offload_bitnet.store.blockstore import BlockStore
-
     if args.max_records < 0 or args.max_new_tokens < 1 or args.judge_max_tokens < 1:
         raise JudgeError("--max-records must be 0 or more, --max-new-tokens and --judge-max-tokens at least 1")
     if args.compare_base and not (args.adapter or args.base_model):
@@ -473,8 +464,6 @@ def judge_finished_run(trainer, say=print):
             answers["base"] = answer_with_store(trainer.store, trainer.tokenizer, items, tokens, "base",
                                                 config.device, budget)
         elif paths.origin == "import":
-            from offload_bitnet.formats import ensure_store
-
             answers["base"] = answer_with_store(ensure_store(config.model, progress=True), trainer.tokenizer, items,
                                                 tokens, "base", config.device, budget)
         else:

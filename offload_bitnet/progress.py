@@ -6,10 +6,14 @@ import time
 
 
 def format_seconds(seconds: float) -> str:
-    """A duration with its units, the one format of every ETA and elapsed time: ``45s``, ``3m20s``, ``1h02m``."""
+    """A duration with its units, the one format of every ETA, elapsed time and age: ``45s``, ``3m20s``, ``1h02m``,
+    ``3d04h``."""
     seconds = int(round(max(seconds, 0)))
-    hours, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from offload_bitnet.argparsing import ArgumentParser, choose_device, split_model_and_device
+from offload_bitnet.argparsing import ArgumentParser, choose_device, parse_size, split_model_and_device
 from offload_bitnet.cli import build_parser as cli_parser
-from offload_bitnet.train.runconfig import RunConfigError, load_toml, parse_args
+from offload_bitnet.train.runconfig import RunConfig, RunConfigError
+from offload_bitnet.train.runconfig_loading import load_toml, parse_args
 from offload_bitnet.train.trainer import main as finetune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +145,29 @@ def test_test_gen_takes_the_device_either_way(test_gen, capsys):
                            "--device cpu")
     line = one_line_error(capsys, lambda: test_gen.parse_args(["m", "--promt", "hi"]))
     assert line.startswith("error: unknown option --promt; did you mean --prompt?")
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+def test_parse_size_bare_letters_are_binary_and_suffixes_exact():
+    assert parse_size("2G") == parse_size("2g") == parse_size("2GiB") == parse_size("2 gib") == 2 * 2**30
+    assert parse_size("2GB") == parse_size("2 gb") == 2 * 10**9
+    assert parse_size("512M") == parse_size("512MiB") == 512 * 2**20 and parse_size("512MB") == 512 * 10**6
+    assert parse_size("1.5G") == int(1.5 * 2**30) and parse_size("3K") == 3 * 1024 and parse_size("1T") == 2**40
+    assert parse_size(4096) == parse_size("4096") == parse_size("4096B") == 4096
+    for bad in ("12 parsecs", "G", "-1G", "2GG", True):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_memory_budget_means_the_same_to_finetune_and_test_gen(test_gen, tmp_path):
+    for text, expected in (("2G", 2 * 2**30), ("2GB", 2 * 10**9), ("768MiB", 768 * 2**20)):
+        assert RunConfig(memory_budget=text).memory_budget_bytes == expected
+        assert parse_args(["--memory-budget", text]).memory_budget_bytes == expected
+        assert test_gen.parse_args([str(tmp_path), "--prompt", "x", "--memory-budget", text]).memory_budget == expected
+
+
+def test_test_gen_refuses_a_bad_size_in_one_line(test_gen, capsys):
+    with pytest.raises(SystemExit):
+        test_gen.parse_args(["model", "--prompt", "x", "--memory-budget", "lots"])
+    err = capsys.readouterr().err
+    assert "expected a size like 512MiB or 4GiB, got 'lots'" in err and len(err.strip().splitlines()) == 1

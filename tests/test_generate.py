@@ -10,7 +10,7 @@ from offload_bitnet.store.write import random_units, write_store
 from offload_bitnet.generate import (GenerationError, Generator, SamplingOptions, TextStreamer,
                                      apply_repetition_penalty, decode_continuation, filter_top_k_top_p)
 from offload_bitnet.store.blockstore import StoreSettings
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.tokenizers.base import ByteTokenizer
 from real_models import smollm2_path as _smollm2
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116, 32, 111, 110],

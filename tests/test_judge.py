@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from offload_bitnet import create_model
+from offload_bitnet import judge as judge_module
 from offload_bitnet.cli import main as cli_main
 from offload_bitnet.judge import (HttpJudge, JudgeError, JudgeItem, RUBRIC, SYSTEM_PROMPT, build_judge_prompt,
                                   check_url, evaluate, judge_messages, parse_score, summarize_scores)
@@ -198,13 +199,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_judge_url_with_no_server_fails_fast_and_bounded():
+def test_a_judge_url_with_no_server_fails_fast_and_bounded(monkeypatch):
+    # Bounded by counting requests and back-off sleeps, not by the wall clock (a loaded machine is slow).
     judge = HttpJudge(f"http://127.0.0.1:{free_port()}/v1", timeout=5, attempts=2)
+    opened, slept = [], []
+    real_open = judge_module._LOOPBACK.open
+    monkeypatch.setattr(judge_module._LOOPBACK, "open", lambda *a, **k: (opened.append(k.get("timeout")),
+                                                                        real_open(*a, **k))[1])
+    monkeypatch.setattr(judge_module.time, "sleep", slept.append)
     calls = []
-    began = time.monotonic()
     with pytest.raises(JudgeError, match="failed 3 record\\(s\\) in a row.*is the server running"):
         judge.replies(["a", "b", "c", "d", "e"], calls.append)
-    assert calls == [1, 2] and time.monotonic() - began < 60  # stopped after 3 records, not all 5
+    assert calls == [1, 2]  # stopped after 3 records, not all 5
+    assert opened == [5] * 6 and slept == [2.0] * 3  # 2 attempts per record, each waiting at most 5 s
 
 
 # ---------------------------------------------------------------------------------------------- with training
@@ -214,7 +221,7 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
     from offload_bitnet.judge import judge_items
     from offload_bitnet.formats.merge import load_adapters
     from offload_bitnet.store.blockstore import BlockStore
-    from offload_bitnet.tokenizers.runtime import ByteTokenizer
+    from offload_bitnet.tokenizers.base import ByteTokenizer
 
     @torch.no_grad()
     def engine_continuations(engine, tokenizer, encoded, max_new_tokens):
@@ -261,8 +268,9 @@ def test_finetune_judges_a_lora_run_with_its_adapters_and_compares_with_the_base
     engine = open_adapter_engine(model, str(run_dir / "adapter"))
     try:
         from offload_bitnet.train import data as datalib
+        from offload_bitnet.train.records import DataOptions
 
-        val = datalib.load_dataset([data], [], tokenizer, datalib.DataOptions(max_seq_len=512), 0.25, 0).val
+        val = datalib.load_dataset([data], [], tokenizer, DataOptions(max_seq_len=512), 0.25, 0).val
         items = judge_items(val, tokenizer)
         assert [i.reference for i in items] == [r["reference"] for r in tuned]
         expected = engine_continuations(engine, tokenizer, [i.prompt_ids for i in items], 6)

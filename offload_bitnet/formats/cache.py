@@ -26,8 +26,9 @@ import shutil
 import sys
 import time
 
-from offload_bitnet.store.sizing import folder_bytes, human
 from offload_bitnet.formats.importing import is_complete_store, staged_folder
+from offload_bitnet.progress import format_seconds
+from offload_bitnet.store.sizing import folder_bytes, human
 
 SOURCE_RECORD = "import_source.json"
 STAGING = ".staging"
@@ -86,14 +87,6 @@ def read_record(entry: str) -> dict | None:
             return json.load(handle)
     except (OSError, ValueError):
         return None
-
-
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}" if seconds < 10 * size else f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 def _changes(old: dict, new: dict) -> str:
@@ -251,7 +244,7 @@ def format_entries(entries: list[dict]) -> list[str]:
         return [f"the import cache {cache_root()} is empty"]
     lines = [f"import cache {cache_root()}:"]
     for entry in entries:
-        age = _age(entry["age_seconds"])
+        age = format_seconds(entry["age_seconds"])
         lines.append(f"  {os.path.basename(entry['path'])}  {human(entry['bytes'])}  imported {age} ago  {entry['status']}")
         lines.append(f"      from {entry['source'] or '?'}")
     total = sum(entry["bytes"] for entry in entries)

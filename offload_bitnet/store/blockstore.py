@@ -23,7 +23,6 @@ The store knows files, checksums and commits; it knows nothing about training.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.io.faults import fault_point
 from offload_bitnet.io.files import fsync_path, write_file_atomic
+from offload_bitnet.io.locks import HolderLock, LockHeld
 from offload_bitnet.io.safetensors import SafetensorsError, decode_safetensors, encode_safetensors
 from offload_bitnet.store.units import MODES, PARTS, unit_names, unit_shapes
 
@@ -425,29 +425,17 @@ class BlockStore:
 
     # ------------------------------------------------------------------ locking
     def _acquire_lock(self):
-        lock_path = os.path.join(self.path, "lock")
-        handle = open(lock_path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise StoreError(f"store {self.path} is in use by {holder}; wait for that run to finish "
+            self._lock_handle = HolderLock(os.path.join(self.path, "lock"))
+        except LockHeld as held:
+            raise StoreError(f"store {self.path} is in use by {held.holder}; wait for that run to finish "
                              "or stop it before starting another") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        handle.flush()
-        self._lock_handle = handle
 
     def close(self):
         """Delete the files kept for reuse and release the write lock (if held)."""
         if self._lock_handle is not None:
             self.remove_recycled_files()
-            self._lock_handle.truncate(0)  # no holder line left for `offload-bitnet status` to take as running
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
+            self._lock_handle.release()
             self._lock_handle = None
 
     def _check_writable(self):

@@ -13,8 +13,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from offload_bitnet.tokenizers.runtime import (TOKENIZER_DIR, BaseTokenizer, TokenizerError, _store_defaults, byte_fallback,
-                         check_fits, gguf_tokenizer, load_tokenizer, load_tokenizer_files)
+from offload_bitnet.formats import hf, is_store
+from offload_bitnet.formats.gguf import TOKENIZER_FILE, open_reader, read_tokenizer, tokenizer_description
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer, TokenizerError
+from offload_bitnet.tokenizers.gguf_rebuild import gguf_tokenizer
+from offload_bitnet.tokenizers.runtime import _store_defaults, byte_fallback, check_fits, load_tokenizer, load_tokenizer_files
 
 BYTE = "byte"
 
@@ -32,8 +36,6 @@ class TokenizerSource:
 
 def tokenizer_source(path: str) -> TokenizerSource:
     """What ``--tokenizer PATH`` names; TokenizerError saying what was found otherwise."""
-    from offload_bitnet.formats import hf, is_store
-
     if not os.path.exists(path):
         raise TokenizerError(f"--tokenizer {path}: no such file or folder")
     if os.path.isdir(path) and is_store(path):
@@ -44,8 +46,6 @@ def tokenizer_source(path: str) -> TokenizerSource:
         folder = os.path.join(path, description.get("dir") or TOKENIZER_DIR)
         return TokenizerSource(path, dict(description), folder, sorted(os.listdir(folder)))
     if os.path.isfile(path) and path.endswith(".gguf"):
-        from offload_bitnet.formats.gguf import open_reader, read_tokenizer, tokenizer_description
-
         data = read_tokenizer(open_reader(path))
         if "tokens" not in data:
             raise TokenizerError(f"--tokenizer {path}: the GGUF file carries no vocabulary (tokenizer.ggml.tokens)")
@@ -67,7 +67,7 @@ def tokenizer_source(path: str) -> TokenizerSource:
 
 def description_loads(folder: str, description: dict) -> bool:
     try:
-        import sentencepiece
+        import sentencepiece  # loaded here: only this tokenizer kind needs the package
 
         sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
         return True
@@ -98,9 +98,6 @@ def open_tokenizer(store_path: str, description: dict | None, tokenizer_path: st
 def install_tokenizer(store_path: str, tokenizer_path: str) -> dict:
     """Copy the tokenizer ``tokenizer_path`` names into ``STORE/tokenizer/`` (replacing what was there) and
     record it in the manifest; returns its description. Checked against the model before anything changes."""
-    from offload_bitnet.store.blockstore import BlockStore
-    from offload_bitnet.formats.gguf import TOKENIZER_FILE
-
     if tokenizer_path == BYTE:
         description = {"kind": BYTE}
         staging = None

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.io.files import write_file_atomic
+from offload_bitnet.io.locks import lock_holder
 
 
 class PlotUnavailable(RuntimeError):
@@ -232,30 +232,6 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the CLI side
-def lock_holder(path: str) -> str | None:
-    """Who holds the lock file ``path`` ("pid N on HOST"), if that process is alive; None otherwise.
-
-    The file keeps its last holder's line after release, so liveness is checked with signal 0 rather than by
-    taking the lock (which could make a starting run fail)."""
-    try:
-        with open(path) as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    parts = text.split()
-    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
-        return None
-    if parts[3] != socket.gethostname() and parts[3] != os.uname().nodename:
-        return f"{text} (another host: cannot tell whether it still runs)"
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by another user
-    return text
-
-
 def status_lines(run_dir: str) -> list[str]:
     """A run's state for ``offload-bitnet status``: phase, step, loss, ETA, validation and who runs it."""
     status_path = os.path.join(run_dir, "status.json")

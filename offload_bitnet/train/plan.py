@@ -21,16 +21,26 @@ import types
 import torch
 
 from offload_bitnet.train import data as datalib
-from offload_bitnet.train.calibration import Calibration, calibrate, probe_shape
+from offload_bitnet.train.calibration import Calibration, calibrate, existing_folder, probe_shape
 from offload_bitnet.model.config import ModelConfig, config_for_size
 from offload_bitnet.store.write import default_mode
 from offload_bitnet.model.lora import LoRAConfig
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.train.runconfig import RunConfig
 from offload_bitnet.store.sizing import human, part_bytes, step_io, store_bytes
-from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings
 from offload_bitnet.store.units import block_unit, unit_names
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.tokenizers.base import ByteTokenizer
+from offload_bitnet.argparsing import check_device
+from offload_bitnet.engine.streaming import peak_rss_bytes
+from offload_bitnet.io.buffers import default_keep_bytes
+from offload_bitnet.errors import EXIT_OK
+from offload_bitnet.formats import read_source
+from offload_bitnet.tokenizers.loaders import open_tokenizer
+from offload_bitnet.train.messages import say
+from offload_bitnet.train.run_folder import check_run_folder, store_is_complete
+from offload_bitnet.train.samples import check_prompts
+from offload_bitnet.train.setup import check_store_settings, import_settings, load_data, total_steps
 
 SSD_WEAR_WARNING_BYTES = 10 * 10**12   # a run that writes more than this wears a consumer SSD noticeably
 BATCH_STEPS_SAMPLED = 5000             # steps whose padded lengths are looked at (the batch order is seeded)
@@ -263,8 +273,6 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
 
 def pool_keep_bytes() -> int:
     """The most unused memory the engine's BufferPool holds on to."""
-    from offload_bitnet.io.buffers import default_keep_bytes
-
     return default_keep_bytes()
 
 
@@ -291,8 +299,6 @@ def current_rss_bytes() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        from offload_bitnet.engine.streaming import peak_rss_bytes
-
         return peak_rss_bytes()
 
 
@@ -311,14 +317,10 @@ class PlannedModel:
 def planned_model(config: RunConfig, paths) -> PlannedModel:
     """The model of the run, with the run's own checks of its settings: an existing store is opened read-only;
     a demo's config comes from its size; a model not imported yet is read from its metadata."""
-    from offload_bitnet.train import trainer as train  # the run's checks; trainer imports this module lazily, so no cycle at import time
-    from offload_bitnet.formats import read_source
-    from offload_bitnet.tokenizers.loaders import open_tokenizer
-
-    if train.store_is_complete(paths.store_dir):
+    if store_is_complete(paths.store_dir):
         store = BlockStore(paths.store_dir)
         try:
-            train.check_store_settings(config, store)
+            check_store_settings(config, store)
             if not config.is_lora:  # the engine's check: a LoRA run never writes its base
                 store.check_free_space()
             tokenizer = open_tokenizer(store.path, store.extra.get("tokenizer"), config.tokenizer)
@@ -332,13 +334,13 @@ def planned_model(config: RunConfig, paths) -> PlannedModel:
         tokenizer, note = ByteTokenizer(), f"a new {config.size} model (created by the run)"
     else:
         model, tokenizer = read_source(config.model)
-        settings = train.import_settings(config) or StoreSettings(mode=default_mode(model))
+        settings = import_settings(config) or StoreSettings(mode=default_mode(model))
         note = f"read from {config.model} without importing it (the run imports it into {paths.store_dir})"
         tokenizer = tokenizer or ByteTokenizer()
     # The store the run makes has exactly these settings; its checks see them as the run will.
     stand_in = types.SimpleNamespace(path=paths.store_dir, settings=settings)
     stand_in.require_master_weights = lambda: BlockStore.require_master_weights(stand_in)
-    train.check_store_settings(config, stand_in)
+    check_store_settings(config, stand_in)
     return PlannedModel(model, settings, None, tokenizer, note)
 
 
@@ -407,19 +409,17 @@ def make_plan(config: RunConfig, paths, command=None) -> Plan:
     """Check the run as the run checks it, read its model and data, calibrate and predict a step; writes
     nothing but the calibration cache. ``command`` (a ``RunCommand``): the run folder is checked as the run
     checks it (a --restart would replace what it holds)."""
-    from offload_bitnet.train import trainer as train
-
-    train.check_device(config.device)
+    check_device(config.device)
     if command is not None and not config.restart:
-        train.check_run_folder(config, paths, command)
+        check_run_folder(config, paths, command)
     if config.data:
-        train.load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)  # the run's first check, as it makes it
+        load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)  # the run's first check, as it makes it
     planned = planned_model(config, paths)
-    dataset = train.load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
-    train.check_prompts(config, planned.tokenizer, bool(dataset) and "chat" in dataset.stats.kinds,
+    dataset = load_data(config, planned.tokenizer, planned.config.vocab_size) if config.data else None
+    check_prompts(config, planned.tokenizer, bool(dataset) and "chat" in dataset.stats.kinds,
                         planned.config.max_seq_len)
     base_rss = current_rss_bytes()  # what the trainer holds before its first step: torch, tokenizer, data
-    steps = train.total_steps(config, dataset) if dataset else config.num_train_iters
+    steps = total_steps(config, dataset) if dataset else config.num_train_iters
     if planned.disk is None:
         check_room_for(planned, paths.store_dir, config.is_lora)
     batches = batch_shape(config, dataset, steps)
@@ -432,8 +432,6 @@ def make_plan(config: RunConfig, paths, command=None) -> Plan:
 
 def dry_run(config: RunConfig, paths, command=None) -> int:
     """Print the plan without creating, importing or training anything; refuse what the run would refuse."""
-    from offload_bitnet.train.trainer import EXIT_OK, say
-
     plan = make_plan(config, paths, command)
     if plan.dataset:
         say(plan.dataset.summary())
@@ -446,9 +444,6 @@ def dry_run(config: RunConfig, paths, command=None) -> int:
 
 def check_room_for(planned: PlannedModel, store_dir: str, lora: bool):
     """The run would stop at its first step without room for the store and that step's writes: say so now."""
-    from offload_bitnet.train.calibration import existing_folder
-    from offload_bitnet.store.blockstore import StoreError
-
     settings = planned.settings
     sizes = store_bytes(planned.config, settings.mode, settings.shadow_dtype, settings.state_dtype,
                         packed_only=settings.packed_only)

@@ -81,3 +81,8 @@ class RunCommand:
         options = [*(["--adapter", shown_path(adapter)] if adapter else []),
                    *(["--tokenizer", tokenizer] if tokenizer else []), *(["--chat"] if chat else [])]
         return f"{prog} {shlex.join([shown_path(model), device, *options, '--prompt', prompt])}"
+
+
+def resume_command(argv: list[str], prog: str) -> str:
+    """The command that continues this run: the same arguments, without --restart."""
+    return RunCommand(argv, prog).resume

@@ -6,20 +6,22 @@ Relative paths in a TOML file are resolved against the folder of that file.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 
-from offload_bitnet.argparsing import DEVICE_PATTERN, ArgumentParser, choose_device, split_model_and_device
+from offload_bitnet.argparsing import DEVICE_PATTERN, parse_size
 from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES
+from offload_bitnet.judge import JudgeError, check_url
+from offload_bitnet.model.config import SIZES
+from offload_bitnet.model.lora import ALL_TARGETS, ATTENTION
+from offload_bitnet.store.units import MODES as STORE_MODES
 from offload_bitnet.train.schedule import SCHEDULES
 
 DATA_FORMATS = ("auto", "text", "alpaca", "chat")
-MODES = ("qat", "full", "lora")
+# What a run trains: the store modes (the weights of a qat or full store) or lora (adapters beside a frozen store).
+TRAINING_MODES = (*STORE_MODES, "lora")
 STATE_DTYPES = ("fp32", "bf16", "int8")
 DEMO_EXPERIMENT = "demo"
 # The checkout (offload_bitnet/train/ is two folders below it): the demo trains on its test_data/demo.txt.
@@ -76,7 +78,7 @@ class RunConfig:
     # Optimization.
     mode: str | None = opt(None, "training mode: qat (ternary BitNet weights), full (full-precision weights) or "
                                  "lora (adapters on a frozen base that stays unmodified); default: the store's "
-                                 "(qat for BitNet, full for LLaMA)", choices=MODES, kind="str")
+                                 "(qat for BitNet, full for LLaMA)", choices=TRAINING_MODES, kind="str")
     lora_rank: int = opt(8, "LoRA: rank of the adapter matrices", kind="int")
     lora_alpha: float = opt(16.0, "LoRA: scale; the adapters' output is multiplied by alpha / rank", kind="float")
     lora_dropout: float = opt(0.0, "LoRA: dropout on the adapters' input", kind="float")
@@ -122,10 +124,10 @@ class RunConfig:
     # System.
     device: str = opt("cpu", "compute device: cpu, cuda, cuda:N or mps", kind="str")
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
-                                     "e.g. 512MiB, 4GiB", kind="size")
+                                     "e.g. 512M, 4G (G = GiB; GB = 10^9 bytes)", kind="size")
     resident_budget: str = opt("0", "RAM for keeping the forward weights (packed projections, norms, embedding, "
                                     "head) across steps, so later steps do not read them again (0: off), "
-                                    "e.g. 20GiB", kind="size")
+                                    "e.g. 20G (G = GiB; GB = 10^9 bytes)", kind="size")
     export_path: str | None = opt(None, "export the trained model here at the end", kind="str")
     export_format: str = opt("source", "export format (source: the format it was imported from; hf, hf-bitnet, "
                                        "meta; gguf: llama.cpp, from any store)",
@@ -294,8 +296,8 @@ class RunConfig:
             bad(f"{self.describe('experiment')} may contain only letters, digits, '.', '_' and '-'")
         if self.model is not None and not self.data and not (self.plot_only or self.dry_run):
             bad("a MODEL was given but no training data: add --data FILE (.txt, .json or .jsonl)")
-        if self.is_demo and self.size not in _sizes():
-            bad(f"{self.describe('size')} is not a known size; choose one of {', '.join(_sizes())}")
+        if self.is_demo and self.size not in SIZES:
+            bad(f"{self.describe('size')} is not a known size; choose one of {', '.join(SIZES)}")
         self._validate_judge(bad)
         if problems:
             raise RunConfigError(_join_problems(problems))
@@ -304,8 +306,6 @@ class RunConfig:
     def _validate_judge(self, bad):
         """Judge options are checked before hours of training, not after."""
         if self.judge_url:
-            from offload_bitnet.judge import JudgeError, check_url
-
             try:
                 check_url(self.judge_url)
             except JudgeError as error:
@@ -354,12 +354,6 @@ class RunConfig:
         return self
 
 
-def _sizes():
-    from offload_bitnet.model.config import SIZES
-
-    return list(SIZES)
-
-
 def _join_problems(problems: list[str]) -> str:
     if len(problems) == 1:
         return f"invalid run configuration: {problems[0]}"
@@ -371,8 +365,8 @@ def demo_data_path() -> str:
     return os.path.join(REPO_ROOT, "test_data", "demo.txt")
 
 
-TARGET_GROUPS = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                 "attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+# The --lora-targets groups, from the LoRA module's projection lists (in model order).
+TARGET_GROUPS = {"all": ALL_TARGETS, "attention": ATTENTION, "mlp": tuple(t for t in ALL_TARGETS if t not in ATTENTION)}
 
 
 def parse_targets(text: str) -> tuple:
@@ -396,164 +390,6 @@ def sanitize_name(name: str) -> str:
     """A run name made of safe characters."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
     return cleaned
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
-
-
-def parse_size(value) -> int:
-    """Bytes from ``4GiB``, ``512MB``, ``1.5G`` or a plain number."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 4GiB, got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size like 512MiB or 4GiB, got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-# ---------------------------------------------------------------------- loading
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-# Other names a TOML file may use for a field (its flag and the flag's aliases, without dashes):
-# learning_rate -> lr, prompt -> prompts.
-ALIASES = {alias.lstrip("-").replace("-", "_"): f.name for f in FIELDS.values()
-           for alias in (*f.metadata["aliases"], f.metadata["flag"] or "") if alias}
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser; defaults are suppressed so that only flags actually given override."""
-    parser = ArgumentParser(
-        prog="finetune.py", argument_default=argparse.SUPPRESS,
-        description="Fine-tune a BitNet or LLaMA-family model larger than memory, streaming blocks from disk. "
-                    "With no MODEL, creates a small BitNet demo model and trains it on test_data/demo.txt. "
-                    "Re-running the same command resumes from the last completed step.",
-        epilog="Without a MODEL the demo recipe replaces the defaults the user did not set: "
-               + ", ".join(f"{name}={value}" for name, value in DEMO_DEFAULTS.items()) + ".")
-    parser.add_argument("model", nargs="?", metavar="MODEL", help=FIELDS["model"].metadata["help"])
-    parser.add_argument("device_argument", nargs="?", metavar="DEVICE",
-                        help="compute device, as with --device (e.g. finetune.py MODEL cpu; without a MODEL, "
-                             "finetune.py cpu trains the demo on it)")
-    parser.add_argument("--config", metavar="RUN.toml", help="read settings from a TOML file (flags override it)")
-    group = parser
-    for f in dataclasses.fields(RunConfig):
-        if f.name in SECTIONS:
-            group = parser.add_argument_group(SECTIONS[f.name])
-        if f.name == "model":
-            continue
-        kind = f.metadata["kind"]
-        names = [flag_of(f), *f.metadata["aliases"]]
-        help_text = f.metadata["help"] + _default_note(f)
-        if kind == "bool":
-            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind == "list":
-            group.add_argument(*names, dest=f.name, action="append", help=help_text,
-                               metavar="TEXT" if f.name == "prompts" else "FILE")
-        else:
-            group.add_argument(*names, dest=f.name, type={"int": int, "float": float}.get(kind, str),
-                               metavar=f.name.upper(), help=help_text)
-    return parser
-
-
-# Help sections, each starting at the named field (fields are declared in section order).
-SECTIONS = {"size": "model and run folder", "data": "data", "mode": "optimization",
-            "eval_batch_size": "evaluation and generation", "device": "system and output"}
-
-
-def _default_note(f: dataclasses.Field) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if default in (None, False) or f.metadata["kind"] == "list":
-        return ""
-    return f" (default: {default})"
-
-
-def _check_type(name: str, value, origin: str):
-    """Coerce a TOML value to the field's kind, or raise RunConfigError naming the key and the file."""
-    kind = FIELDS[name].metadata["kind"]
-    expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                "list": "a string or a list of strings", "size": "a size like \"4GiB\" or a number of bytes",
-                "names": "a comma-separated string or a list of strings"}[kind]
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-        "list": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-        "names": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-        "size": isinstance(value, (str, int)) and not isinstance(value, bool),
-    }[kind]
-    if not ok:
-        raise RunConfigError(f"invalid run configuration: {origin}: {name} must be {expected}, got {value!r}")
-    if kind == "float":
-        return float(value)
-    if kind == "list":
-        return [value] if isinstance(value, str) else list(value)
-    if kind == "names":
-        return value if isinstance(value, str) else ",".join(value)
-    return value
-
-
-def load_toml(path: str) -> dict:
-    """Field values from a TOML file, type-checked, with relative paths resolved against its folder."""
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise RunConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise RunConfigError(f"config file {path} is not valid TOML: {error}") from None
-    except OSError as error:
-        raise RunConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
-    base = os.path.dirname(os.path.abspath(path))
-    values = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        name = ALIASES.get(name, name)
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, [*FIELDS, *ALIASES], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
-            raise RunConfigError(f"invalid run configuration: {path}: unknown key {key!r}{hint}")
-        value = _check_type(name, value, path)
-        if name in PATH_FIELDS and value is not None and not (name == "tokenizer" and value == "byte"):
-            value = [_resolve(base, v) for v in value] if isinstance(value, list) else _resolve(base, value)
-        values[name] = value
-    return values
-
-
-def _resolve(base: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, os.path.expanduser(path)))
-
-
-def parse_args(argv: list[str] | None = None) -> RunConfig:
-    """A validated RunConfig from defaults, ``--config FILE`` and flags (flags win)."""
-    parser = build_parser()
-    args = vars(parser.parse_intermixed_args(argv))  # intermixed: MODEL --data FILE DEVICE
-    model, device_argument = split_model_and_device(args.pop("model", None), args.pop("device_argument", None))
-    if model is not None:
-        args["model"] = model
-    try:
-        device = choose_device(device_argument, args.get("device"))
-    except ValueError as error:
-        raise RunConfigError(f"invalid run configuration: {error}") from None
-    if device is not None:
-        args["device"] = device
-    config = RunConfig()
-    config_path = args.pop("config", None)
-    if config_path:
-        label = os.path.basename(config_path)
-        for name, value in load_toml(config_path).items():
-            setattr(config, name, value)
-            config.sources[name] = label
-    for name, value in args.items():
-        setattr(config, name, value)
-        config.sources[name] = "command line"
-    config.apply_demo_defaults()
-    return config.validate()
 
 
 def resume_fingerprint(config: RunConfig) -> dict:

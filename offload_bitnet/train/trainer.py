@@ -1,19 +1,11 @@
-"""The fine-tuning loop behind ``finetune.py``: prepare a store, load data, step the streaming engine,
-evaluate, report, stop cleanly and resume exactly.
-
-Run folder ``RUNS_DIR/EXPERIMENT/``::
-
-    store/          the model being trained (created or imported here; a MODEL that is a store trains in place)
-    adapter/        --mode lora: the adapters (PEFT format) and their optimizer state; the store stays frozen
-    merged/         --mode lora --merge: the adapters folded into a new 16-bit store
-    run.json        what the run was made from (checked when re-running the same experiment)
-    run.lock        who runs it (one run per folder)
-    metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
+"""The fine-tuning loop behind ``finetune.py``: load data, step the streaming engine, evaluate, report, stop
+cleanly and resume exactly. What a run prepares first is in ``setup`` (store, data, engine options), its folder
+and lock in ``run_folder``, stopping in ``stopping``, sample generations in ``samples``.
 
 Every command the run prints (``run_commands.RunCommand``) repeats its arguments, so it acts on this run only;
 ``--restart`` says what it deletes first. A run that fails before committing a step removes what it created
-(``RefusalCleanup``), keeping only a finished store it made. A loss far above its start is flagged while the
-run goes on (``metrics.DivergenceWatch``) and in the summary.
+(``run_folder.RefusalCleanup``), keeping only a finished store it made. A loss far above its start is flagged
+while the run goes on (``metrics.DivergenceWatch``) and in the summary.
 
 Resuming: each optimizer step commits, atomically with the weights (LoRA: with the adapters, in
 ``adapter/adapter_state.json``), a ``train_state``: the run it belongs to, the step, the data position
@@ -29,406 +21,40 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
-import hashlib
-import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import traceback
 
-import torch
-
-from offload_bitnet.train import data as datalib
-from offload_bitnet.model.config import ConfigError
-from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
-from offload_bitnet.errors import pipe_safe, quiet_broken_pipe
-from offload_bitnet.formats.adapters import peft_base_model
-from offload_bitnet.model.lora import AdapterCheckpoint, LoRAConfig
-from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
-from offload_bitnet.model.adamw import AdamWConfig
+from offload_bitnet.argparsing import check_device
+from offload_bitnet.engine.streaming import StreamingEngine
+from offload_bitnet.model.lora import AdapterCheckpoint
+from offload_bitnet.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe, quiet_broken_pipe
 from offload_bitnet.progress import format_seconds
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.sizing import human
+from offload_bitnet.tokenizers.base import ByteTokenizer
+from offload_bitnet.train import data as datalib
+from offload_bitnet.train.messages import TrainError, say
+from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
+from offload_bitnet.train.plan import dry_run
 from offload_bitnet.train.run_commands import RunCommand, shown_path
-from offload_bitnet.train.runconfig import RunConfig, RunConfigError, parse_args, resume_fingerprint
+from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries, resolve_paths,
+                                             store_is_complete)
+from offload_bitnet.train.runconfig import RunConfig, RunConfigError, resume_fingerprint
+from offload_bitnet.train.runconfig_loading import parse_args
+from offload_bitnet.train.samples import check_prompts, generate_samples
 from offload_bitnet.train.schedule import make_schedule, quant_mix
-from offload_bitnet.store.sizing import folder_bytes, human
-from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings, no_master_weights
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.train.setup import (check_store_settings, default_lr, engine_options, files_digest, load_data,
+                                        prepare_store, total_steps)
+from offload_bitnet.train.stopping import Stopper
 
 STATE_KEY = "train_state"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Settings a resumed run may change without changing what the finished run computes... except its length,
 # which re-plans the schedule from the current step on (said so when it happens).
 LENGTH_KEYS = ("num_epochs", "num_train_iters")
-
-
-class TrainError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
-
-
-def say(message: str = ""):
-    print(message, flush=True)
-
-
-def mib(count: float) -> str:
-    return f"{count / 2**20:.1f}MiB"
-
-
-# ---------------------------------------------------------------------------------------------- run folder
-@dataclasses.dataclass
-class RunPaths:
-    """Where a run keeps its files."""
-
-    run_dir: str
-    store_dir: str
-    origin: str            # "demo" (created here), "import" (imported here), "store" (trained in place) or
-                           # "cache" (a LoRA base: the shared cached import, only read)
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.run_dir, "metrics.jsonl")
-
-    @property
-    def status(self) -> str:
-        return os.path.join(self.run_dir, "status.json")
-
-    @property
-    def plot(self) -> str:
-        return os.path.join(self.run_dir, "loss.png")
-
-    @property
-    def run_json(self) -> str:
-        return os.path.join(self.run_dir, "run.json")
-
-    @property
-    def adapter_dir(self) -> str:
-        return os.path.join(self.run_dir, "adapter")
-
-    @property
-    def merged_dir(self) -> str:
-        return os.path.join(self.run_dir, "merged")
-
-    @property
-    def lock(self) -> str:
-        return os.path.join(self.run_dir, "run.lock")
-
-
-def resolve_paths(config: RunConfig) -> RunPaths:
-    """The run folder and the store a run trains."""
-    run_dir = os.path.abspath(config.run_dir)
-    if config.is_demo:
-        return RunPaths(run_dir, os.path.join(run_dir, "store"), "demo")
-    from offload_bitnet.formats import detect_format
-
-    if detect_format(config.model) == "store":  # raises a clear ValueError for anything unreadable
-        return RunPaths(run_dir, os.path.abspath(config.model), "store")
-    if config.is_lora:  # LoRA only reads its base: share the cached import instead of a copy per run
-        from offload_bitnet.formats import default_store_dir
-
-        return RunPaths(run_dir, default_store_dir(config.model), "cache")
-    return RunPaths(run_dir, os.path.join(run_dir, "store"), "import")
-
-
-def store_is_complete(path: str) -> bool:
-    """A store whose creation or import finished (its first commit made step 0)."""
-    try:
-        with open(os.path.join(path, "manifest.json")) as handle:
-            return json.load(handle).get("step", -1) >= 0
-    except (OSError, ValueError):
-        return False
-
-
-def source_label(config: RunConfig) -> str:
-    return f"new {config.size} BitNet model (seed {config.seed})" if config.is_demo else os.path.abspath(config.model)
-
-
-def run_outputs(paths: RunPaths) -> list[str]:
-    """What ``clear_run`` removes, as it exists now: the run's records, its adapters and merge, and a store made
-    in the run folder (never one trained in place)."""
-    files = [p for p in (paths.metrics, paths.status, paths.plot, paths.run_json) if os.path.exists(p)]
-    folders = [p for p in (paths.adapter_dir, paths.merged_dir) if os.path.isdir(p)]
-    if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
-        folders.append(paths.store_dir)
-    elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
-        folders.append(os.path.join(paths.run_dir, "store"))  # a LoRA base copy made before runs shared the cache
-    return files + folders
-
-
-def clear_run(paths: RunPaths):
-    """Remove what a previous run left in the run folder (and a store made there, never one trained in place)."""
-    for path in run_outputs(paths):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def restart_run(config: RunConfig, paths: RunPaths, command: RunCommand):
-    """--restart: delete the run this command names, after saying what goes. A run folder holding a run of
-    another model is deleted only when the command names it with --experiment (a model that merely shares
-    its folder name with another must not replace that one's run)."""
-    recorded = read_json(paths.run_json)
-    if recorded and recorded.get("source") != source_label(config) and config.source_of("experiment") == "default":
-        raise TrainError(f"--restart: the run folder {paths.run_dir} holds a run of {recorded.get('source')}, not of "
-                         f"{source_label(config)}; nothing was deleted. To replace that run, name it: "
-                         f"{command.restart_named(config.experiment_name)}; to keep it, "
-                         "choose another name with --experiment NAME.")
-    doomed = run_outputs(paths)
-    status = read_json(paths.status) or {}
-    if not doomed:
-        say(f"--restart: {paths.run_dir} holds no previous run; starting it")
-        return
-    what = f"a run of {recorded.get('source')}" if recorded else "a run"
-    if status.get("step") is not None:
-        what += f" at step {status['step']}/{status.get('total_steps', '?')} ({status.get('phase', '?')})"
-    say(f"--restart: deleting the run {paths.run_dir} ({what}): " + ", ".join(
-        f"{os.path.relpath(p, paths.run_dir)}{'/' if os.path.isdir(p) else ''} ({human(folder_bytes(p))})"
-        for p in doomed))
-    if paths.origin == "store" and not config.is_lora:
-        say(f"--restart: training already written into {paths.store_dir} cannot be undone; "
-            "a new run starts from its current weights")
-    clear_run(paths)
-
-
-def training_kind(config: RunConfig) -> str:
-    """What a run changes: ``lora`` (adapters beside a frozen store) or ``weights`` (the store itself)."""
-    return "lora" if config.is_lora else "weights"
-
-
-class RunLock:
-    """An exclusive lock on a run folder, held by every run: it keeps two runs from writing the same records,
-    adapters (a LoRA run opens its store read-only, without the store's lock) or store being created."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.handle = open(path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
-            self.handle.close()
-            raise TrainError(f"the run in {os.path.dirname(path)} is in use by {holder}; wait for it to finish or "
-                             "stop it before starting it again") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self.handle.flush()
-
-    def release(self):
-        if self.handle is None:
-            return
-        self.handle.truncate(0)  # `offload-bitnet status` must not take a live process that ran it for its holder
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-        self.handle = None
-
-
-class RefusalCleanup:
-    """Removes what a run that failed before committing a step created in its run folder (run.json, run.lock,
-    records, adapters, spill files, an unfinished store; the folder itself when it was new and is then empty),
-    so that a refused run writes nothing. A finished store created or imported here is kept: hours of import
-    must not be lost to a refusal, and re-running the command uses it."""
-
-    def __init__(self, paths: RunPaths):
-        self.paths = paths
-        self.new_folder = not os.path.exists(paths.run_dir)
-        candidates = (paths.run_json, paths.lock, paths.metrics, paths.status, paths.plot, paths.adapter_dir,
-                      os.path.join(paths.run_dir, "scratch"))
-        self.new_paths = [p for p in candidates if not os.path.exists(p)]
-        self.new_store = paths.origin != "store" and not os.path.exists(paths.store_dir)
-        self.armed = True
-
-    def disarm(self):
-        """The run has committed a step (or ended cleanly): whatever it wrote is part of it now."""
-        self.armed = False
-
-    def undo(self):
-        if not self.armed:
-            return
-        doomed = list(self.new_paths)
-        if self.new_store and not store_is_complete(self.paths.store_dir):
-            doomed.append(self.paths.store_dir)
-        elif self.new_store and self.paths.run_json in doomed:
-            doomed.remove(self.paths.run_json)  # it records what the kept store was made from
-        for path in doomed:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
-        if self.new_folder and os.path.isdir(self.paths.run_dir) and not os.listdir(self.paths.run_dir):
-            os.rmdir(self.paths.run_dir)
-
-
-def check_run_folder(config: RunConfig, paths: RunPaths, command: RunCommand) -> dict | None:
-    """Refuse a run folder that holds another run (of another model, or the other kind of training); returns
-    the folder's run record (None: a new run)."""
-    recorded = read_json(paths.run_json)
-    replace = command.restart_named(config.experiment_name)
-    if recorded and recorded.get("source") != source_label(config):
-        raise TrainError(f"the run folder {paths.run_dir} belongs to a run of {recorded.get('source')}, not "
-                         f"{source_label(config)}. Choose another name with --experiment NAME, or replace that run "
-                         f"(it is deleted): {replace}")
-    if recorded and recorded.get("training", "weights") != training_kind(config):
-        was = "a LoRA run (--mode lora)" if recorded.get("training") == "lora" else "a run that trains the weights"
-        raise TrainError(f"the run folder {paths.run_dir} holds {was}; this command asks for "
-                         f"{'LoRA' if config.is_lora else 'training the weights'}. Choose another name with "
-                         f"--experiment NAME, or replace that run (it is deleted): {replace}")
-    return recorded
-
-
-def check_prompts(config: RunConfig, tokenizer, chat: bool, context: int):
-    """Refuse a --prompt that does not fit the model's context (now, not after hours of training)."""
-    for prompt in config.prompts:
-        length = len(encode_prompt(tokenizer, prompt, chat))
-        if length >= context:
-            raise TrainError(f"the prompt {prompt[:40]!r}... has {length} tokens; the model's context is "
-                             f"{context}. Shorten it.")
-
-
-def prepare_store(config: RunConfig, paths: RunPaths, command: RunCommand) -> None:
-    """Create (demo) or import the store into the run folder unless a finished one is already there."""
-    os.makedirs(paths.run_dir, exist_ok=True)
-    if config.restart:
-        restart_run(config, paths, command)
-    recorded = check_run_folder(config, paths, command)
-    if paths.origin == "cache":
-        from offload_bitnet.formats import ensure_store
-
-        paths.store_dir = ensure_store(config.model, progress=True)  # imports, or says it uses the cache
-    elif paths.origin != "store" and not store_is_complete(paths.store_dir):
-        if os.path.exists(paths.store_dir):
-            say(f"removing the unfinished store {paths.store_dir} (its creation or import was interrupted)")
-            shutil.rmtree(paths.store_dir)
-        if paths.origin == "demo":
-            say(f"creating a {config.size} BitNet model in {paths.store_dir} (random init, seed {config.seed}); "
-                f"re-running the same command resumes this run, {command.restart} starts it over")
-            from offload_bitnet.store.write import create_model
-
-            create_model(paths.store_dir, size=config.size, arch="bitnet", mode=config.store_mode,
-                         state_dtype=config.state_dtype or "fp32", seed=config.seed)
-        else:
-            from offload_bitnet.formats import hf, import_model
-
-            if not config.is_lora and hf.is_packed_checkpoint(config.model):  # refused before a long import
-                raise TrainError(no_master_weights(f"{config.model} is a packed BitNet checkpoint"))
-            say(f"importing {config.model} into {paths.store_dir} (the original is left untouched)")
-            import_model(config.model, paths.store_dir, import_settings(config), progress=True)
-        if config.tokenizer:  # the run's own copy carries the tokenizer it is trained with (test_gen, exports)
-            from offload_bitnet.tokenizers.loaders import install_tokenizer
-
-            install_tokenizer(paths.store_dir, config.tokenizer)
-    if not recorded or config.restart:
-        write_json(paths.run_json, {"source": source_label(config), "store": paths.store_dir,
-                                    "training": training_kind(config),
-                                    "created": datetime.datetime.now().isoformat(timespec="seconds")})
-
-
-def import_settings(config: RunConfig) -> StoreSettings | None:
-    """Store settings for an import: the importer's defaults unless --mode (qat/full), --quant-warmup or
-    --state-dtype asks otherwise."""
-    if config.store_mode is None and config.state_dtype is None:
-        return None
-    mode = config.store_mode or guess_mode(config.model)
-    return StoreSettings(mode=mode, state_dtype=config.state_dtype or "fp32")
-
-
-def guess_mode(model_path: str) -> str:
-    """qat for a BitNet Hugging Face folder, full otherwise (the importers' own default)."""
-    config_path = os.path.join(model_path, "config.json")
-    text = open(config_path).read().lower() if os.path.isfile(config_path) else ""
-    return "qat" if "bitnet" in text else "full"
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: str, value: dict):
-    from offload_bitnet.io.files import write_file_atomic
-
-    write_file_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
-
-
-def check_store_settings(config: RunConfig, store: BlockStore):
-    """Mode and optimizer-state dtype are fixed when a store is made; refuse a request to change them, and
-    training the weights of a store that has none to train (packed-only)."""
-    if not config.is_lora:
-        store.require_master_weights()
-    if config.quant_warmup > 0 and store.settings.mode != "qat":
-        raise TrainError(f"{config.describe('quant_warmup')} needs a qat store (full-precision shadow weights "
-                         f"with a ternary copy), but {store.path} is a {store.settings.mode} store. Import the "
-                         "model with --mode qat: python finetune.py MODEL --mode qat --quant-warmup N ... (under a "
-                         "new --experiment NAME, or with --restart), or offload-bitnet import MODEL OUT --mode qat.")
-    wanted_mode = None if config.is_lora else config.store_mode
-    for name, wanted, actual in (("mode", wanted_mode, store.settings.mode),
-                                 ("state_dtype", None if config.is_lora else config.state_dtype,
-                                  store.settings.state_dtype)):
-        if wanted is not None and wanted != actual:
-            raise TrainError(f"{config.describe(name)} differs from the store's {name} {actual!r} "
-                             f"({store.path}); it is fixed when a store is created or imported. Drop the option, "
-                             "or train a fresh import under a new --experiment NAME.")
-
-
-def default_lr(config: RunConfig, store: BlockStore) -> float:
-    if config.lr is not None:
-        return config.lr
-    if config.is_lora:
-        return 2e-4
-    return 1e-4 if store.settings.mode == "qat" else 2e-5
-
-
-# ---------------------------------------------------------------------------------------------- stopping
-class Stopper:
-    """Turns SIGINT/SIGTERM and the time limits into a request to stop at the next step boundary."""
-
-    def __init__(self, config: RunConfig, clock=time.time):
-        self.requested: str | None = None
-        self.signal_number: int | None = None
-        self.deadline = None
-        self._clock = clock  # seconds since the epoch; tests pass a fixed one
-        now = clock()
-        if config.max_hours is not None:
-            self.deadline = now + config.max_hours * 3600
-        if config.until is not None:
-            hour, minute = map(int, config.until.split(":"))
-            target = datetime.datetime.fromtimestamp(now).replace(hour=hour, minute=minute, second=0, microsecond=0)
-            if target.timestamp() <= now:
-                target += datetime.timedelta(days=1)
-            self.deadline = min(self.deadline or math.inf, target.timestamp())
-        self._previous = {}
-
-    def install(self):
-        for number in (signal.SIGINT, signal.SIGTERM):
-            self._previous[number] = signal.signal(number, self._handle)
-
-    def restore(self):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-    def _handle(self, number, frame):
-        if self.requested and number == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now; the store stays at its last committed step
-        self.signal_number = number
-        self.requested = signal.Signals(number).name
-        print(f"\n{self.requested} received: finishing the current step, then stopping "
-              "(Ctrl-C again to abort at once; the store keeps its last committed step)", flush=True)
-
-    def reason(self, next_step_seconds: float) -> str | None:
-        """Why to stop before the next step, or None."""
-        if self.requested:
-            return self.requested
-        if self.deadline is not None and self._clock() + next_step_seconds > self.deadline:
-            return "time limit"
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -706,8 +332,8 @@ class Trainer:
             mixed = f" mix {mix:.2f}" if mix is not None else ""
             say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e}{mixed} | {stats.tokens} tok "
                 f"{tokens_per_s:,.0f} tok/s | {stats.wall_s:.2f}s (compute {stats.compute_s:.2f}s, io wait "
-                f"{stats.io_wait_s:.2f}s) | read {mib(stats.bytes_read)} written {mib(stats.bytes_written)} | "
-                f"peak RSS {mib(stats.peak_rss)} | ETA {format_seconds(eta)}")
+                f"{stats.io_wait_s:.2f}s) | read {human(stats.bytes_read)} written {human(stats.bytes_written)} | "
+                f"peak RSS {human(stats.peak_rss)} | ETA {format_seconds(eta)}")
         self.write_status(step, "training", loss=stats.loss, lr=lr, eta_s=round(eta, 1), elapsed_s=round(elapsed, 1))
 
     def watch_divergence(self, record: dict):
@@ -881,105 +507,6 @@ class Trainer:
         return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def load_data(config: RunConfig, tokenizer, vocab_size: int) -> datalib.Dataset:
-    """The run's dataset, checked against the model's vocabulary."""
-    options = datalib.DataOptions(max_seq_len=config.max_seq_len, data_format=config.data_format,
-                                  completion_only=not config.train_on_prompt,
-                                  skip_bad_records=config.skip_bad_records, packing=config.packing)
-    dataset = datalib.load_dataset(config.data, config.val_data, tokenizer, options, config.val_fraction, config.seed)
-    top = dataset.max_token_id()
-    if top >= vocab_size:
-        raise TrainError(f"the tokenizer produced token id {top}, but the model's vocabulary has only {vocab_size} "
-                         "entries: the store's tokenizer does not match its model")
-    return dataset
-
-
-def files_digest(paths: list[str]) -> str:
-    """SHA-256 over the data files' bytes: a resumed run must read the same data, not just the same names."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def total_steps(config: RunConfig, dataset: datalib.Dataset) -> int:
-    if config.num_train_iters is not None:
-        return config.num_train_iters
-    return dataset.steps_for_epochs(config.num_epochs if config.num_epochs is not None else 1.0, config.batch_size)
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """A prompt as the model saw its training data: a user turn when it trains on chats, else plain text."""
-    if chat:
-        return datalib.chat_prompt_ids(tokenizer, prompt)
-    return tokenizer.encode(prompt, bos=getattr(tokenizer, "add_bos", True))
-
-
-def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                     memory_budget: int, chat: bool = False) -> list[str] | None:
-    """Greedy continuations of ``prompts`` from the weights committed so far, with the engine's LoRA adapters
-    when it has them; None (said why) when this version has no ``offload_bitnet.generate``."""
-    try:
-        from offload_bitnet.generate import GenerationError, Generator, SamplingOptions, decode_continuation
-    except ImportError:
-        say("note: generation skipped: this version has no offload_bitnet/generate.py")
-        return None
-    engine.flush()  # the generator reads the store: let every update of the last step reach it
-    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget,
-                          adapters=engine.adapters)
-    try:
-        encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
-        result = generator.generate(encoded, SamplingOptions(max_new_tokens=max_new_tokens, seed=seed),
-                                    stop_ids=getattr(tokenizer, "stop_ids", None), pad_id=tokenizer.pad_id)
-    except GenerationError as error:
-        say(f"note: generation skipped: {error}")
-        return None
-    finally:
-        generator.close()
-    return [decode_continuation(tokenizer, p, t) for p, t in zip(encoded, result.tokens)]
-
-
-def remove_leftover_temporaries(run_dir: str):
-    """Delete ``*.tmp`` files a killed run left in its folder (half-written run.json, status, metrics)."""
-    if os.path.isdir(run_dir):
-        for name in os.listdir(run_dir):
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(run_dir, name))
-
-
-def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None = None) -> EngineOptions:
-    """The engine's settings for this run; with --mode lora, adapters saved in the run's adapter folder."""
-    lora = None
-    if config.is_lora:
-        lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          targets=config.lora_target_list, init_seed=config.seed)
-    return EngineOptions(device=config.device, dropout=config.dropout, seed=config.seed,
-                         activation_budget_bytes=config.memory_budget_bytes,
-                         resident_bytes=config.resident_budget_bytes,
-                         optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
-                                           beta2=config.adam_beta2, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay),
-                         lora=lora, adapter_dir=paths.adapter_dir if lora and paths else None,
-                         adapter_base=peft_base_model(store) if lora else None)
-
-
-def check_device(device: str):
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise TrainError(f"--device {device}: MPS is not available here; use --device cpu")
-
-
-def resume_command(argv: list[str], prog: str) -> str:
-    """The command that continues this run: the same arguments, without --restart."""
-    return RunCommand(argv, prog).resume
-
-
 # ---------------------------------------------------------------------------------------------- entry point
 def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") -> int:
     """Run (or resume) the fine-tuning described by ``config``; returns the exit status."""
@@ -988,8 +515,6 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         say(f"loss plot: {plot_losses(paths.metrics, paths.plot, config.experiment_name)}")
         return EXIT_OK
     if config.dry_run:
-        from offload_bitnet.train.plan import dry_run  # plan.py calls this module's checks, so it is imported when needed
-
         return dry_run(config, paths, RunCommand(argv, prog))
     check_device(config.device)
     if config.data:
@@ -1085,14 +610,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             traceback.print_exc()
         print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
         return EXIT_USAGE if isinstance(error, RunConfigError) else EXIT_ERROR
-
-
-def describe_error(error: BaseException) -> str:
-    """The message of an expected failure; the type too, and a hint, for an unexpected one."""
-    expected = (RunConfigError, TrainError, StoreError, ConfigError, datalib.DataError, PlotUnavailable)
-    ours = type(error).__module__.startswith("offload_bitnet")  # the package's own error classes explain themselves
-    if isinstance(error, expected) or type(error) is ValueError or ours:
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    return f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"

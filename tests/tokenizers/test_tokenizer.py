@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from offload_bitnet.tokenizers.runtime import (ByteTokenizer, TokenizerError, build_gguf_bpe, build_gguf_sentencepiece,
-                                      bytes_to_unicode, load_tokenizer, render_chat_template)
+from offload_bitnet.tokenizers.base import ByteTokenizer, TokenizerError, render_chat_template
+from offload_bitnet.tokenizers.gguf_rebuild import LLAMA3_SPLIT, build_gguf_bpe, build_gguf_sentencepiece, bytes_to_unicode
+from offload_bitnet.tokenizers.runtime import load_tokenizer
 from real_models import smollm2_path as _smollm2
 from repo_paths import REPO
 
@@ -234,8 +235,6 @@ def test_tiktoken_rank_file_as_meta_ships_it(tmp_path):
     for text in texts:
         assert tokenizer.decode(tokenizer.encode(text, bos=False)) == text
     tiktoken = pytest.importorskip("tiktoken")
-    from offload_bitnet.tokenizers.runtime import LLAMA3_SPLIT
-
     reference = tiktoken.Encoding("llama3-test", pat_str=LLAMA3_SPLIT, mergeable_ranks=ranks, special_tokens={})
     for text in texts:
         assert tokenizer.encode(text, bos=False) == reference.encode(text)

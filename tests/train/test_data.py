@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from offload_bitnet.train import data as d
-from offload_bitnet.tokenizers.runtime import ByteTokenizer
+from offload_bitnet.train import records
+from offload_bitnet.model.loss import IGNORE_INDEX
+from offload_bitnet.tokenizers.base import ByteTokenizer
 from repo_paths import REPO
 
 ROOT = REPO
@@ -19,7 +21,7 @@ def path(name):
 
 def load(names, max_seq_len=512, val_fraction=0.0, seed=0, **options):
     names = [names] if isinstance(names, str) else names
-    return d.load_dataset([path(n) for n in names], [], TOK, d.DataOptions(max_seq_len=max_seq_len, **options),
+    return d.load_dataset([path(n) for n in names], [], TOK, records.DataOptions(max_seq_len=max_seq_len, **options),
                           val_fraction, seed)
 
 
@@ -50,16 +52,16 @@ def test_text_records_train_on_everything():
 def test_alpaca_masks_the_prompt_by_default():
     dataset = load("alpaca.jsonl")
     example = dataset.train[1]  # {"instruction": "Add the two numbers.", "input": "7 and 5", "output": "7 + 5 = 12"}
-    prompt = d.ALPACA_PROMPT.format(instruction="Add the two numbers.", input="7 and 5")
+    prompt = records.ALPACA_PROMPT.format(instruction="Add the two numbers.", input="7 and 5")
     assert TOK.decode(example.ids) == prompt + "7 + 5 = 12"
     assert example.ids[-1] == TOK.eos_id and example.labels[-1] == TOK.eos_id
     assert trained_text(example) == "7 + 5 = 12"
-    assert example.labels[:len(prompt) + 1] == [d.IGNORE_INDEX] * (len(prompt) + 1)  # BOS + prompt bytes
+    assert example.labels[:len(prompt) + 1] == [IGNORE_INDEX] * (len(prompt) + 1)  # BOS + prompt bytes
 
 
 def test_alpaca_without_input_uses_the_short_template():
     example = load("alpaca.jsonl").train[0]
-    assert TOK.decode(example.ids).startswith(d.ALPACA_PROMPT_NO_INPUT.split("{")[0])
+    assert TOK.decode(example.ids).startswith(records.ALPACA_PROMPT_NO_INPUT.split("{")[0])
     assert "### Input:" not in TOK.decode(example.ids)
 
 
@@ -96,7 +98,7 @@ class ChatMLTokenizer(ByteTokenizer):
 def test_chat_uses_the_tokenizers_template_when_it_has_one():
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
-    example = d.chat_example(record, ChatMLTokenizer(), completion_only=True)
+    example = records.chat_example(record, ChatMLTokenizer(), completion_only=True)
     assert TOK.decode(example.ids) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
                                        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nCiao<|im_end|>\n")
     assert trained_text(example) == "Yo<|im_end|>\nCiao<|im_end|>\n"
@@ -107,8 +109,8 @@ def test_chat_template_that_is_not_prefix_consistent_is_refused():
         chat_template = "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}"
 
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
-    with pytest.raises(d.DataError, match="--train-on-prompt"):
-        d.chat_example(record, Shuffled(), completion_only=True)
+    with pytest.raises(records.DataError, match="--train-on-prompt"):
+        records.chat_example(record, Shuffled(), completion_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -122,7 +124,7 @@ def test_chat_template_that_is_not_prefix_consistent_is_refused():
     ("empty.jsonl", "empty.jsonl is empty"),
 ])
 def test_malformed_files_name_file_line_and_problem(name, fragment):
-    with pytest.raises(d.DataError) as info:
+    with pytest.raises(records.DataError) as info:
         load(name)
     assert fragment in str(info.value)
     if name != "empty.jsonl":
@@ -147,19 +149,19 @@ def test_skip_bad_records_replaces_undecodable_bytes_in_text():
 def test_a_file_of_only_bad_records_is_an_error(tmp_path):
     bad = tmp_path / "all_bad.jsonl"
     bad.write_text('{"nope": 1}\n[1, 2]\n')
-    with pytest.raises(d.DataError, match="no usable records"):
-        d.load_dataset([str(bad)], [], TOK, d.DataOptions(skip_bad_records=True), 0.0, 0)
+    with pytest.raises(records.DataError, match="no usable records"):
+        d.load_dataset([str(bad)], [], TOK, records.DataOptions(skip_bad_records=True), 0.0, 0)
 
 
 def test_unknown_extension_and_missing_file(tmp_path):
     other = tmp_path / "data.csv"
     other.write_text("a,b\n")
-    with pytest.raises(d.DataError, match="unknown data file type"):
-        d.load_dataset([str(other)], [], TOK, d.DataOptions(), 0.0, 0)
-    assert d.load_dataset([str(other)], [], TOK, d.DataOptions(data_format="text"), 0.0, 0).train
-    with pytest.raises(d.DataError, match="does not exist"):
-        d.load_dataset([str(tmp_path / "missing.jsonl")], [], TOK, d.DataOptions(), 0.0, 0)
-    with pytest.raises(d.DataError, match="is a plain text file"):
+    with pytest.raises(records.DataError, match="unknown data file type"):
+        d.load_dataset([str(other)], [], TOK, records.DataOptions(), 0.0, 0)
+    assert d.load_dataset([str(other)], [], TOK, records.DataOptions(data_format="text"), 0.0, 0).train
+    with pytest.raises(records.DataError, match="does not exist"):
+        d.load_dataset([str(tmp_path / "missing.jsonl")], [], TOK, records.DataOptions(), 0.0, 0)
+    with pytest.raises(records.DataError, match="is a plain text file"):
         load("demo.txt", data_format="alpaca")
 
 
@@ -172,21 +174,21 @@ def test_over_long_examples_are_truncated_and_counted():
 
 
 def test_examples_whose_response_is_cut_off_are_dropped():
-    with pytest.raises(d.DataError, match="dropped 6 example"):
+    with pytest.raises(records.DataError, match="dropped 6 example"):
         load("alpaca.jsonl", max_seq_len=64)  # the Alpaca prompt alone is longer than 64 bytes
 
 
 def test_json_file_must_hold_an_array(tmp_path):
     single = tmp_path / "one.json"
     single.write_text('{"text": "just one object"}')
-    with pytest.raises(d.DataError, match="expected a JSON array of records"):
-        d.load_dataset([str(single)], [], TOK, d.DataOptions(), 0.0, 0)
+    with pytest.raises(records.DataError, match="expected a JSON array of records"):
+        d.load_dataset([str(single)], [], TOK, records.DataOptions(), 0.0, 0)
 
 
 def test_byte_order_mark_is_ignored(tmp_path):
     marked = tmp_path / "bom.jsonl"
     marked.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n')
-    assert TOK.decode(d.load_dataset([str(marked)], [], TOK, d.DataOptions(), 0.0, 0).train[0].ids) == "hello"
+    assert TOK.decode(d.load_dataset([str(marked)], [], TOK, records.DataOptions(), 0.0, 0).train[0].ids) == "hello"
 
 
 # ---------------------------------------------------------------------------------------------- split, packing
@@ -202,7 +204,7 @@ def test_validation_split_is_deterministic_and_disjoint():
 
 
 def test_separate_validation_file():
-    dataset = d.load_dataset([path("text.jsonl")], [path("alpaca.json")], TOK, d.DataOptions(), 0.5, 0)
+    dataset = d.load_dataset([path("text.jsonl")], [path("alpaca.json")], TOK, records.DataOptions(), 0.5, 0)
     assert len(dataset.train) == 8 and len(dataset.val) == 3
 
 
@@ -236,21 +238,21 @@ def test_batch_order_is_a_seeded_shuffle_per_epoch():
 
 
 def test_collate_pads_with_ignored_labels():
-    examples = [d.Example([1, 2, 3], [1, 2, 3]), d.Example([4, 5], [-100, 5])]
+    examples = [records.Example([1, 2, 3], [1, 2, 3]), records.Example([4, 5], [-100, 5])]
     ids, labels = d.collate(examples, pad_id=9)
     assert ids.tolist() == [[1, 2, 3], [4, 5, 9]]
     assert labels.tolist() == [[1, 2, 3], [-100, 5, -100]]
 
 
 def test_micro_batches_split_evenly_at_one_length():
-    examples = [d.Example(list(range(n)), list(range(n))) for n in (3, 7, 2, 5)]
+    examples = [records.Example(list(range(n)), list(range(n))) for n in (3, 7, 2, 5)]
     micro = d.micro_batches(examples, grad_accum=2, pad_id=0)
     assert len(micro) == 2
     assert [tuple(ids.shape) for ids, _ in micro] == [(2, 7), (2, 7)]
 
 
 def test_eval_batches_cover_everything_or_stop_at_the_limit():
-    examples = [d.Example([1, 2], [1, 2]) for _ in range(5)]
+    examples = [records.Example([1, 2], [1, 2]) for _ in range(5)]
     assert [ids.shape[0] for ids, _ in d.eval_batches(examples, 2, 0)] == [2, 2, 1]
     assert len(list(d.eval_batches(examples, 2, 0, max_batches=2))) == 2
 
@@ -260,11 +262,11 @@ def test_pad_value_falls_back_to_eos():
         pad_id, eos_id = None, 7
 
     assert d.pad_value(TOK) == TOK.pad_id and d.pad_value(NoPad()) == 7
-    assert torch.equal(d.collate([d.Example([1], [1])], 0)[0], torch.tensor([[1]]))
+    assert torch.equal(d.collate([records.Example([1], [1])], 0)[0], torch.tensor([[1]]))
 
 
 def test_chat_prompts_end_with_the_assistant_header():
-    assert TOK.decode(d.chat_prompt_ids(TOK, "Hi")) == "<|user|>\nHi\n<|assistant|>\n"
-    assert d.chat_prompt_ids(TOK, "Hi")[0] == TOK.bos_id
-    assert TOK.decode(d.chat_prompt_ids(ChatMLTokenizer(), "Hi")) == \
+    assert TOK.decode(records.chat_prompt_ids(TOK, "Hi")) == "<|user|>\nHi\n<|assistant|>\n"
+    assert records.chat_prompt_ids(TOK, "Hi")[0] == TOK.bos_id
+    assert TOK.decode(records.chat_prompt_ids(ChatMLTokenizer(), "Hi")) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

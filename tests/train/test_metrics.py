@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from offload_bitnet.train.metrics import (MetricsLog, PlotUnavailable, lock_holder, perplexity, plot_losses, plot_run,
+from offload_bitnet.train.metrics import (MetricsLog, PlotUnavailable, perplexity, plot_losses, plot_run,
                                           print_status, smooth, status_lines, summarize, write_status)
 from repo_paths import REPO
 
@@ -129,17 +129,6 @@ def test_status_of_a_running_and_of_a_stopped_run(tmp_path, capsys):
     # A lock file left by a process that is gone (pid 2**22 + 1 is above the largest pid_max Linux allows): not running.
     dead = status_lines(make_run(tmp_path / "c", holder=f"pid {2**22 + 1} on {os.uname().nodename}"))
     assert "  not running (it stopped before finishing: re-run its command to resume)" in dead
-
-
-def test_lock_holder_reads_only_live_holders(tmp_path):
-    path = tmp_path / "lock"
-    assert lock_holder(str(path)) is None
-    path.write_text("garbage")
-    assert lock_holder(str(path)) is None
-    path.write_text(f"pid {os.getpid()} on {os.uname().nodename}")
-    assert lock_holder(str(path)) == f"pid {os.getpid()} on {os.uname().nodename}"
-    path.write_text(f"pid {os.getpid()} on some-other-host")
-    assert "another host" in lock_holder(str(path))
 
 
 def test_status_and_plot_of_a_folder_that_is_not_a_run(tmp_path):

@@ -124,7 +124,7 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, capsys):
     assert planned == ran and "differs from the store's mode 'full'" in planned
 
     assert main(plan_args(tmp_path, "gpu", *TINY, "--device", "cuda")) == 1
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert "no usable CUDA GPU" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
     assert main([store, "--data", str(bad), *plan_args(tmp_path, "bad", *TINY)]) == 1

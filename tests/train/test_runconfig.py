@@ -4,8 +4,11 @@ import pytest
 
 import dataclasses
 
-from offload_bitnet.train.runconfig import (DEMO_DEFAULTS, RunConfig, RunConfigError, demo_data_path, flag_of,
-                                            load_toml, parse_args, parse_size, parse_targets, resume_fingerprint)
+from offload_bitnet.model.lora import ALL_TARGETS, ATTENTION
+from offload_bitnet.store.units import MODES
+from offload_bitnet.train.runconfig import (DEMO_DEFAULTS, TARGET_GROUPS, TRAINING_MODES, RunConfig, RunConfigError,
+                                            demo_data_path, parse_targets, resume_fingerprint)
+from offload_bitnet.train.runconfig_loading import flag_of, load_toml, parse_args
 from repo_paths import REPO
 
 ROOT = REPO
@@ -131,15 +134,6 @@ def test_boolean_flags_have_negations():
     assert not config.plot and config.packing and config.train_on_prompt and config.skip_bad_records
 
 
-def test_parse_size():
-    assert parse_size("512MiB") == 512 * 2**20
-    assert parse_size("1.5G") == 1_500_000_000
-    assert parse_size(4096) == 4096
-    assert parse_size("2 gib") == 2 * 2**30
-    with pytest.raises(ValueError):
-        parse_size("12 parsecs")
-
-
 def test_resume_fingerprint_uses_absolute_data_paths():
     config = RunConfig(data=["rel.txt"], val_data=["val.txt"])
     fingerprint = resume_fingerprint(config)
@@ -210,3 +204,10 @@ def test_tokenizer_option_and_toml_key(tmp_path):
     assert parse_args(["--config", str(tmp_path / "byte.toml")]).tokenizer == "byte"  # a name, not a path
     assert "tokenizer" not in resume_fingerprint(parse_args([]))  # runs from before the option resume as they were
     assert resume_fingerprint(config)["tokenizer"] == config.tokenizer
+
+
+def test_training_modes_and_target_groups_come_from_their_one_definition():
+    assert TRAINING_MODES == (*MODES, "lora")  # the store's modes, and LoRA beside a frozen store
+    assert TARGET_GROUPS["all"] == ALL_TARGETS and TARGET_GROUPS["attention"] == ATTENTION
+    assert set(TARGET_GROUPS["mlp"]) == set(ALL_TARGETS) - set(ATTENTION)
+    assert parse_targets("mlp,q_proj") == ("q_proj", "gate_proj", "up_proj", "down_proj")

@@ -14,7 +14,9 @@ import torch
 from offload_bitnet import create_model
 from offload_bitnet.engine.streaming import EngineOptions
 from offload_bitnet.store.blockstore import BlockStore
-from offload_bitnet.train.trainer import STATE_KEY, Stopper, main, resume_command
+from offload_bitnet.train.run_commands import resume_command
+from offload_bitnet.train.stopping import Stopper
+from offload_bitnet.train.trainer import STATE_KEY, main
 from offload_bitnet.train.runconfig import RunConfig
 from real_models import smollm2_or_skip as smollm2_gguf
 from repo_paths import REPO
@@ -394,7 +396,7 @@ def test_lora_resume_is_exact(tmp_path):
 
 
 def test_a_lora_run_folder_is_locked(tmp_path, capsys):
-    from offload_bitnet.train.trainer import RunLock
+    from offload_bitnet.train.run_folder import RunLock
 
     os.makedirs(tmp_path / "locked")
     lock = RunLock(str(tmp_path / "locked" / "run.lock"))
@@ -412,8 +414,8 @@ def test_lora_samples_use_the_adapters(tmp_path, capsys):
     samples = [r for r in metrics(str(tmp_path / "samples")) if r["type"] == "sample"]
     assert len(samples) == 1 and samples[0]["prompt"] == "The light" and samples[0]["text"]
     from offload_bitnet.engine.streaming import StreamingEngine
-    from offload_bitnet.tokenizers.runtime import ByteTokenizer
-    from offload_bitnet.train.trainer import generate_samples
+    from offload_bitnet.tokenizers.base import ByteTokenizer
+    from offload_bitnet.train.samples import generate_samples
 
     base = StreamingEngine(BlockStore(str(tmp_path / "samples" / "store")))
     assert generate_samples(base, ByteTokenizer(), ["The light"], 5, 0, 1 << 30) != [samples[0]["text"]]
@@ -550,7 +552,8 @@ def test_a_run_with_tokenizer_option_stores_it_in_its_own_copy(tmp_path, capsys)
     """A model without a tokenizer (vocabulary 300, not bytes) trains with --tokenizer; the run's imported
     copy then carries that tokenizer, so test_gen.py and exports of it need no option."""
     from offload_bitnet.formats import export_model
-    from offload_bitnet.tokenizers.runtime import build_gguf_bpe, bytes_to_unicode, load_tokenizer
+    from offload_bitnet.tokenizers.gguf_rebuild import build_gguf_bpe, bytes_to_unicode
+    from offload_bitnet.tokenizers.runtime import load_tokenizer
 
     tokens = [bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"]  # byte-level BPE, no merges
     folder = tmp_path / "tok"

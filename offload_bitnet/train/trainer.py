@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import math
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -37,10 +36,11 @@ from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.sizing import human
 from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.train import data as datalib
+from offload_bitnet.train import reporting
 from offload_bitnet.train.messages import TrainError, say
-from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, PlotUnavailable, perplexity, plot_losses, summarize, write_status
+from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, perplexity, plot_losses, write_status
 from offload_bitnet.train.plan import dry_run
-from offload_bitnet.train.run_commands import RunCommand, shown_path
+from offload_bitnet.train.run_commands import RunCommand
 from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries, resolve_paths,
                                              store_is_complete)
 from offload_bitnet.train.runconfig import RunConfig, RunConfigError, resume_fingerprint
@@ -182,7 +182,7 @@ class Trainer:
                 f"{self.committed_step()}){dropped_note}")
         self.watch = DivergenceWatch.of(self.metrics.read())
         self.diverging = {finding["metric"] for finding in self.watch.findings()}
-        self.print_header()
+        reporting.print_header(self)
         if start == 0 and config.eval_at_start and self.dataset.val:
             self.evaluate_baseline()
         # commit_extra replaces the extra wholesale: carry the rest (source, tokenizer) along.
@@ -243,14 +243,14 @@ class Trainer:
             if config.prompts and last_generate_step != last_step:
                 self.generate(last_step)
         self.write_status(last_step, "finished" if finished else f"stopped ({stop_reason})")
-        self.draw_plot()
+        reporting.draw_plot(self)
         if finished:
-            self.finish_outputs()
+            reporting.finish_outputs(self)
             if config.judge_model or config.judge_url:
                 from offload_bitnet.judge import judge_finished_run
 
                 judge_finished_run(self, say=say)
-        self.print_summary(finished)
+        reporting.print_summary(self, finished)
         if finished:
             return EXIT_OK
         say(f"stopped at step {last_step}/{self.total_steps} ({stop_reason}); the "
@@ -273,7 +273,7 @@ class Trainer:
         """Too many non-finite steps in a row: stop with the last good weights (or adapters) in place."""
         where = self.paths.adapter_dir if self.lora else self.store.path
         self.write_status(step, f"stopped ({in_row} non-finite steps in a row)")
-        self.draw_plot()
+        reporting.draw_plot(self)
         raise TrainError(f"{in_row} steps in a row had a non-finite loss or gradient (the last, step {step}: "
                          f"{stats.skipped}; lr {lr:.3g}). Nothing of those steps was applied: {where} holds optimizer "
                          f"step {self.committed_step()}, the last good one. Likely causes: a learning rate too high "
@@ -282,33 +282,6 @@ class Trainer:
                          f"{self.command.restart_with_lr()} (or use a new --experiment NAME)")
 
     # ------------------------------------------------------------------ reporting
-    def print_header(self):
-        config, store = self.config, self.store
-        say(self.dataset.summary())
-        for note in self.dataset.stats.notes(config.max_seq_len):
-            say(f"note: {note}")
-        if not self.dataset.val:
-            say("note: no validation set (--val-fraction 0, --val-data not given, or a single example)")
-        if config.max_seq_len > store.config.max_seq_len:
-            say(f"note: max_seq_len {config.max_seq_len} exceeds the model's trained context "
-                f"({store.config.max_seq_len} tokens)")
-        epochs = self.order.epoch_at(self.total_steps)
-        say(f"model: {store.config.arch}, {store.config.param_count():,} parameters, mode {store.settings.mode}, "
-            f"store {store.path}" + (" (frozen, read-only)" if self.lora else ""))
-        if self.lora:
-            adapters = self.engine.adapters
-            count = adapters.parameter_count()
-            say(f"LoRA: rank {adapters.lora.rank}, alpha {adapters.lora.alpha:g}, dropout {adapters.lora.dropout:g}, "
-                f"targets {','.join(adapters.lora.targets)}: {count:,} trainable parameters "
-                f"({100 * count / store.config.param_count():.2f}% of the model), saved in {self.paths.adapter_dir}")
-        if self.warmup:
-            say(f"quantization warmup: the ternary mix rises linearly from 0 to 1 over {self.warmup} steps"
-                + (f"; note: the run ends at mix {quant_mix(self.total_steps, self.warmup):.2f}, before the "
-                   "model is fully ternary" if self.total_steps < self.warmup else ""))
-        say(f"training: {self.total_steps} steps ({epochs:.2f} epochs) of {config.batch_size} sequences "
-            f"({config.grad_accum} micro-batch(es) of {config.micro_batch_size}), lr {self.lr:g} {config.schedule}"
-            f", warmup {self.schedule.warmup_steps} steps, weight decay {config.weight_decay:g}")
-
     def record_step(self, step: int, stats, lr: float, weight_decay: float, mix: float | None, step_times: list,
                     session_started: float):
         """metrics.jsonl, status.json and (every ``log_every`` steps) the progress line."""
@@ -406,102 +379,12 @@ class Trainer:
             self.metrics.append({"type": "sample", "step": step, "prompt": prompt, "text": text})
             say(f"sample at step {step}: {prompt!r} -> {text!r}")
 
-    def draw_plot(self):
-        if not self.config.plot:
-            return
-        try:
-            say(f"loss plot: {plot_losses(self.paths.metrics, self.paths.plot, self.config.experiment_name)}")
-        except PlotUnavailable as error:
-            say(f"note: {error}")
-        except ValueError as error:
-            say(f"note: no loss plot: {error}")
-
-    def finish_outputs(self, keep_export: bool = False):
-        """What a finished run leaves besides the store: the merged LoRA store and the export (with
-        ``keep_export``, an export already there is kept)."""
-        source = self.store.path
-        if self.lora and self.config.merge:
-            source = self.merge()
-        if keep_export and self.config.export_path and os.path.exists(self.config.export_path):
-            say(f"note: {self.config.export_path} exists; not exporting again (remove it to re-export)")
-        elif self.config.export_path:
-            from offload_bitnet.formats import export_model
-
-            say(f"exporting {source} to {self.config.export_path} (format {self.config.export_format})")
-            options = {"gguf_type": self.config.gguf_type} if self.config.gguf_type else {}
-            export_model(source, self.config.export_path, self.config.export_format, **options)
-
-    def merge(self) -> str:
-        """Fold the adapters into a new 16-bit store (RUN_DIR/merged), replacing an older merge."""
-        from offload_bitnet.formats.merge import merge_lora
-
-        target = self.paths.merged_dir
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        say(f"merging the adapters of step {self.committed_step()} into {target}")
-        return merge_lora(self.store.path, self.paths.adapter_dir, target, progress=True)
-
-    def print_summary(self, finished: bool):
-        summary = summarize(self.metrics.read())
-        say("")
-        diverged = ", but its loss DIVERGED" if summary["diverged"] else ""
-        say("summary: " + ("finished" if finished else "stopped early") + diverged)
-        say(f"  steps {summary['steps']}/{self.total_steps}, {summary['tokens']:,} trained tokens, "
-            f"{format_seconds(summary['train_seconds'])} of training"
-            + (f", {summary['skipped']} step(s) skipped (non-finite)" if summary.get("skipped") else ""))
-        if summary["first_val_loss"] is not None and summary["first_val_step"] == 0:
-            say(f"  validation loss before training {summary['first_val_loss']:.4f} (perplexity "
-                f"{perplexity(summary['first_val_loss']):.2f})")
-        if summary["best_val_loss"] is not None:
-            say(f"  best validation loss {summary['best_val_loss']:.4f} (perplexity "
-                f"{perplexity(summary['best_val_loss']):.2f}) at step {summary['best_val_step']}")
-        if summary["last_val_loss"] is not None:
-            say(f"  last validation loss {summary['last_val_loss']:.4f} (perplexity "
-                f"{perplexity(summary['last_val_loss']):.2f}) at step {summary['last_val_step']}")
-        for finding in summary["diverged"]:
-            say(f"  WARNING: diverged: {finding['message']}")
-        if summary["diverged"]:
-            say(f"  the learning rate (peak {self.lr:g}) is likely too high; start over with a lower one: "
-                f"{self.command.restart_with_lr()}")
-        if summary["first_loss"] is not None:
-            say(f"  first loss {summary['first_loss']:.2f} -> last loss {summary['last_loss']:.2f}")
-        self.print_outputs(finished)
-
-    def print_outputs(self, finished: bool):
-        """The end of every summary: where the outputs are and the command that generates from them."""
-        say(f"outputs in {shown_path(self.paths.run_dir)}:")
-        say(f"  model store: {shown_path(self.store.path)}" + (" (unchanged)" if self.lora else ""))
-        merged = self.lora and store_is_complete(self.paths.merged_dir)
-        if self.lora:
-            say(f"  adapters (PEFT format): {shown_path(self.paths.adapter_dir)}")
-            if merged:
-                say(f"  merged store: {shown_path(self.paths.merged_dir)}")
-        plot = f"; plot: {shown_path(self.paths.plot)}" if os.path.exists(self.paths.plot) else ""
-        say(f"  metrics: {shown_path(self.paths.metrics)}{plot}")
-        if finished and self.config.export_path:
-            say(f"  export: {shown_path(self.config.export_path)}")
-        prompt = self.config.prompts[0] if self.config.prompts else ("Hello!" if self.chat else "The")
-        if self.lora and not merged:
-            # The base has no --tokenizer of the run's own (it is shared, read-only): the command repeats it.
-            say("generate with the adapters (those of the last committed step): " + self.command.generate(
-                self.store.path, self.config.device, prompt, self.chat, adapter=self.paths.adapter_dir,
-                tokenizer=self.config.tokenizer))
-            if self.config.merge:  # a stopped run: it merges when it finishes
-                say(f"the run folds them into {shown_path(self.paths.merged_dir)} when it finishes: "
-                    f"{self.command.resume}")
-            else:
-                say(f"to fold them into a store of their own (for exports){'' if finished else ' once the run ends'}: "
-                    f"{self.command.with_options('--merge')}")
-        else:
-            model = self.paths.merged_dir if self.lora else self.store.path
-            say(f"generate: {self.command.generate(model, self.config.device, prompt, self.chat)}")
-
     def already_finished(self, state: dict) -> int:
         say(f"{self.paths.run_dir} already holds a finished run ({state['step']}/{self.total_steps} steps); "
             "nothing to train.")
         if self.lora and self.config.merge and not store_is_complete(self.paths.merged_dir):
-            self.finish_outputs(keep_export=True)  # --merge added after the run finished: the adapters suffice
-        self.print_summary(True)
+            reporting.finish_outputs(self, keep_export=True)  # --merge added after the run finished: the adapters suffice
+        reporting.print_summary(self, True)
         say(f"to train it from scratch again (this run is deleted): {self.command.restart}")
         say(f"to train it longer (N > {self.total_steps}): {self.command.longer()}")
         return EXIT_OK

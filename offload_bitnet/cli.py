@@ -121,7 +121,8 @@ def info_lines(store) -> list[str]:
     import os
 
     from offload_bitnet.store.sizing import human
-    from offload_bitnet.tokenizers.runtime import TokenizerError, load_tokenizer
+    from offload_bitnet.tokenizers.base import TokenizerError
+    from offload_bitnet.tokenizers.runtime import load_tokenizer
 
     config, settings, sizes = store.config, store.settings, store.disk_bytes()
     source = store.extra.get("source", {})

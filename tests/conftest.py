@@ -4,7 +4,6 @@ import sys
 import pytest
 import torch
 
-from repo_paths import SHARED
 
 # Some tests share fixtures' builders across folders (a packed BitNet checkpoint, the tiny GGUF): every test
 # folder is importable, whichever tests are selected.

@@ -25,7 +25,7 @@ import torch
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.block import rope_inverse_frequencies
 from offload_bitnet.progress import Progress
-from offload_bitnet.tokenizers.runtime import TokenizerError
+from offload_bitnet.tokenizers.base import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary

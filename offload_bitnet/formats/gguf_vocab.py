@@ -20,8 +20,15 @@ import hashlib
 import json
 import os
 
-from offload_bitnet.tokenizers.runtime import (END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                         TokenizerError, bytes_to_unicode, load_tokenizer)
+from offload_bitnet.tokenizers.base import END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, TokenizerError
+
+from offload_bitnet.tokenizers.gguf_rebuild import bytes_to_unicode
+
+from offload_bitnet.tokenizers.hf import HFTokenizer
+
+from offload_bitnet.tokenizers.runtime import load_tokenizer
+
+from offload_bitnet.tokenizers.spm import SentencePieceTokenizer
 from offload_bitnet.formats.gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
 
 # gguf.TokenType values (the GGUF spec's), kept as ints so the dict stays plain JSON.

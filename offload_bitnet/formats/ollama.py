@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from offload_bitnet.tokenizers.runtime import END_OF_TURN_TOKENS
+from offload_bitnet.tokenizers.base import END_OF_TURN_TOKENS
 
 MODELFILE = "Modelfile"
 

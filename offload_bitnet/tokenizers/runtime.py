@@ -32,13 +32,6 @@ from offload_bitnet.tokenizers.hf import load_hf
 from offload_bitnet.tokenizers.spm import load_sentencepiece
 from offload_bitnet.tokenizers.tiktoken_bpe import load_tiktoken
 
-# Names formats/ (gguf_vocab, hf_tokenizer, ollama, gguf_export, ...) and cli.py import from here; their modules
-# are the one definition.
-from offload_bitnet.tokenizers.base import END_OF_TURN_TOKENS  # noqa: F401
-from offload_bitnet.tokenizers.gguf_rebuild import build_gguf_bpe, bytes_to_unicode, gguf_tokenizer  # noqa: F401
-from offload_bitnet.tokenizers.hf import HFTokenizer  # noqa: F401
-from offload_bitnet.tokenizers.spm import SentencePieceTokenizer  # noqa: F401
-
 LOADERS = {"hf": load_hf, "sentencepiece": load_sentencepiece, "gguf": load_gguf, "tiktoken": load_tiktoken}
 
 

@@ -14,7 +14,8 @@ from offload_bitnet.formats import detect_format, export_model  # noqa: E402
 from offload_bitnet.formats import gguf as gguf_format  # noqa: E402
 from offload_bitnet.model.block import rope_inverse_frequencies  # noqa: E402
 from offload_bitnet.store.blockstore import BlockStore, StoreSettings  # noqa: E402
-from offload_bitnet.tokenizers.runtime import bytes_to_unicode, load_tokenizer  # noqa: E402
+from offload_bitnet.tokenizers.gguf_rebuild import bytes_to_unicode  # noqa: E402
+from offload_bitnet.tokenizers.runtime import load_tokenizer
 from real_models import smollm2_path as _smollm2_path  # noqa: E402
 
 FP32 = StoreSettings(mode="full", shadow_dtype="fp32")

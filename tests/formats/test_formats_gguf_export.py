@@ -20,7 +20,8 @@ from offload_bitnet.formats.gguf_export import gguf_tensor_name  # noqa: E402
 from offload_bitnet.tokenizers.loaders import install_tokenizer  # noqa: E402
 from offload_bitnet.store.blockstore import BlockStore, StoreSettings  # noqa: E402
 from offload_bitnet.model.ternary import unpack_weight  # noqa: E402
-from offload_bitnet.tokenizers.runtime import build_gguf_bpe, bytes_to_unicode, load_tokenizer  # noqa: E402
+from offload_bitnet.tokenizers.gguf_rebuild import build_gguf_bpe, bytes_to_unicode  # noqa: E402
+from offload_bitnet.tokenizers.runtime import load_tokenizer
 from repo_paths import REPO
 
 ROOT = REPO

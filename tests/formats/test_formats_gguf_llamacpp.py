@@ -116,7 +116,7 @@ def test_smollm2_from_gguf_exported_as_f16_matches_in_llama_cpp(tmp_path_factory
 def test_smollm2_through_hf_and_back_exports_a_gguf_llama_cpp_agrees_with(tmp_path_factory, monkeypatch, tmp_path):
     """(b) SmolLM2 exported to HF, imported from that folder and exported to GGUF: the HF BPE vocabulary path
     (llama.cpp's pre-tokenizer found from tokenizer.json) and perplexities within 0.5%."""
-    from offload_bitnet.tokenizers.runtime import build_gguf_bpe
+    from offload_bitnet.tokenizers.gguf_rebuild import build_gguf_bpe
 
     store = smollm2_store(tmp_path_factory, monkeypatch)
     hf = export_model(store, str(tmp_path / "hf"), format="hf")

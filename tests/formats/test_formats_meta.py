@@ -13,7 +13,7 @@ from offload_bitnet.store.write import create_model
 from offload_bitnet.formats import detect_format, meta
 from offload_bitnet.store.blockstore import BlockStore, StoreSettings
 
-from conftest import SHARED
+from repo_paths import SHARED
 
 LLAMA2_TOKENIZER = os.path.join(SHARED, "data", "llama2-tokenizer.model")
 

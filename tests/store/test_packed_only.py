@@ -17,7 +17,6 @@ from offload_bitnet.cli import main as cli
 from offload_bitnet.model.config import config_for_size
 from offload_bitnet.generate import Generator, SamplingOptions
 from offload_bitnet.model.lora import AdapterSet, LoRAConfig
-from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.store.sizing import store_bytes
 from offload_bitnet.train.trainer import main as finetune
 from repo_paths import REPO

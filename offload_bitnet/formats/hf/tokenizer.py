@@ -29,7 +29,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError
-from offload_bitnet.tokenizers.runtime import TOKENIZER_DIR, BaseTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer
+from offload_bitnet.tokenizers.hf import HFTokenizer
+from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.tokenizers.spm import SentencePieceTokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

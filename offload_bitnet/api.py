@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
+from offload_bitnet.formats import ensure_store
+from offload_bitnet.formats.merge import load_adapters
 from offload_bitnet.store.blockstore import BlockStore
 
 
@@ -12,8 +14,6 @@ def open_model(path: str, device: str = "cpu", adapter: str | None = None, **eng
     cache folder on first use (see ``formats.ensure_store``). ``adapter``: a LoRA adapter folder (a LoRA run's
     ``RUN_DIR/adapter``, or any PEFT LoRA folder) applied on top of the base without merging.
     """
-    from offload_bitnet.formats import ensure_store
-    from offload_bitnet.formats.merge import load_adapters
 
     store = BlockStore(ensure_store(path), writable=False)
     try:

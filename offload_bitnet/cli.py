@@ -10,20 +10,26 @@ import importlib
 import json
 import sys
 
+from offload_bitnet import judge as judging
 from offload_bitnet.argparsing import ArgumentParser
-from offload_bitnet.model.config import SIZES
 from offload_bitnet.errors import describe_error, pipe_safe, quiet_broken_pipe
-from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, export_model, import_model
+from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, cache, export_model, import_model
+from offload_bitnet.formats.adapters import export_adapter
 from offload_bitnet.formats.merge import merge_lora
+from offload_bitnet.model.config import SIZES
 from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import StoreSettings
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.store.sizing import human
+from offload_bitnet.store.write import create_model
+from offload_bitnet.tokenizers.base import TokenizerError
+from offload_bitnet.tokenizers.loaders import install_tokenizer, tokenizer_source
+from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.train.trainer import main as finetune_main
 
 
 def _create(args):
-    from offload_bitnet.store.write import create_model
 
     if args.tokenizer:  # a bad tokenizer path fails before minutes of writing, not after
-        from offload_bitnet.tokenizers.loaders import tokenizer_source
 
         if args.tokenizer != "byte":
             tokenizer_source(args.tokenizer)
@@ -37,7 +43,6 @@ def _attach_tokenizer(path: str, tokenizer: str | None):
     """--tokenizer of create/import: copy it into the new store (removed again if it does not fit the model)."""
     if not tokenizer:
         return
-    from offload_bitnet.tokenizers.loaders import install_tokenizer
 
     try:
         description = install_tokenizer(path, tokenizer)
@@ -55,7 +60,6 @@ def _import(args):
         settings = StoreSettings(mode=args.mode or "qat", shadow_dtype=args.shadow_dtype,
                                  state_dtype=args.state_dtype, packed_only=args.packed_only)
     if args.tokenizer and args.tokenizer != "byte":
-        from offload_bitnet.tokenizers.loaders import tokenizer_source
 
         tokenizer_source(args.tokenizer)
     path = import_model(args.src, args.out, settings, progress=True)
@@ -70,7 +74,6 @@ def _export(args):
 
 
 def _export_adapter(args):
-    from offload_bitnet.formats.adapters import export_adapter
 
     path = export_adapter(args.run_dir, args.out, format=args.format, base=args.base, store=args.store,
                           progress=True)
@@ -83,7 +86,6 @@ def _merge(args):
 
 
 def _verify(args):
-    from offload_bitnet.store.blockstore import BlockStore
 
     store = BlockStore(args.store)
     bar = Progress(sum(len(p) for p in store.manifest["files"].values()), "verifying")
@@ -98,7 +100,6 @@ def _verify(args):
 
 
 def _info(args):
-    from offload_bitnet.store.blockstore import BlockStore
 
     store = BlockStore(args.store)
     config = store.config
@@ -119,10 +120,6 @@ def _info(args):
 def info_lines(store) -> list[str]:
     """A readable summary of a store for ``offload-bitnet info``."""
     import os
-
-    from offload_bitnet.store.sizing import human
-    from offload_bitnet.tokenizers.base import TokenizerError
-    from offload_bitnet.tokenizers.runtime import load_tokenizer
 
     config, settings, sizes = store.config, store.settings, store.disk_bytes()
     source = store.extra.get("source", {})
@@ -166,7 +163,6 @@ def info_lines(store) -> list[str]:
 
 
 def _cache(args):
-    from offload_bitnet.formats import cache
 
     if args.cache_command == "list":
         for line in cache.format_entries(cache.list_entries()):
@@ -174,7 +170,6 @@ def _cache(args):
         return 0
     older = cache.parse_duration(args.older_than) if args.older_than else None
     removed, busy = cache.clear_entries(older, stale_only=args.stale)
-    from offload_bitnet.store.sizing import human
 
     for entry in removed:
         print(f"removed {entry['path']} ({human(entry['bytes'])}, from {entry['source'] or '?'})")
@@ -305,8 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="run folder (RUNS_DIR/EXPERIMENT)")
     plot.set_defaults(run=_delegate("metrics", "plot_run"))
 
-    from offload_bitnet import judge as judging
-
     judge = command("judge", "grade a model's answers to held-out Alpaca/chat records with a judge model (1-5)",
                     "Answers greedily, asks the judge (a model run here, or --judge-url) to grade each answer against "
                     "the reference with a Prometheus-style rubric, and writes judge.jsonl and judge_summary.json.")
@@ -334,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
-        from offload_bitnet.train.trainer import main as finetune_main
 
         return finetune_main([*argv[1:], "--dry-run"], prog="offload-bitnet plan")
     try:

@@ -18,15 +18,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from offload_bitnet.train import data as datalib
 from offload_bitnet.formats import ensure_store
+from offload_bitnet.formats.merge import load_adapters
 from offload_bitnet.generate import DEFAULT_MEMORY_BUDGET, Generator, SamplingOptions, decode_continuation
 from offload_bitnet.io.files import write_file_atomic
+from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.tokenizers.loaders import open_tokenizer
+from offload_bitnet.train import data as datalib
 from offload_bitnet.train.records import DataOptions, alpaca_prompt, messages_prompt_ids
-from offload_bitnet.formats.merge import load_adapters
-from offload_bitnet.progress import Progress
 
 SYSTEM_PROMPT = ("You are a fair judge assistant tasked with providing clear, objective feedback based on specific "
                  "criteria, ensuring each assessment reflects the absolute standards set for performance.")

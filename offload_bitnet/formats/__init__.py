@@ -22,9 +22,9 @@ import importlib
 import json
 import os
 
-from offload_bitnet.store.blockstore import BlockStore, StoreSettings
 from offload_bitnet.formats.cache import cached_store_dir, ensure_cached_import
 from offload_bitnet.formats.importing import is_complete_store, is_store  # noqa: F401 - part of the API
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings
 
 FORMATS = ("hf", "meta", "gguf")
 # What export_model writes, and the exporter of each: (module, function). ``gguf``: a llama.cpp GGUF of any store

@@ -14,11 +14,11 @@ import os
 import shutil
 import sys
 
-from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from offload_bitnet.formats.merge import load_adapters
-from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.formats import detect_format, export_model, hf, is_store
 from offload_bitnet.formats.cache import read_record
+from offload_bitnet.formats.merge import load_adapters
+from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from offload_bitnet.store.blockstore import BlockStore
 
 ADAPTER_FORMATS = ("peft", "gguf")
 

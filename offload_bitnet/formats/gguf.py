@@ -21,12 +21,12 @@ from importlib.metadata import version
 import numpy as np
 import torch
 
-from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.formats.importing import check_target, import_units
 from offload_bitnet.model.block import rope_inverse_frequencies
+from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.store.units import block_unit
 from offload_bitnet.tokenizers.runtime import load_tokenizer
-from offload_bitnet.formats.importing import check_target, import_units
 
 TOKENIZER_FILE = "gguf_tokenizer.json"
 

@@ -17,9 +17,9 @@ import os
 
 import gguf
 
-from offload_bitnet.store.units import block_unit
 from offload_bitnet.formats.gguf import GGUFError
 from offload_bitnet.formats.gguf_export import gguf_tensor_name, new_writer, to_gguf_layout
+from offload_bitnet.store.units import block_unit
 
 
 def lora_tensors(adapters, config):

@@ -22,16 +22,16 @@ import gguf
 import numpy as np
 import torch
 
-from offload_bitnet.model.config import ModelConfig
-from offload_bitnet.model.block import rope_inverse_frequencies
-from offload_bitnet.progress import Progress
-from offload_bitnet.tokenizers.base import TokenizerError
 from offload_bitnet.formats import GGUF_TYPES
 from offload_bitnet.formats.gguf import GGUFError, permute_qk
 from offload_bitnet.formats.gguf_vocab import gguf_vocabulary, write_vocabulary
+from offload_bitnet.formats.ollama import write_modelfile
+from offload_bitnet.model.block import rope_inverse_frequencies
+from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.progress import Progress
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_index, is_block, unit_shapes
-from offload_bitnet.formats.ollama import write_modelfile
+from offload_bitnet.tokenizers.base import TokenizerError
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 FILE_NAME = "model.gguf"

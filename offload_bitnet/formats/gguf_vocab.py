@@ -20,16 +20,12 @@ import hashlib
 import json
 import os
 
-from offload_bitnet.tokenizers.base import END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, TokenizerError
-
-from offload_bitnet.tokenizers.gguf_rebuild import bytes_to_unicode
-
-from offload_bitnet.tokenizers.hf import HFTokenizer
-
-from offload_bitnet.tokenizers.runtime import load_tokenizer
-
-from offload_bitnet.tokenizers.spm import SentencePieceTokenizer
 from offload_bitnet.formats.gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
+from offload_bitnet.tokenizers.base import END_OF_TURN_TOKENS, TOKENIZER_DIR, ByteTokenizer, TokenizerError
+from offload_bitnet.tokenizers.gguf_rebuild import bytes_to_unicode
+from offload_bitnet.tokenizers.hf import HFTokenizer
+from offload_bitnet.tokenizers.runtime import load_tokenizer
+from offload_bitnet.tokenizers.spm import SentencePieceTokenizer
 
 # gguf.TokenType values (the GGUF spec's), kept as ints so the dict stays plain JSON.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -11,11 +11,11 @@ import sys
 
 import torch
 
-from offload_bitnet.store.layout import Layout
+from offload_bitnet.formats.importing import import_units
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, AdapterSet
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
+from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_index, is_block
-from offload_bitnet.formats.importing import import_units
 
 TOKENIZER_DIR = "tokenizer"
 

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from offload_bitnet.model.config import ModelConfig
-from offload_bitnet.model.block import dropout
-from offload_bitnet.model.adamw import AdamWConfig, adamw_update
 from offload_bitnet.io.files import write_file_atomic
 from offload_bitnet.io.safetensors import decode_safetensors, encode_safetensors
+from offload_bitnet.model.adamw import AdamWConfig, adamw_update
+from offload_bitnet.model.block import dropout
+from offload_bitnet.model.config import ModelConfig
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -34,11 +34,11 @@ import torch
 from crc32c import crc32c
 
 from offload_bitnet.io.buffers import BufferPool
-from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.io.faults import fault_point
 from offload_bitnet.io.files import fsync_path, write_file_atomic
 from offload_bitnet.io.locks import HolderLock, LockHeld
 from offload_bitnet.io.safetensors import SafetensorsError, decode_safetensors, encode_safetensors
+from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.store.units import MODES, PARTS, unit_names, unit_shapes
 
 # The newest format this code reads. A store is written with the oldest version that describes it, so older

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from offload_bitnet.store import blockwise
 from offload_bitnet.io.buffers import BufferPool
-from offload_bitnet.store.blockstore import DTYPES, StoreSettings
 from offload_bitnet.model.ternary import PackedTernary, latent_weight, pack_weight, unpack_weight
+from offload_bitnet.store import blockwise
+from offload_bitnet.store.blockstore import DTYPES, StoreSettings
 from offload_bitnet.store.units import is_ternary
 
 

@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from offload_bitnet.store.blockwise import BLOCK
 from offload_bitnet.io.safetensors import SAFETENSORS_DTYPES as SAFETENSOR_CODES
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.store.blockstore import StoreSettings
+from offload_bitnet.store.blockwise import BLOCK
 from offload_bitnet.store.units import PARTS, block_unit, is_block, is_ternary, unit_names, unit_shapes
 
 # The tensors a store holds, by short name: their safetensors codes (the codec's one table) and element sizes.

@@ -5,11 +5,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from offload_bitnet.model.config import ModelConfig, config_for_size
-from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.block import init_block
+from offload_bitnet.model.config import ModelConfig, config_for_size
 from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import BlockStore, StoreSettings
+from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_unit, unit_names, unit_shapes
 
 

@@ -11,6 +11,7 @@ from offload_bitnet.tokenizers.config_files import read_json
 from offload_bitnet.tokenizers.hf import HFTokenizer
 from offload_bitnet.tokenizers.spm import SentencePieceTokenizer
 
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -43,7 +44,8 @@ CONTROL, USER_DEFINED = 3, 4
 
 def build_gguf_bpe(data: dict):
     """A ``tokenizers`` byte-level BPE from GGUF ``gpt2`` metadata (tokens, merges, token types, pre)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # only this tokenizer kind needs it
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models,  # only this tokenizer kind needs it
+                            pre_tokenizers)
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())

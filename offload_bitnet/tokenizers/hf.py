@@ -8,6 +8,7 @@ from offload_bitnet.tokenizers.base import BaseTokenizer, TokenizerError
 from offload_bitnet.tokenizers.config_files import chat_template_file, generation_stop_ids, read_json, special_id
 from offload_bitnet.tokenizers.spm import load_sentencepiece
 
+
 class HFTokenizer(BaseTokenizer):
     """A ``tokenizers.Tokenizer`` (``tokenizer.json`` or one built from GGUF metadata)."""
 

@@ -18,7 +18,8 @@ from offload_bitnet.formats.gguf import TOKENIZER_FILE, open_reader, read_tokeni
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer, TokenizerError
 from offload_bitnet.tokenizers.gguf_rebuild import gguf_tokenizer
-from offload_bitnet.tokenizers.runtime import _store_defaults, byte_fallback, check_fits, load_tokenizer, load_tokenizer_files
+from offload_bitnet.tokenizers.runtime import (_store_defaults, byte_fallback, check_fits, load_tokenizer,
+                                               load_tokenizer_files)
 
 BYTE = "byte"
 

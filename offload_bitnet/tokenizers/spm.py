@@ -8,6 +8,7 @@ import re
 from offload_bitnet.tokenizers.base import BaseTokenizer, TokenizerError
 from offload_bitnet.tokenizers.config_files import chat_template_file, generation_stop_ids, read_json, special_id
 
+
 class SentencePieceTokenizer(BaseTokenizer):
     """A ``sentencepiece`` model. Control tokens written in the text (``<s>`` from a chat template) are cut
     out first and mapped to their ids, as llama.cpp and transformers do; the text between them is encoded by

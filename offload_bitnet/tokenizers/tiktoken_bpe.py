@@ -22,7 +22,8 @@ def build_tiktoken_bpe(ranks: dict[bytes, int], special: list[str], split: str =
     """A ``tokenizers`` BPE equal to tiktoken's rank-ordered merging: every split (left, right) of a token
     whose halves are tokens becomes a merge, ranked by the merged token's rank (transformers'
     TikTokenConverter does the same)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # only this tokenizer kind needs it
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models,  # only this tokenizer kind needs it
+                            pre_tokenizers)
 
     spelling = bytes_to_unicode()
     spell = lambda b: "".join(spelling[c] for c in b)  # noqa: E731

@@ -29,20 +29,23 @@ import traceback
 
 from offload_bitnet.argparsing import check_device
 from offload_bitnet.engine.streaming import StreamingEngine
+from offload_bitnet.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe,
+                                   quiet_broken_pipe)
+from offload_bitnet.judge import judge_finished_run
 from offload_bitnet.model.lora import AdapterCheckpoint
-from offload_bitnet.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe, quiet_broken_pipe
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.sizing import human
 from offload_bitnet.tokenizers.base import ByteTokenizer
+from offload_bitnet.tokenizers.loaders import open_tokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train import reporting
 from offload_bitnet.train.messages import TrainError, say
 from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, perplexity, plot_losses, write_status
 from offload_bitnet.train.plan import dry_run
 from offload_bitnet.train.run_commands import RunCommand
-from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries, resolve_paths,
-                                             store_is_complete)
+from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries,
+                                             resolve_paths, store_is_complete)
 from offload_bitnet.train.runconfig import RunConfig, RunConfigError, resume_fingerprint
 from offload_bitnet.train.runconfig_loading import parse_args
 from offload_bitnet.train.samples import check_prompts, generate_samples
@@ -74,7 +77,6 @@ class Trainer:
         # Quantization warmup: each step says which mix of full-precision and ternary weights it trains.
         self.warmup = config.quant_warmup if self.store.settings.mode == "qat" and not self.lora else 0
         self.metrics = MetricsLog(paths.metrics)
-        from offload_bitnet.tokenizers.loaders import open_tokenizer
 
         self.tokenizer = open_tokenizer(self.store.path, self.store.extra.get("tokenizer"), config.tokenizer)
         self.pad_id = datalib.pad_value(self.tokenizer)
@@ -247,7 +249,6 @@ class Trainer:
         if finished:
             reporting.finish_outputs(self)
             if config.judge_model or config.judge_url:
-                from offload_bitnet.judge import judge_finished_run
 
                 judge_finished_run(self, say=say)
         reporting.print_summary(self, finished)

@@ -19,16 +19,17 @@ Modules: ``config`` (config.json <-> ModelConfig, architectures, RoPE, quantizat
 exporter per output kind: ``export_hf``, ``export_hf_bitnet``, ``export_hf_source``) and ``tokenizer`` (the
 tokenizer files of a checkpoint and of an export). The names other modules use are importable from here.
 """
-from offload_bitnet.formats.hf.config import (  # noqa: F401 - the package's names
-    ACTIVATIONS, ARCHITECTURES, BLOCK_KEYS, CONFIG, MODEL_TYPES, HFFormatError, bitnet_quantization, config_from_hf,
-    dtype_name, hf_architecture, hf_config, key_owners, parse_dtype, read_config, read_config_json, unit_keys)
-from offload_bitnet.formats.hf.checkpoint import (  # noqa: F401
-    IGNORED_SUFFIXES, INDEX, SINGLE_FILE, Checkpoint, ImportPlan, detect, is_packed_checkpoint, latent_from_packed,
-    packed_gamma, plan_import, read_units)
-from offload_bitnet.formats.hf.tokenizer import (  # noqa: F401
-    TOKENIZER_FILES, check_tokenizer_fits, copy_tokenizer, describe_tokenizer, tokenizer_files, tokenizer_token_count,
-    write_tokenizer_files)
+from offload_bitnet.formats.hf.checkpoint import (IGNORED_SUFFIXES, INDEX, SINGLE_FILE, Checkpoint,  # noqa: F401
+                                                  ImportPlan, detect, is_packed_checkpoint, latent_from_packed,
+                                                  packed_gamma, plan_import, read_units)
+from offload_bitnet.formats.hf.config import (ACTIVATIONS, ARCHITECTURES,  # noqa: F401 - the package's names
+                                              BLOCK_KEYS, CONFIG, MODEL_TYPES, HFFormatError, bitnet_quantization,
+                                              config_from_hf, dtype_name, hf_architecture, hf_config, key_owners,
+                                              parse_dtype, read_config, read_config_json, unit_keys)
+from offload_bitnet.formats.hf.export import (export_from_store, export_hf, export_hf_bitnet,  # noqa: F401
+                                              export_hf_source, has_hf_source)
 from offload_bitnet.formats.hf.load import SHADOW_FOR_DTYPE, import_to_store, read_source  # noqa: F401
 from offload_bitnet.formats.hf.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec  # noqa: F401
-from offload_bitnet.formats.hf.export import (  # noqa: F401
-    export_from_store, export_hf, export_hf_bitnet, export_hf_source, has_hf_source)
+from offload_bitnet.formats.hf.tokenizer import (TOKENIZER_FILES, check_tokenizer_fits, copy_tokenizer,  # noqa: F401
+                                                 describe_tokenizer, tokenizer_files, tokenizer_token_count,
+                                                 write_tokenizer_files)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from offload_bitnet.formats.hf.config import (ARCHITECTURES, CONFIG, HFFormatError, bitnet_quantization, dtype_name,
+                                              hf_architecture, key_owners, read_config_json, unit_keys)
 from offload_bitnet.io.safetensors import TORCH_DTYPES
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.ternary import PackedTernary, latent_weight
 from offload_bitnet.store.units import is_projection, unit_names, unit_shapes
-from offload_bitnet.formats.hf.config import (ARCHITECTURES, CONFIG, HFFormatError, bitnet_quantization, dtype_name,
-                                              hf_architecture, key_owners, read_config_json, unit_keys)
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

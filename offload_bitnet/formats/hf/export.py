@@ -24,13 +24,13 @@ import json
 import os
 import sys
 
-from offload_bitnet.progress import Progress
-from offload_bitnet.store.blockstore import DTYPES, BlockStore
-from offload_bitnet.store.layout import Layout
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError, dtype_name, hf_config, parse_dtype
 from offload_bitnet.formats.hf.shards import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, generic_specs,
                                               source_specs, spec_value, split_shards, unit_values, write_index)
 from offload_bitnet.formats.hf.tokenizer import write_tokenizer_files
+from offload_bitnet.progress import Progress
+from offload_bitnet.store.blockstore import DTYPES, BlockStore
+from offload_bitnet.store.layout import Layout
 
 
 def has_hf_source(store: BlockStore) -> bool:

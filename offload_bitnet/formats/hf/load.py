@@ -6,15 +6,15 @@ import sys
 
 import torch
 
+from offload_bitnet.formats.hf.checkpoint import Checkpoint, plan_import, read_units
+from offload_bitnet.formats.hf.config import (CONFIG, bitnet_quantization, config_from_hf, dtype_name, hf_architecture,
+                                              read_config, read_config_json)
+from offload_bitnet.formats.hf.tokenizer import (check_tokenizer_fits, copy_tokenizer, describe_tokenizer,
+                                                 tokenizer_files)
+from offload_bitnet.formats.importing import check_target, import_units
 from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.store.write import default_mode
 from offload_bitnet.tokenizers.runtime import load_tokenizer
-from offload_bitnet.formats.importing import check_target, import_units
-from offload_bitnet.formats.hf.config import CONFIG, bitnet_quantization, config_from_hf, dtype_name, hf_architecture, \
-    read_config, read_config_json
-from offload_bitnet.formats.hf.checkpoint import Checkpoint, plan_import, read_units
-from offload_bitnet.formats.hf.tokenizer import (check_tokenizer_fits, copy_tokenizer, describe_tokenizer,
-                                                 tokenizer_files)
 
 SHADOW_FOR_DTYPE = {torch.float32: "fp32", torch.float64: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from offload_bitnet.formats.hf.checkpoint import INDEX, SINGLE_FILE
+from offload_bitnet.formats.hf.config import HFFormatError, key_owners, parse_dtype, unit_keys
 from offload_bitnet.io.safetensors import SAFETENSORS_DTYPES
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.model.ternary import pack_weight
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import is_projection, unit_names, unit_shapes
-from offload_bitnet.formats.hf.config import HFFormatError, key_owners, parse_dtype, unit_keys
-from offload_bitnet.formats.hf.checkpoint import INDEX, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 

@@ -27,8 +27,8 @@ import sys
 import sentencepiece
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError
+from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer
 from offload_bitnet.tokenizers.hf import HFTokenizer
 from offload_bitnet.tokenizers.runtime import load_tokenizer

@@ -22,9 +22,10 @@ Files are opened with ``torch.load(mmap=True, weights_only=True)``: nothing in t
 is only read from disk when its unit is imported, so import holds one unit in memory (plus at most
 ``ShardSet.REMAP_BYTES`` of clean, reclaimable mapped pages).
 """
-from offload_bitnet.formats.meta.checkpoint import (  # noqa: F401 - the names other modules use
-    BLOCK_KEYS, EMBED_KEY, NORM_KEY, OUTPUT_KEY, PARAMS, SHARD_PATTERN, TOKENIZER, MetaFormatError, ShardSet,
-    canonical_keys, config_from_params, detect, full_shapes, import_to_store, inspect_checkpoint, load_shard,
-    permute_rope, read_config, read_params, read_source, shard_files, split_dims, tokenizer_info, unit_keys,
-    unpermute_rope)
+from offload_bitnet.formats.meta.checkpoint import (BLOCK_KEYS, EMBED_KEY,  # noqa: F401 - the names other modules use
+                                                    NORM_KEY, OUTPUT_KEY, PARAMS, SHARD_PATTERN, TOKENIZER,
+                                                    MetaFormatError, ShardSet, canonical_keys, config_from_params,
+                                                    detect, full_shapes, import_to_store, inspect_checkpoint,
+                                                    load_shard, permute_rope, read_config, read_params, read_source,
+                                                    shard_files, split_dims, tokenizer_info, unit_keys, unpermute_rope)
 from offload_bitnet.formats.meta.export import export_from_store, params_for_config  # noqa: F401

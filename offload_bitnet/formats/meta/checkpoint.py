@@ -12,11 +12,11 @@ import zipfile
 import sentencepiece
 import torch
 
+from offload_bitnet.formats.importing import check_target, import_units
 from offload_bitnet.model.config import ConfigError, ModelConfig
 from offload_bitnet.store.blockstore import DTYPES, StoreSettings
 from offload_bitnet.store.units import block_index, block_unit, unit_names
 from offload_bitnet.tokenizers.runtime import load_tokenizer
-from offload_bitnet.formats.importing import check_target, import_units
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"

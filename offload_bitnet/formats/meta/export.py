@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import torch
 
+from offload_bitnet.formats.meta.checkpoint import (PARAMS, SHARD_PATTERN, TOKENIZER, MetaFormatError, canonical_keys,
+                                                    full_shapes, shard_shape, split_dims, unit_keys, unpermute_rope)
 from offload_bitnet.model.config import ModelConfig, llama_hidden_dim
 from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import DTYPES, BlockStore
 from offload_bitnet.store.layout import Layout
-from offload_bitnet.formats.meta.checkpoint import (PARAMS, SHARD_PATTERN, TOKENIZER, MetaFormatError, canonical_keys,
-                                                    full_shapes, shard_shape, split_dims, unit_keys, unpermute_rope)
 
 SCRATCH_ALIGN = 64
 

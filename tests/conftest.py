@@ -30,7 +30,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def eager_transformers_quantizers():
     """transformers wraps its BitNet (un)packing and quantizers in torch.compile (~35 s to compile on CPU);
-    run them eagerly: the same arithmetic (tests/test_ternary.py)."""
+    run them eagerly: the same arithmetic (tests/model/test_ternary.py)."""
     import torch._dynamo
 
     previous = torch._dynamo.config.disable

@@ -3,7 +3,7 @@
 The per-file sizes are exact: they mirror what ``Layout.encode`` / ``Layout.encode_moments`` put in each part and
 how ``store.encode_safetensors`` lays a file out (8-byte header length, JSON header padded with spaces to a
 multiple of 8, tensors in name order). The manifest's size is an upper bound (checksums are counted at
-their widest). ``tests/test_sizing.py`` checks both against real stores and against the engine's byte counters.
+their widest). ``tests/store/test_sizing.py`` checks both against real stores and against the engine's byte counters.
 """
 from __future__ import annotations
 

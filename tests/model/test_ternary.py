@@ -16,7 +16,7 @@ def test_pack_round_trip_and_transformers_layout():
 
 def test_quantize_matches_transformers_weight_and_activation_quant(monkeypatch):
     """Bit-equal to transformers' eager arithmetic. (Its torch.compile'd kernels reduce mean|W| in another
-    order and can differ by one ulp in the scale; tests/test_parity_transformers.py covers them.)"""
+    order and can differ by one ulp in the scale; tests/reference/test_parity_transformers.py covers them.)"""
     import torch._dynamo
     from transformers.integrations.bitnet import ActQuant, WeightQuant
 

@@ -218,7 +218,7 @@ def test_an_importable_model_is_imported_into_the_run_and_left_untouched(tmp_pat
 
     source = str(tmp_path / "src")
     create_model(source, size="demo", arch="bitnet", n_layers=2)
-    # Full precision (latent weights): a packed export has no master weights to train (tests/test_packed_only.py).
+    # Full precision (latent weights): a packed export has no master weights to train (tests/store/test_packed_only.py).
     hf_dir = export_model(source, str(tmp_path / "hf-model"), "hf")
     before = digest_folder(hf_dir)
     args = [hf_dir, "--data", os.path.join(TEST_DATA, "text.jsonl"), "--runs-dir", str(tmp_path / "runs"),

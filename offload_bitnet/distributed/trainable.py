@@ -33,7 +33,10 @@ a non-finite gradient found by an owner's update stops the run (the others then 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -82,13 +85,23 @@ class _RankStep:
     """What both distributed trainables share: the global token count and the agreement on a finite loss."""
 
     context: DistContext
+    seconds: Counter  # time on this rank's main thread in each collective, over the run (for benchmarks)
+
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - started
 
     def _global_tokens(self, ctx: StepContext):
         if ctx.quant_mix != 1 and self.engine.store.settings.mode == "qat" and self.engine.adapters is None:
             raise DistributedError("the quantization warm-up (--quant-warmup, quant_mix < 1) is not supported "
                                    "across ranks yet: it reads every block's shadow in forward, and only the "
                                    "block's owner has it. Train without it, or on one process.")
-        ctx.n_tokens = self.context.all_reduce_sum_int([local_target_tokens(ctx.targets)])[0]
+        with self._timed("reduce"):
+            ctx.n_tokens = self.context.all_reduce_sum_int([local_target_tokens(ctx.targets)])[0]
         self._loss_agreed = False
 
     def _agree_on_loss(self, ctx: StepContext):
@@ -101,7 +114,8 @@ class _RankStep:
 
     def _loss_agreement(self, loss: float, finite: bool) -> int:
         totals = torch.tensor([loss if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
-        self.context.all_reduce_sum_(totals)
+        with self._timed("reduce"):
+            self.context.all_reduce_sum_(totals)
         self._loss_agreed = True
         self._total_loss = float(totals[0])
         return int(totals[1])
@@ -123,6 +137,7 @@ class DistributedFullWeights(_RankStep, FullWeights):
         self.committer = RankCommit(context, engine.store)
         self._unsent: list[str] = []  # units updated, their forward weights not yet broadcast
         self._loss_agreed = False
+        self.seconds = Counter()
 
     def owns(self, unit: str) -> bool:
         return self.plan.owner(unit) == self.context.rank
@@ -176,7 +191,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
         owner = self.plan.owner("embed")
         mine = [(ctx.ids[m].reshape(-1), grads[m].reshape(-1, engine.config.dim).float()) for m in ctx.micro_range]
         gathered = [None] * self.context.world_size if self.owns("embed") else None
-        dist.gather_object(mine, gathered, dst=owner)
+        with self._timed("gather"):
+            dist.gather_object(mine, gathered, dst=owner)
         if self.owns("embed"):
             for rank_batches in gathered:  # global micro-batch order: rank 0's, then rank 1's, ...
                 for ids, token_grads in rank_batches:
@@ -184,9 +200,11 @@ class DistributedFullWeights(_RankStep, FullWeights):
             self._apply_update("embed", embed_masters, {"weight": embed_grad}, embed_moments, ctx, inline=True)
         self._unsent.append("embed")
         self._broadcast_unsent(ctx)
-        engine.writer.wait_for_updates()
-        engine.writer.flush()  # every write on disk before the commit's collectives, which run here on main
-        self.committer.commit(ctx.step, commit_extra)
+        with self._timed("writes"):
+            engine.writer.wait_for_updates()
+            engine.writer.flush()  # every write on disk before the commit's collectives, which run here on main
+        with self._timed("commit"):
+            self.committer.commit(ctx.step, commit_extra)
 
     def discard(self):
         self._discard_agreement()
@@ -199,7 +217,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
         for name in sorted(grads):
             if not grads[name].is_contiguous() or grads[name].dtype != torch.float32:
                 grads[name] = grads[name].float().contiguous()
-            dist.reduce(grads[name], dst=owner, op=dist.ReduceOp.SUM)
+            with self._timed("reduce"):
+                dist.reduce(grads[name], dst=owner, op=dist.ReduceOp.SUM)
 
     def _reduce_and_update(self, unit, masters, grads, moments, ctx: StepContext):
         """Reduce ``unit``'s gradients to its owner, which queues its update; then broadcast the units before it
@@ -217,10 +236,12 @@ class DistributedFullWeights(_RankStep, FullWeights):
         for unit in self._unsent:
             owner = self.plan.owner(unit)
             # The owner's new weights (waiting for its update); the others' current ones give names and shapes.
-            current = engine._read(unit, "weights", will_modify=False)
+            with self._timed("owner update wait" if self.owns(unit) else "weights read"):
+                current = engine._read(unit, "weights", will_modify=False)
             buffer = pack_bytes(current) if self.owns(unit) else torch.empty(
                 sum(t.numel() * t.element_size() for t in current.values()), dtype=torch.uint8)
-            dist.broadcast(buffer, src=owner)
+            with self._timed("broadcast"):
+                dist.broadcast(buffer, src=owner)
             if not self.owns(unit):
                 weights = unpack_bytes(buffer, current)
                 ctx.add_submitted(encoded_size(weights))
@@ -237,6 +258,7 @@ class DistributedLoRA(_RankStep, LoRA):
         super().__init__(engine, adapters, checkpoint)
         self.context = context
         self._loss_agreed = False
+        self.seconds = Counter()
 
     def backward_loads(self, ctx: StepContext) -> list[Load]:
         self._global_tokens(ctx)
@@ -252,12 +274,14 @@ class DistributedLoRA(_RankStep, LoRA):
             for leaf in (adapter.lora_a, adapter.lora_b):
                 if leaf.grad is None:
                     leaf.grad = torch.zeros_like(leaf)
-                self.context.all_reduce_sum_(leaf.grad)
+                with self._timed("reduce"):
+                    self.context.all_reduce_sum_(leaf.grad)
         super().update_block(unit, params, state, ctx)
 
     def finish(self, plan: StepPlan, ctx: StepContext, grads: list, head: HeadPass, commit_extra: dict | None):
         super().finish(plan, ctx, grads, head, commit_extra)
-        self.context.barrier()  # every rank committed its copy of the step's adapters
+        with self._timed("commit"):
+            self.context.barrier()  # every rank committed its copy of the step's adapters
 
     def discard(self):
         self._discard_agreement()

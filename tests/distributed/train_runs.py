@@ -19,9 +19,9 @@ MODELS = {"qat": ("bitnet", {"tie_embeddings": True}), "full": ("llama", {"tie_e
 SEQ_LEN = 12
 
 
-def make_model(folder, mode: str, shadow_dtype: str = "fp16") -> str:
+def make_model(folder, mode: str, shadow_dtype: str = "fp16", n_layers: int = 2) -> str:
     arch, overrides = MODELS[mode]
-    return create_model(os.path.join(str(folder), "model"), size="demo", arch=arch, n_layers=2,
+    return create_model(os.path.join(str(folder), "model"), size="demo", arch=arch, n_layers=n_layers,
                         mode="full" if mode == "lora" else mode, shadow_dtype=shadow_dtype, **overrides)
 
 
@@ -35,10 +35,10 @@ def make_rank_stores(model: str, folder, world_size: int) -> list[str]:
     return paths
 
 
-def step_batch(step: int, batch_size: int) -> torch.Tensor:
+def step_batch(step: int, batch_size: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
     """The sequences of optimizer step ``step``, the same on every rank (as the trainer draws them)."""
     generator = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, 260, (batch_size, SEQ_LEN), generator=generator)
+    ids = torch.randint(0, 260, (batch_size, seq_len), generator=generator)
     ids[0, -3:] = ids[-1, -3:]  # a token in several micro-batches (the embedding's sum order matters)
     return ids
 
@@ -49,8 +49,9 @@ def options(mode: str, adapter_dir: str | None) -> EngineOptions:
 
 
 def train(store_path: str, mode: str, steps: int, batch_size: int, grad_accum: int, context=None,
-          adapter_dir: str | None = None) -> list[float]:
-    """Train ``steps`` steps of ``step_batch`` (this rank's micro-batches); returns the losses."""
+          adapter_dir: str | None = None, measured: dict | None = None, seq_len: int = SEQ_LEN) -> list[float]:
+    """Train ``steps`` steps of ``step_batch`` (this rank's micro-batches); returns the losses. ``measured``:
+    filled with each step's wall time, tokens and bytes written, and the run's seconds in collectives."""
     from offload_bitnet.distributed.commit import RankCommit
     from offload_bitnet.distributed.trainable import distribute
     world, rank = (context.world_size, context.rank) if context else (1, 0)
@@ -63,24 +64,33 @@ def train(store_path: str, mode: str, steps: int, batch_size: int, grad_accum: i
     losses = []
     with engine:
         for step in range(engine.step + 1, steps + 1):
-            micro = rank_sequences(step_batch(step, batch_size), world, grad_accum, rank)
+            micro = rank_sequences(step_batch(step, batch_size, seq_len), world, grad_accum, rank)
             stats = engine.train_step([(ids, None) for ids in micro])
             assert stats.skipped is None, stats.skipped
             losses.append(stats.loss)
+            if measured is not None:
+                for name, value in (("wall_s", stats.wall_s), ("tokens", stats.tokens),
+                                    ("bytes_written", stats.bytes_written), ("bytes_read", stats.bytes_read),
+                                    ("io_wait_s", stats.io_wait_s)):
+                    measured.setdefault(name, []).append(value)
+        if measured is not None:
+            measured["collective_s"] = dict(getattr(engine.trainable, "seconds", {}))
     return losses
 
 
 def train_program(store_dirs: list[str], mode: str, steps: int, batch_size: int, grad_accum: int,
-                  adapter_dirs: list[str] | None = None) -> dict:
-    """One rank of a distributed run (``rank_runs.launch``)."""
+                  adapter_dirs: list[str] | None = None, seq_len: int = SEQ_LEN) -> dict:
+    """One rank of a distributed run (``rank_runs.launch``): its losses and measurements."""
     from offload_bitnet.distributed.env import init_distributed, named_rank_errors
     context = init_distributed("cpu", timeout_s=ALONE_S)
 
     @named_rank_errors(context)
     def run():
         adapter_dir = adapter_dirs[context.rank] if adapter_dirs else None
-        return {"losses": train(store_dirs[context.rank], mode, steps, batch_size, grad_accum, context,
-                                adapter_dir)}
+        measured = {}
+        losses = train(store_dirs[context.rank], mode, steps, batch_size, grad_accum, context, adapter_dir,
+                       measured, seq_len)
+        return {"losses": losses, "measured": measured}
     try:
         return run()
     finally:

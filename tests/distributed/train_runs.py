@@ -21,6 +21,9 @@ SEQ_LEN = 12
 
 def make_model(folder, mode: str, shadow_dtype: str = "fp16", n_layers: int = 2) -> str:
     arch, overrides = MODELS[mode]
+    # One thread, whoever calls (a module fixture runs before the tests' thread pinning): the ternary scales
+    # are reductions whose rounding depends on the thread count, and the runs compared must start equal.
+    torch.set_num_threads(1)
     return create_model(os.path.join(str(folder), "model"), size="demo", arch=arch, n_layers=n_layers,
                         mode="full" if mode == "lora" else mode, shadow_dtype=shadow_dtype, **overrides)
 

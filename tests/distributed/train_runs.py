@@ -65,6 +65,8 @@ def train(store_path: str, mode: str, steps: int, batch_size: int, grad_accum: i
     if context is not None:
         distribute(engine, context)
     losses = []
+    if measured is not None:
+        measured["start"] = engine.step
     with engine:
         for step in range(engine.step + 1, steps + 1):
             micro = rank_sequences(step_batch(step, batch_size, seq_len), world, grad_accum, rank)
@@ -93,7 +95,7 @@ def train_program(store_dirs: list[str], mode: str, steps: int, batch_size: int,
         measured = {}
         losses = train(store_dirs[context.rank], mode, steps, batch_size, grad_accum, context, adapter_dir,
                        measured, seq_len)
-        return {"losses": losses, "measured": measured}
+        return {"losses": losses, "measured": measured, "start": measured["start"], "step": steps}
     try:
         return run()
     finally:

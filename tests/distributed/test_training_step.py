@@ -1,6 +1,7 @@
 """The distributed step (distributed/trainable.py) on 2 gloo ranks against one process, in qat, full and LoRA:
 2 ranks x 1 micro-batch == 1 process x 2 micro-batches bit for bit; 2 x 2 against 1 x 4 within 1e-6; two runs
 of 2 ranks bit-identical."""
+import json
 import os
 
 import pytest
@@ -77,3 +78,14 @@ def test_the_same_two_rank_run_twice_is_bit_identical(tmp_path, mode):
     second_losses, second = _distributed(tmp_path, "second", mode, batch_size=8, grad_accum=2)
     assert first_losses == second_losses
     assert_equal(first, second, "two runs of 2 ranks")
+
+
+def test_the_quantization_warm_up_is_refused_across_ranks_on_every_rank(tmp_path):
+    from train_runs import warmup_program
+    stores = make_rank_stores(make_model(tmp_path, "qat"), tmp_path, 2)
+    results = launch(warmup_program, 2, str(tmp_path / "results"), store_dirs=stores)
+    for rank, result in enumerate(results):
+        assert result["exitcode"] == 1
+        assert result["error"].startswith(f"rank {rank} of 2: the quantization warm-up (--quant-warmup, "
+                                          "quant_mix < 1) is not supported across ranks yet"), result
+    assert [json.load(open(os.path.join(p, "manifest.json")))["step"] for p in stores] == [0, 0]

@@ -152,3 +152,20 @@ def max_relative_difference(a: dict, b: dict) -> float:
         scale = max(float(x.abs().max()), 1e-30)
         worst = max(worst, float((x - y).abs().max()) / scale)
     return worst
+
+
+def warmup_program(store_dirs: list[str]) -> dict:
+    """One qat step with the quantization warm-up (quant_mix < 1) on a rank: refused across ranks."""
+    from offload_bitnet.distributed.env import init_distributed, named_rank_errors
+    from offload_bitnet.distributed.trainable import distribute
+    context = init_distributed("cpu", timeout_s=ALONE_S)
+
+    @named_rank_errors(context)
+    def run():
+        with distribute(StreamingEngine(BlockStore(store_dirs[context.rank], writable=True)), context) as engine:
+            ids = rank_sequences(step_batch(1, 4), context.world_size, 1, context.rank)[0]
+            engine.train_step([(ids, None)], quant_mix=0.5)
+    try:
+        return run()
+    finally:
+        context.close()

@@ -169,3 +169,24 @@ def warmup_program(store_dirs: list[str]) -> dict:
         return run()
     finally:
         context.close()
+
+
+def open_program(model: str, run_dir: str) -> dict:
+    """Open this rank's store of a run twice (made at the first open, reopened at the second)."""
+    from offload_bitnet.distributed.env import init_distributed, named_rank_errors
+    from offload_bitnet.distributed.launch import open_rank_store
+    context = init_distributed("cpu", timeout_s=ALONE_S)
+
+    @named_rank_errors(context)
+    def run():
+        found = []
+        for _ in range(2):
+            store, step = open_rank_store(context, model, run_dir)
+            found.append({"path": store.path, "step": step, "units": sorted(
+                (unit, part) for unit, parts in store.manifest["files"].items() for part in parts)})
+            store.close()
+        return {"opens": found}
+    try:
+        return run()
+    finally:
+        context.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections import Counter
 
@@ -68,13 +69,13 @@ def pack_bytes(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[name].detach().contiguous().reshape(-1).view(torch.uint8) for name in sorted(tensors)])
 
 
-def unpack_bytes(buffer: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of ``pack_bytes``, with the names, shapes and dtypes of ``like``."""
+def unpack_bytes(buffer: torch.Tensor, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The tensors of ``pack_bytes``, given ``{name: (shape, dtype)}``."""
     out, offset = {}, 0
-    for name in sorted(like):
-        template = like[name]
-        size = template.numel() * template.element_size()
-        out[name] = buffer[offset:offset + size].view(template.dtype).reshape(template.shape).clone()
+    for name in sorted(shapes):
+        shape, dtype = shapes[name]
+        size = math.prod(shape) * dtype.itemsize
+        out[name] = buffer[offset:offset + size].view(dtype).reshape(shape).clone()
         offset += size
     if offset != buffer.numel():
         raise DistributedError(f"a broadcast unit has {buffer.numel()} bytes where this rank expects {offset}")
@@ -136,6 +137,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
         self.plan = shard_plan(engine.config, context.world_size, engine.store.settings)
         self.committer = RankCommit(context, engine.store)
         self._unsent: list[str] = []  # units updated, their forward weights not yet broadcast
+        self._made: dict[str, dict] = {}  # owned unit -> the new weights part its update made (until broadcast)
+        self._shapes: dict[str, dict] = {}  # unit -> {name: (shape, dtype)} of its weights part (never changes)
         self._loss_agreed = False
         self.seconds = Counter()
 
@@ -164,7 +167,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
             self._reduce(grads, "head")
             moments = self._plan.take("head", "moments")  # planned on every rank: empty but on the owner
             if self.owns("head"):
-                update = make_update(self.engine, "head", head.masters, grads, moments, ctx, keep_masters=True)
+                update = self._keeping("head", make_update(self.engine, "head", head.masters, grads, moments, ctx,
+                                                           keep_masters=True))
                 ranges = row_ranges(head.weight_grad.shape[0])
                 for rows in ranges:
                     self.engine.writer.update("head", functools.partial(update, rows, rows == ranges[-1]), ctx.step,
@@ -208,7 +212,24 @@ class DistributedFullWeights(_RankStep, FullWeights):
 
     def discard(self):
         self._discard_agreement()
+        self._made.clear()
         super().discard()
+
+    def _apply_update(self, unit, masters, grads, moments, ctx: StepContext, inline: bool = False):
+        """``FullWeights._apply_update``, keeping the new weights part for the broadcast (no read of it back)."""
+        update = self._keeping(unit, make_update(self.engine, unit, masters, grads, moments, ctx))
+        if inline:
+            self.engine.writer.write(unit, update(), ctx.step)
+        else:
+            self.engine.writer.update(unit, update, ctx.step)
+
+    def _keeping(self, unit: str, update):
+        def update_and_keep(*args):
+            parts = update(*args)
+            if "weights" in parts:  # the final call (an untied head's row ranges make it at the last one)
+                self._made[unit] = parts["weights"]
+            return parts
+        return update_and_keep
 
     # ------------------------------------------------------------------ collectives
     def _reduce(self, grads: dict[str, torch.Tensor], unit: str):
@@ -235,19 +256,30 @@ class DistributedFullWeights(_RankStep, FullWeights):
         engine = self.engine
         for unit in self._unsent:
             owner = self.plan.owner(unit)
-            # The owner's new weights (waiting for its update); the others' current ones give names and shapes.
-            with self._timed("owner update wait" if self.owns(unit) else "weights read"):
-                current = engine._read(unit, "weights", will_modify=False)
-            buffer = pack_bytes(current) if self.owns(unit) else torch.empty(
-                sum(t.numel() * t.element_size() for t in current.values()), dtype=torch.uint8)
+            if self.owns(unit):
+                with self._timed("owner update wait"):
+                    engine.writer.pending_part(unit, "weights")  # waits while its update runs; raises its failure
+                buffer = pack_bytes(self._made.pop(unit))
+            else:
+                shapes = self._weights_shapes(unit)
+                buffer = torch.empty(sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values()),
+                                     dtype=torch.uint8)
             with self._timed("broadcast"):
                 dist.broadcast(buffer, src=owner)
             if not self.owns(unit):
-                weights = unpack_bytes(buffer, current)
+                weights = unpack_bytes(buffer, shapes)
                 ctx.add_submitted(encoded_size(weights))
                 engine.resident.replace(unit, weights)
                 engine.writer.write(unit, {"weights": weights}, ctx.step)
         self._unsent = []
+
+    def _weights_shapes(self, unit: str) -> dict:
+        """Names, shapes and dtypes of a unit's weights part, read once per run (the first step's version)."""
+        if unit not in self._shapes:
+            with self._timed("weights read"):
+                current = self.engine._read(unit, "weights", will_modify=False)
+            self._shapes[unit] = {name: (tuple(t.shape), t.dtype) for name, t in current.items()}
+        return self._shapes[unit]
 
 
 class DistributedLoRA(_RankStep, LoRA):

@@ -1,9 +1,13 @@
 """Kill one of 2 gloo ranks with ``kill -9`` at seeded moments of their commits across ranks; every relaunch
 must bring both ranks back to one step, and the end must be bit-identical to an uninterrupted 2-rank run.
 
-    python bench/distributed_crash.py [--kills 10] [--seed 0] [--workdir DIR] [--keep] [--quick]
+    python bench/distributed_crash.py [--kills 10] [--seed 0] [--workdir DIR] [--keep] [--quick] [--program train]
 
-Store level (the distributed step is not wired into the engine yet): each rank, started by
+``--program train``: the engine's distributed training step (``distributed/trainable.py``, qat, a 4-block demo
+BitNet, 2 sequences per rank and step): kills also land inside the owners' block updates (``update``), and
+the final stores must equal an uninterrupted training run's. ``finetune.py`` under torchrun is not wired yet.
+
+``--program commit`` (default), store level: each rank, started by
 ``torchrun --standalone --nproc_per_node 2``, opens its own store (``make_rank_store`` of a demo model),
 recovers (``RankCommit.recover``) and commits steps of deterministic updates that depend on the previous
 contents (every unit's weights on every rank, the moments of the units it owns, ``distributed/sharding.py``)
@@ -46,6 +50,8 @@ from _common import banner, check, fail, finish, scratch_dir  # noqa: E402
 from offload_bitnet.store.blockstore import MANIFEST, UNITS_DIR, BlockStore  # noqa: E402
 
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "read")
+TRAIN_POINTS = POINTS + ("update",)  # the owners' unit updates (on their writer threads)
+PROGRAM = ["commit"]  # which rank program the ranks run (--program)
 WINDOW_STEPS = 2     # a kill lands within the next steps of the work left
 RUN_TIMEOUT_S = 300
 
@@ -54,6 +60,7 @@ RUN_TIMEOUT_S = 300
 def rank_main(args) -> int:
     from offload_bitnet.io import faults
     from rank_runs import commit_program
+    from train_runs import train_program
 
     rank = int(os.environ["RANK"])
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -61,8 +68,13 @@ def rank_main(args) -> int:
     faults.configure(plan or args.count_plan)
     torch.set_num_threads(1)
     try:
-        result = dict(commit_program(store_dirs=args.stores.split(","), steps=args.steps), rank=rank,
-                      counts=faults.pass_counts())
+        if args.program == "train":
+            outcome = train_program(store_dirs=args.stores.split(","), mode="qat", steps=args.steps, batch_size=4,
+                                    grad_accum=1)
+            outcome.pop("measured")
+        else:
+            outcome = commit_program(store_dirs=args.stores.split(","), steps=args.steps)
+        result = dict(outcome, rank=rank, counts=faults.pass_counts())
     except Exception as error:
         result = {"rank": rank, "error": str(error)}
     # a file per rank, not stdout: the ranks' lines interleave there. A restarted attempt overwrites it.
@@ -77,7 +89,7 @@ def torchrun(stores: list[str], steps: int, fault_rank: int = -1, fault: str = "
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--max-restarts", str(max_restarts), os.path.abspath(__file__), "--rank-program",
                "--stores", ",".join(stores), "--steps", str(steps), "--fault-rank", str(fault_rank),
-               "--fault", fault]
+               "--fault", fault, "--program", PROGRAM[0]]
     if count:
         command += ["--count-plan", "read:999999999:raise"]  # never fires; turns pass counting on
     if first_attempt_only:
@@ -127,12 +139,18 @@ def differences(path: str, reference: str) -> list[str]:
 def new_stores(folder: str, name: str) -> list[str]:
     """Both ranks' stores (``make_rank_store``) of one demo model, in ``folder/name``."""
     from rank_runs import rank_stores
+    from train_runs import make_model, make_rank_stores
 
+    if PROGRAM[0] == "train":
+        run = os.path.join(folder, name)
+        return make_rank_stores(make_model(run, "qat", n_layers=4), run, 2)
     return rank_stores(os.path.join(folder, name), n_layers=4)
 
 
 def main(args) -> int:
-    banner("distributed crash: kill -9 one of 2 gloo ranks during two-phase commits", args.quick)
+    what = "training steps" if args.program == "train" else "two-phase commits"
+    banner(f"distributed crash: kill -9 one of 2 gloo ranks during {what}", args.quick)
+    points = TRAIN_POINTS if args.program == "train" else POINTS
     kills = 3 if args.quick else args.kills
     steps = WINDOW_STEPS * kills + 2
     rng = random.Random(args.seed)
@@ -148,7 +166,7 @@ def main(args) -> int:
         if code != 0 or any(differences(p, r) for p, r in zip(calibration, reference)):
             fail("calibration run", output[-3000:])
             return finish()
-        per_step = [{point: r["counts"].get(point, 0) / steps for point in POINTS} for r in results]
+        per_step = [{point: r["counts"].get(point, 0) / steps for point in points} for r in results]
         print(f"reference and calibration: {steps} steps on 2 ranks in {time.perf_counter() - started:.1f} s; "
               "passes per step, rank 0: " + ", ".join(f"{p} {n:.0f}" for p, n in per_step[0].items()))
 
@@ -161,8 +179,12 @@ def main(args) -> int:
                 break
             rank = rng.randrange(2)
             left = min(WINDOW_STEPS, steps - done_step)
-            placed = {0: "write.data", 1: "commit.rename", 2: "commit.cleanup"}
-            point = placed.get(index) or rng.choice(POINTS)
+            placed = {0: "write.data", 1: "commit.rename", 2: "commit.cleanup", 3: "update"}
+            if args.program != "train":
+                placed.pop(3)
+            point = placed.get(index) or rng.choice(points)
+            if per_step[rank][point] == 0:  # a point this rank never passes (no owned unit to update)
+                rank = 1 - rank
             if point == "commit.rename" and index == 1:
                 # 2 passes per step (switch, release): the switches are the odd ones
                 count = 2 * rng.randrange(left) + 1
@@ -218,6 +240,8 @@ def parse(argv=None):
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 kills (a smoke test)")
+    parser.add_argument("--program", default="commit", choices=["commit", "train"],
+                        help="what the ranks run: store-level commits, or the engine's distributed training step")
     # on each rank, under torchrun
     parser.add_argument("--rank-program", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stores", help=argparse.SUPPRESS)
@@ -232,4 +256,5 @@ def parse(argv=None):
 
 if __name__ == "__main__":
     arguments = parse()
+    PROGRAM[0] = arguments.program
     sys.exit(rank_main(arguments) if arguments.rank_program else main(arguments))

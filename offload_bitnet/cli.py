@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import shutil
 import sys
 
 from offload_bitnet import judge as judging
 from offload_bitnet.argparsing import ArgumentParser
+from offload_bitnet.distributed.gather import gather_store, rank_store_paths
 from offload_bitnet.errors import describe_error, pipe_safe, quiet_broken_pipe
 from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, cache, export_model, import_model
 from offload_bitnet.formats.adapters import export_adapter
@@ -69,12 +72,38 @@ def _import(args):
 
 def _export(args):
     options = {"gguf_type": args.gguf_type} if args.gguf_type else {}
-    path = export_model(args.store, args.out, format=args.format, **options)
+    ranks = rank_store_paths(args.store)
+    if ranks is None:
+        path = export_model(args.store, args.out, format=args.format, **options)
+    else:
+        # A distributed run: its units gathered from the ranks' stores (weights and master weights, not the
+        # moments) into a store beside the export, removed afterwards.
+        gathered = os.path.abspath(args.out).rstrip(os.sep) + ".gathering"
+        shutil.rmtree(gathered, ignore_errors=True)
+        try:
+            gather_store(ranks, gathered, parts=("weights", "shadow"), progress=_gather_progress(ranks))
+            path = export_model(gathered, args.out, format=args.format, **options)
+        finally:
+            shutil.rmtree(gathered, ignore_errors=True)
     print(f"exported {args.store} to {path} ({args.format})")
 
 
-def _export_adapter(args):
+def _gather_progress(ranks: list[str]):
+    first = BlockStore(ranks[0])
+    bar = Progress(len(first.units), f"gathering {len(ranks)} ranks' stores: units")
+    first.close()
+    return lambda done, total, unit: bar.update(done, unit)
 
+
+def _gather(args):
+    ranks = rank_store_paths(args.run_dir)
+    if ranks is None:
+        raise ValueError(f"{args.run_dir} is not a distributed run (no store.rank<R> folders in it)")
+    gather_store(ranks, args.out, progress=_gather_progress(ranks))
+    print(f"gathered the {len(ranks)} ranks of {args.run_dir} into {args.out} (one store: train it on one process)")
+
+
+def _export_adapter(args):
     path = export_adapter(args.run_dir, args.out, format=args.format, base=args.base, store=args.store,
                           progress=True)
     print(f"exported the adapters of {args.run_dir} to {path} ({args.format})")
@@ -86,22 +115,37 @@ def _merge(args):
 
 
 def _verify(args):
+    ranks = rank_store_paths(args.store)
+    if ranks is not None:  # a distributed run: every rank's store
+        return max(_verify_one(path) for path in ranks)
+    return _verify_one(args.store)
 
-    store = BlockStore(args.store)
+
+def _verify_one(path: str) -> int:
+    store = BlockStore(path)
     bar = Progress(sum(len(p) for p in store.manifest["files"].values()), "verifying")
     problems = store.verify_all(lambda done, total, note: bar.update(done, note))
     if problems:
-        print(f"{len(problems)} problem(s) in {args.store}:")
+        print(f"{len(problems)} problem(s) in {path}:")
         for line in problems:
             print("  " + line)
         return 1
-    print(f"{args.store}: all files match their checksums (step {store.step})")
+    print(f"{path}: all files match their checksums (step {store.step})")
     return 0
 
 
 def _info(args):
-
-    store = BlockStore(args.store)
+    ranks = rank_store_paths(args.store)
+    store = BlockStore(ranks[0] if ranks else args.store)
+    if ranks and not args.json:
+        print(f"distributed run on {len(ranks)} ranks (the model below is rank 0's view; each rank holds every "
+              "unit's weights and the master weights and moments of the units it owns):")
+        for rank, path in enumerate(ranks):
+            share = BlockStore(path)
+            owned = [u for u in share.units if share.has_part(u, "optim") or share.has_part(u, "shadow")]
+            span = f"{owned[0]}..{owned[-1]}" if owned else "no master weights or moments yet"
+            print(f"  rank {rank}: {path}, step {share.step}, {_gib_text(share.disk_bytes())}, owns {span}")
+            share.close()
     config = store.config
     sizes = store.disk_bytes()
     if args.json:
@@ -115,6 +159,11 @@ def _info(args):
     for line in info_lines(store):
         print(line)
     return 0
+
+
+def _gib_text(sizes) -> str:
+    total = sum(sizes.values()) if isinstance(sizes, dict) else sizes
+    return f"{total / 2**30:.2f} GiB on disk"
 
 
 def info_lines(store) -> list[str]:
@@ -247,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(run=_import)
 
     exp = command("export", "export a store (source format, hf, hf-bitnet, meta, gguf)")
-    exp.add_argument("store", help="store folder")
+    exp.add_argument("store", help="store folder, or a distributed run's folder (its ranks' stores are gathered)")
     exp.add_argument("out", help="output folder")
     exp.add_argument("--format", default="source", choices=list(EXPORT_FORMATS),
                      help="source: the format it was imported from; hf: LlamaForCausalLM (BitNetForCausalLM for a "
@@ -278,8 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "(none: the base's 16-bit dtype)")
     merge.set_defaults(run=_merge)
 
-    verify = command("verify", "check every file of a store against its checksum")
-    verify.add_argument("store", help="store folder")
+    gather = command("gather", "one store from the ranks' stores of a distributed run (RUN/store.rank<R>)",
+                     "Copy each machine's RUN/store.rank<R> into RUN first (rsync -a HOST:RUN/store.rank1 RUN/).")
+    gather.add_argument("run_dir", help="the run folder holding store.rank0, store.rank1, ...")
+    gather.add_argument("out", help="folder of the new store")
+    gather.set_defaults(run=_gather)
+
+    verify = command("verify", "check every file of a store (or of every rank's store of a run) against its "
+                     "checksum")
+    verify.add_argument("store", help="store folder (or a distributed run's folder)")
     verify.set_defaults(run=_verify)
 
     info = command("info", "print a store's model, step, mode, dtypes, size on disk and tokenizer")

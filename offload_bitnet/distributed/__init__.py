@@ -1,6 +1,10 @@
-"""Data parallel training over ``torch.distributed`` (torchrun; gloo on CPU and Macs, NCCL on CUDA): the parts
-that do not depend on the engine's step. Work in progress (issue 13): nothing here is wired into
-``finetune.py`` or the engine yet.
+"""Data parallel training over ``torch.distributed`` (torchrun; gloo on CPU and Macs, NCCL on CUDA). Work in
+progress (issue 13): the step works through the engine's API (``trainable.distribute``); ``finetune.py`` is
+not wired yet.
+
+* ``trainable.py``: the distributed step, as the engine's trainables (full weights: gradients reduced to each
+  unit's owner, its update, the new forward weights broadcast; LoRA: adapter gradients all-reduced).
+* ``gather.py``: one store from the ranks' stores (export, info, verify and ``offload-bitnet gather``).
 
 * ``env.py``: the torchrun environment, ``init_distributed`` (``init_process_group`` over ``env://``; a
   single-process ``DistContext`` outside torchrun, so nothing changes without it), collectives that do nothing

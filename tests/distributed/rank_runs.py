@@ -61,7 +61,7 @@ def _context():
     never runs torch ops, so forking it is safe, unlike forking the test process."""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torch.distributed", "offload_bitnet.store.blockstore",
-                                    "offload_bitnet.distributed.commit", "rank_runs"])
+                                    "offload_bitnet.distributed.commit", "rank_runs", "train_runs"])
     return context
 
 

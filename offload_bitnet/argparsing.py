@@ -19,7 +19,7 @@ import re
 import sys
 
 # The compute devices a script accepts: cpu, cuda, cuda:N, mps.
-DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps"
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps|mlx"  # mlx: the Apple MLX backend (engine.backend)
 # argparse's own test for "a negative number, not an option" knows -1 and -.5 but not -1e-3 or -2.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -93,7 +93,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def is_device(text: str | None) -> bool:
-    """Whether ``text`` names a compute device (cpu, cuda, cuda:N, mps)."""
+    """Whether ``text`` names a compute device (cpu, cuda, cuda:N, mps, mlx)."""
     return text is not None and re.fullmatch(DEVICE_PATTERN, text) is not None
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterSet
-from offload_bitnet.model.block import block_forward, rms_norm, rope_tables
+from offload_bitnet.engine.backend import is_mlx_device, make_backend
+from offload_bitnet.model.block import rope_tables
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.units import block_unit, is_block
 from offload_bitnet.engine.streams import Prefetcher
@@ -172,7 +173,7 @@ def check_device(device: str) -> torch.device:
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise GenerationError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or mlx") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise GenerationError(f"device {device!r} asked for, but this PyTorch has no usable CUDA GPU; use cpu")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
@@ -189,7 +190,10 @@ class Generator:
         projections they target on every step, without merging them into the weights."""
         self.store = store if isinstance(store, BlockStore) else BlockStore(store)
         self.config = self.store.config
-        self.device = check_device(device)
+        # The compute backend (torch, or "mlx": Apple MLX, its KV caches held as MLX arrays); weights are read
+        # and unpacked as torch CPU tensors either way.
+        self.backend = make_backend(device if is_mlx_device(device) else check_device(device))
+        self.device = self.backend.torch_device
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.layout = Layout(self.store.settings)
         self.quantize = self.store.settings.mode == "qat"
@@ -259,13 +263,14 @@ class Generator:
                 x = F.embedding(ids, tensors["weight"])
                 embedding = tensors["weight"] if tied else None
             elif is_block(unit):
-                x = block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config, cos, sin,
-                                  quantize=self.quantize, kv_cache=caches[index - 1], attn_mask=attn_mask)
+                x = self.backend.block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config,
+                                               cos, sin, quantize=self.quantize, kv_cache=caches[index - 1],
+                                               attn_mask=attn_mask)
             elif unit == "norm":
-                x = rms_norm(x[:, -1], tensors["weight"], self.config.norm_eps)
+                x = self.backend.rms_norm(x[:, -1], tensors["weight"], self.config.norm_eps)
             else:
                 embedding = tensors["weight"]
-        return F.linear(x, embedding).float()
+        return self.backend.linear(x, embedding.to(x.dtype)).float()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], options: SamplingOptions | None = None, *,

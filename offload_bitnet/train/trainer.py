@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -968,6 +969,10 @@ def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None 
 
 
 def check_device(device: str):
+    if device == "mlx":  # the MLX backend: its one requirement is MLX itself
+        if importlib.util.find_spec("mlx") is None:
+            raise TrainError('--device mlx needs Apple MLX, which is not installed: pip install -e ".[mlx]"')
+        return
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu")

@@ -158,7 +158,10 @@ class MLXBackend:
         """Evaluate ``array`` and hand it to the engine as an fp32 torch CPU tensor (the point where MLX's lazy
         graph of a block call ends)."""
         self.mx.eval(array)
-        return self.arrays.to_torch(array.astype(self.mx.float32) if array.dtype != self.mx.float32 else array)
+        # Contiguous: MLX may hand back a transposed layout (a vjp's weight gradient), which torch's fused
+        # kernels (AdamW) would read as if it were row-major.
+        return self.arrays.to_torch(array.astype(self.mx.float32) if array.dtype != self.mx.float32 else array
+                                    ).contiguous()
 
     def _tables(self, cos, sin):
         return self._to_mx(cos), self._to_mx(sin)
@@ -226,7 +229,7 @@ class MLXBackend:
                         config.weight_decay, decay=decays(param))
         self.mx.eval(*new)
         for target, value in zip((param, exp_avg, exp_avg_sq), new):
-            target.copy_(self.arrays.to_torch(value))
+            target.copy_(self.arrays.to_torch(value))  # copy_ follows both tensors' strides
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._eval_torch(self.model.rms_norm(self._to_mx(x), self._to_mx(weight), eps))

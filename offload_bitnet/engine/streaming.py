@@ -31,6 +31,11 @@ backward loads, makes each unit's parameters, runs the updates and the commit; t
 the same for both. Per-step values (lr, optimizer settings, quantization mix, bytes submitted) live in the
 step's ``StepContext``, never on the engine. The engine knows scheduling, prefetch and RNG replay, nothing
 about file formats (LoRA adapters come in RAM and commit to their owner's ``AdapterCheckpoint``).
+
+The compute itself (block forward, the replay's backward, the head's cross-entropy, AdamW on one tensor) goes
+through the engine's backend (``backend.py``), picked once from ``EngineOptions.device``: torch, or ``"mlx"``
+(Apple MLX), which evaluates its lazy arrays before handing any tensor back, so none of the scheduling here
+differs between the two.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _help_formatter():
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("model", help="store folder, Hugging Face or Meta folder, or .gguf file")
-    parser.add_argument("device", nargs="?", help="cpu (default), cuda, cuda:1, mps; or give --device")
+    parser.add_argument("device", nargs="?", help="cpu (default), cuda, cuda:1, mps, mlx (Apple MLX); or give --device")
     parser.add_argument("--device", dest="device_option", metavar="DEVICE", help="the same as the DEVICE argument")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="format each prompt as a user message with the "

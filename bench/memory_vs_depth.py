@@ -20,7 +20,10 @@ process that finishes under it never had more than the cap resident either. A co
 model fully in memory (``InMemoryModel``) under the same cap and must fail with MemoryError, which shows the
 cap bites.
 
-Usage: ``python bench/memory_vs_depth.py [--quick] [--dim 1024] [--depths 4 16 64] [--cap-gib 3]``.
+``--device mlx``: the same with the block math in Apple MLX (engine.backend.MLXBackend), whose lazy graphs are
+evaluated before each tensor goes back to the engine, so its peak must stay as flat in depth.
+
+Usage: ``python bench/memory_vs_depth.py [--quick] [--dim 1024] [--depths 4 16 64] [--cap-gib 3] [--device mlx]``.
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def child_main(args) -> int:
             model = InMemoryModel.from_store(store)
             result["loaded_params"] = sum(p.numel() for p in model.parameters())
         else:
-            engine = open_for_training(args.store)
+            engine = open_for_training(args.store, device=args.device)
             generator = torch.Generator().manual_seed(0)
             ids = torch.randint(0, engine.config.vocab_size, (1, args.seq), generator=generator)
             steps = []
@@ -103,10 +106,10 @@ def child_main(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parent side
-def run_child(store: str, kind: str, steps: int, seq: int, as_limit: int | None) -> dict:
+def run_child(store: str, kind: str, steps: int, seq: int, as_limit: int | None, device: str = "cpu") -> dict:
     """Run this script as a fresh child process and return its JSON result."""
     command = [sys.executable, os.path.abspath(__file__), "--child", kind, "--store", store,
-               "--steps", str(steps), "--seq", str(seq)]
+               "--steps", str(steps), "--seq", str(seq), "--device", device]
     if as_limit:
         command += ["--as-limit", str(as_limit)]
     started = time.perf_counter()
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gib", type=float, default=3.0,
                         help="address-space cap (RLIMIT_AS) for the capped run; must be below the store size")
     parser.add_argument("--no-cap-run", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "mlx"), default="cpu",
+                        help="compute backend of the training steps (mlx: Apple MLX)")
     parser.add_argument("--workdir", default=None, help="where to put the stores (default: system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the stores")
     parser.add_argument("--child", choices=("train", "inmemory"), help=argparse.SUPPRESS)
@@ -159,7 +164,7 @@ def main(argv=None) -> int:
     c.banner("memory vs depth", args.quick)
     depths = sorted(set(args.depths))
     with c.scratch_dir(args.workdir, args.keep) as work:
-        print(f"stores in {work} ({c.filesystem_of(work)}); {arch} {args.mode}, dim {args.dim}, heads {args.heads}, "
+        print(f"stores in {work} ({c.filesystem_of(work)}); device {args.device}; {arch} {args.mode}, dim {args.dim}, heads {args.heads}, "
               f"vocab {args.vocab} (untied), seq {args.seq}, batch 1, {args.steps} optimizer steps per depth, "
               "each depth in a fresh process")
         print(f"{'blocks':>6} {'params':>8} {'in-memory need':>15} {'store after':>12} {'rss after import':>17} "
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
             config = c.bench_config(arch, args.dim, depth, args.heads, args.vocab)
             store = os.path.join(work, f"depth{depth}")
             c.make_store(store, config, args.mode)
-            result = run_child(store, "train", args.steps, args.seq, None)
+            result = run_child(store, "train", args.steps, args.seq, None, args.device)
             if not result["ok"]:
                 c.fail(f"training {depth} blocks", result["error"])
                 continue
@@ -192,11 +197,11 @@ def main(argv=None) -> int:
                     f"({c.mib(peaks[high])} / {c.mib(peaks[low])})")
 
         if not args.no_cap_run and deepest_store is not None:
-            cap_run(c, deepest_store, int(args.cap_gib * 2**30), args.seq, quick=args.quick)
+            cap_run(c, deepest_store, int(args.cap_gib * 2**30), args.seq, quick=args.quick, device=args.device)
     return c.finish()
 
 
-def cap_run(c, store: str, cap: int, seq: int, quick: bool):
+def cap_run(c, store: str, cap: int, seq: int, quick: bool, device: str = "cpu"):
     """Train one step of ``store`` under an address-space cap below its size; control: in-memory load fails."""
     from offload_bitnet.store.sizing import folder_bytes
 
@@ -206,7 +211,7 @@ def cap_run(c, store: str, cap: int, seq: int, quick: bool):
     if size <= cap and not quick:
         c.fail("store larger than the cap", f"the store ({c.gib(size)}) fits under the cap ({c.gib(cap)}); "
                "lower --cap-gib or use more/wider blocks")
-    result = run_child(store, "train", 1, seq, cap)
+    result = run_child(store, "train", 1, seq, cap, device)
     if result["ok"]:
         step = result["steps"][-1]
         print(f"PASS one optimizer step under the cap: step {step['step']} in {step['wall_s']:.1f}s, loss "

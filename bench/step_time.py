@@ -44,6 +44,7 @@ import torch
 import _common as c
 from offload_bitnet.engine import streaming as engine_module
 from offload_bitnet.engine import trainables as trainables_module
+from offload_bitnet.engine import backend as backend_module
 from offload_bitnet.engine import updates as updates_module
 from offload_bitnet.store import layout as layout_module
 from offload_bitnet.store import blockstore as store_module
@@ -140,10 +141,11 @@ class Timers:
         self.patch(layout_module.Layout, "moments", "decode: moments to fp32")
         self.patch(layout_module.Layout, "encode", "encode: quantize+pack / to 16-bit")
         self.patch(layout_module.Layout, "encode_moments", "encode: moments to state dtype")
-        self.patch(engine_module, "block_forward", "compute: block forward / replay")
-        self.patch(engine_module, "chunked_cross_entropy", "compute: head + cross-entropy")
+        # The compute runs behind the engine's backend seam (engine/backend.py: TorchBackend).
+        self.patch(backend_module, "block_forward", "compute: block forward / replay")
+        self.patch(backend_module, "chunked_cross_entropy", "compute: head + cross-entropy")
         self.patch(engine_module, "quantize_weight", "compute: quantize masters for replay")
-        self.patch(updates_module, "adamw_update", "AdamW update")
+        self.patch(backend_module, "adamw_update", "AdamW update")
         for module in (updates_module, trainables_module):  # each calls it through its own global
             self.patch(module, "check_finite", "finite-gradient check", optional=True)
         self.patch(torch.Tensor, "backward", "compute: autograd backward")

@@ -10,6 +10,7 @@ from offload_bitnet.store.blockstore import BlockStore
 def open_model(path: str, device: str = "cpu", adapter: str | None = None, **engine_options) -> StreamingEngine:
     """Open a model read-only for streamed evaluation: ``.logits(input_ids)`` and ``.loss(input_ids, labels)``.
 
+    ``device``: a torch device, or ``"mlx"`` for the Apple MLX backend (``pip install -e ".[mlx]"``).
     ``path`` is a store, or any importable model (HF folder, Meta folder, .gguf), which is imported into a
     cache folder on first use (see ``formats.ensure_store``). ``adapter``: a LoRA adapter folder (a LoRA run's
     ``RUN_DIR/adapter``, or any PEFT LoRA folder) applied on top of the base without merging.

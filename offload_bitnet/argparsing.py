@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ import sys
 import torch
 
 # The compute devices a script accepts: cpu, cuda, cuda:N, mps.
-DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps"
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps|mlx"  # mlx: the Apple MLX backend (engine.backend)
 # argparse's own test for "a negative number, not an option" knows -1 and -.5 but not -1e-3 or -2.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -95,7 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def is_device(text: str | None) -> bool:
-    """Whether ``text`` names a compute device (cpu, cuda, cuda:N, mps)."""
+    """Whether ``text`` names a compute device (cpu, cuda, cuda:N, mps, mlx)."""
     return text is not None and re.fullmatch(DEVICE_PATTERN, text) is not None
 
 
@@ -121,11 +122,17 @@ class DeviceError(ValueError):
 
 
 def check_device(device: str):
-    """``torch.device(device)``, refusing one this machine does not have with a message that says what to use."""
+    """``torch.device(device)``, refusing one this machine does not have with a message that says what to use.
+    ``mlx`` (the Apple MLX backend, ``engine.backend``) needs MLX installed; its tensors to and from the store are
+    torch CPU tensors."""
+    if device == "mlx":
+        if importlib.util.find_spec("mlx") is None:
+            raise DeviceError('--device mlx needs Apple MLX, which is not installed: pip install -e ".[mlx]"')
+        return torch.device("cpu")
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or mlx") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {device}: this PyTorch build or machine has no usable CUDA GPU; use --device cpu")
     if parsed.type == "mps" and not torch.backends.mps.is_available():

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from offload_bitnet.argparsing import DeviceError, check_device
+from offload_bitnet.engine.backend import is_mlx_device, make_backend
 from offload_bitnet.engine.streaming import default_compute_dtype
-from offload_bitnet.store.layout import Layout
-from offload_bitnet.model.lora import AdapterSet
-from offload_bitnet.model.block import block_forward, rms_norm, rope_tables
-from offload_bitnet.store.blockstore import BlockStore
-from offload_bitnet.store.units import block_unit, is_block
 from offload_bitnet.engine.streams import Prefetcher
+from offload_bitnet.model.block import rope_tables
+from offload_bitnet.model.lora import AdapterSet
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.store.units import block_unit, is_block
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
@@ -177,10 +178,13 @@ class Generator:
         projections they target on every step, without merging them into the weights."""
         self.store = store if isinstance(store, BlockStore) else BlockStore(store)
         self.config = self.store.config
+        # The compute backend (torch, or "mlx": Apple MLX, its KV caches held as MLX arrays); weights are read
+        # and unpacked as torch CPU tensors either way.
         try:
-            self.device = check_device(device)
+            self.backend = make_backend(device if is_mlx_device(device) else check_device(device))
         except DeviceError as error:  # the Generator API reports every refusal as a GenerationError
             raise GenerationError(str(error)) from None
+        self.device = self.backend.torch_device
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.layout = Layout(self.store.settings)
         self.quantize = self.store.settings.mode == "qat"
@@ -250,13 +254,14 @@ class Generator:
                 x = F.embedding(ids, tensors["weight"])
                 embedding = tensors["weight"] if tied else None
             elif is_block(unit):
-                x = block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config, cos, sin,
-                                  quantize=self.quantize, kv_cache=caches[index - 1], attn_mask=attn_mask)
+                x = self.backend.block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config,
+                                               cos, sin, quantize=self.quantize, kv_cache=caches[index - 1],
+                                               attn_mask=attn_mask)
             elif unit == "norm":
-                x = rms_norm(x[:, -1], tensors["weight"], self.config.norm_eps)
+                x = self.backend.rms_norm(x[:, -1], tensors["weight"], self.config.norm_eps)
             else:
                 embedding = tensors["weight"]
-        return F.linear(x, embedding).float()
+        return self.backend.linear(x, embedding.to(x.dtype)).float()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], options: SamplingOptions | None = None, *,

@@ -31,6 +31,11 @@ backward loads, makes each unit's parameters, runs the updates and the commit; t
 the same for both. Per-step values (lr, optimizer settings, quantization mix, bytes submitted) live in the
 step's ``StepContext``, never on the engine. The engine knows scheduling, prefetch and RNG replay, nothing
 about file formats (LoRA adapters come in RAM and commit to their owner's ``AdapterCheckpoint``).
+
+The compute itself (block forward, the replay's backward, the head's cross-entropy, AdamW on one tensor) goes
+through the engine's backend (``backend.py``), picked once from ``EngineOptions.device``: torch, or ``"mlx"``
+(Apple MLX), which evaluates its lazy arrays before handing any tensor back, so none of the scheduling here
+differs between the two.
 """
 from __future__ import annotations
 
@@ -48,10 +53,11 @@ from offload_bitnet.io.faults import fault_point
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterCheckpoint, AdapterSet, LoRAConfig
 from offload_bitnet.model.loss import IGNORE_INDEX, chunked_cross_entropy, shift_labels
-from offload_bitnet.model.block import LazyWeight, ProjectionMemo, block_forward, dropout_generator, rms_norm, rope_tables
+from offload_bitnet.model.block import LazyWeight, rope_tables
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.units import block_index, block_unit, is_block
+from offload_bitnet.engine.backend import make_backend
 from offload_bitnet.engine.context import StepContext, check_quant_mix
 from offload_bitnet.engine.stats import NonFiniteStep, StepStats, peak_rss_bytes
 from offload_bitnet.engine.step_plan import Load, StepPlan
@@ -68,7 +74,7 @@ def default_compute_dtype(device) -> torch.dtype:
 class EngineOptions:
     """Knobs of the streaming engine."""
 
-    device: str = "cpu"
+    device: str = "cpu"  # a torch device, or "mlx": the block math in Apple MLX (engine.backend.MLXBackend)
     compute_dtype: torch.dtype | None = None
     dropout: float = 0.0
     seed: int = 0
@@ -115,7 +121,9 @@ class StreamingEngine:
     def __init__(self, store: BlockStore, options: EngineOptions | None = None):
         self.store = store
         self.options = options or EngineOptions()
-        self.device = torch.device(self.options.device)
+        # The compute backend, chosen once here (the step's scheduling is the same for all; see backend.py).
+        self.backend = make_backend(self.options.device)
+        self.device = self.backend.torch_device
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
         self.config = store.config
         self.pool = BufferPool(self.options.pool_bytes if self.options.pool_bytes is not None
@@ -291,7 +299,7 @@ class StreamingEngine:
 
     def _block_generator(self, step: int, micro: int, layer: int):
         if self.options.dropout > 0 or self.trainable.uses_dropout():
-            return dropout_generator(self.options.seed, step, micro, layer, self.device)
+            return self.backend.dropout_rng(self.options.seed, step, micro, layer)
         return None
 
     # ------------------------------------------------------------------ inference
@@ -308,10 +316,10 @@ class StreamingEngine:
             if unit == "embed":
                 x = self._embed(input_ids, tensors["weight"])
             elif unit == "norm":
-                x = rms_norm(x, tensors["weight"], self.config.norm_eps)
+                x = self.backend.rms_norm(x, tensors["weight"], self.config.norm_eps)
             else:
                 params = self.trainable.forward_params(block_index(unit), tensors)
-                x = block_forward(params, x, self.config, cos, sin, quantize=self.quantize * quant_mix)
+                x = self.backend.block_forward(params, x, self.config, cos, sin, quantize=self.quantize * quant_mix)
         return x
 
     def _head_weight(self, quant_mix: float) -> torch.Tensor:
@@ -321,7 +329,7 @@ class StreamingEngine:
     def logits(self, input_ids: torch.Tensor, quant_mix: float = 1.0) -> torch.Tensor:
         """fp32 logits ``[B, T, vocab]``."""
         hidden = self.hidden_states(input_ids, quant_mix)
-        return F.linear(hidden, self._head_weight(quant_mix)).float()
+        return self.backend.linear(hidden, self._head_weight(quant_mix)).float()
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, quant_mix: float = 1.0) -> float:
@@ -398,13 +406,15 @@ class StreamingEngine:
                     self.stash.put((layer, m), hidden[m])
                     generator = self._block_generator(ctx.step, m, layer)
                     if generator is not None:
-                        ctx.rng_states[(layer, m)] = generator.get_state()
+                        ctx.rng_states[(layer, m)] = self.backend.save_rng(generator)
                     cos, sin = ctx.tables[ctx.ids[m].shape[1]]
-                    memo = ProjectionMemo()
-                    hidden[m] = block_forward(params, hidden[m], self.config, cos, sin, quantize=ctx.quantize,
-                                              dropout_p=self.options.dropout, generator=generator, memo=memo)
-                    memo.replaying = True
-                    self.stash.keep(("memo", layer, m), memo, memo.nbytes)
+                    memo = self.backend.new_memo()
+                    hidden[m] = self.backend.block_forward(params, hidden[m], self.config, cos, sin,
+                                                           quantize=ctx.quantize, dropout_p=self.options.dropout,
+                                                           rng=generator, memo=memo)
+                    if memo is not None:
+                        memo.replaying = True
+                        self.stash.keep(("memo", layer, m), memo, memo.nbytes)
                 del params
         return hidden
 
@@ -415,17 +425,13 @@ class StreamingEngine:
         head = trainable.head_pass(plan, ctx)
         grads = []
         for m in ctx.micro_range:
-            h = hidden[m].detach().requires_grad_()
-            with torch.enable_grad():
-                normed = rms_norm(h, head.norm_weight, cfg.norm_eps)
             last = m == ctx.micro_range[-1]
-            part, grad_normed = chunked_cross_entropy(normed, head.weight, ctx.targets[m], self.options.ce_chunk_tokens,
-                                                      1.0 / ctx.n_tokens, backward=True, weight_grad=head.weight_grad,
-                                                      accumulate=m > 0,
-                                                      on_weight_rows=head.on_weight_rows if last else None)
+            part, grad_hidden = self.backend.head_loss(hidden[m], head, ctx.targets[m], cfg.norm_eps,
+                                                       self.options.ce_chunk_tokens, 1.0 / ctx.n_tokens,
+                                                       accumulate=m > 0,
+                                                       on_weight_rows=head.on_weight_rows if last else None)
             ctx.loss += part
-            normed.backward(grad_normed)
-            grads.append(h.grad)
+            grads.append(grad_hidden)
         del hidden
         if not math.isfinite(ctx.loss):
             raise NonFiniteStep(f"non-finite loss ({ctx.loss})")
@@ -436,18 +442,15 @@ class StreamingEngine:
             params, state = trainable.block_params(unit, plan, ctx)
             for m in ctx.micro_range:
                 # Replay from the stashed input with the RNG state saved before the forward pass.
-                x = self.stash.pop((layer, m)).requires_grad_()
+                x = self.stash.pop((layer, m))
                 generator = None
                 if (layer, m) in ctx.rng_states:
-                    generator = torch.Generator(device=self.device)
-                    generator.set_state(ctx.rng_states.pop((layer, m)))
+                    generator = self.backend.restore_rng(ctx.rng_states.pop((layer, m)))
                 cos, sin = ctx.tables[ctx.ids[m].shape[1]]
-                with torch.enable_grad():
-                    out = block_forward(params, x, cfg, cos, sin, quantize=ctx.quantize, dropout_p=self.options.dropout,
-                                        generator=generator, memo=self.stash.take(("memo", layer, m)))
-                out.backward(grads[m])
-                grads[m] = x.grad
-                del out, x
+                grads[m] = self.backend.block_backward(params, x, grads[m], cfg, cos, sin, quantize=ctx.quantize,
+                                                       dropout_p=self.options.dropout, rng=generator,
+                                                       memo=self.stash.take(("memo", layer, m)))
+                del x
             trainable.update_block(unit, params, state, ctx)
             del params, state
 

@@ -23,9 +23,10 @@ How later work plugs in behind it, without a change to the engine's step:
   and broadcasts the new forward weights, which the others take in their next ``forward`` load; ``finish``
   commits on the owners only. Loads of masters and moments are then planned by ``backward_loads`` on the
   owner only (other ranks plan ``frozen`` loads, as LoRA does).
-- a second compute backend (MLX): the trainable's ``block_params`` and ``head_pass`` make that backend's arrays
-  (as leaves of its autodiff instead of ``requires_grad``), ``update_block`` takes that backend's gradients; the
-  step plan, the prefetch, the writer and the commit are unchanged.
+- a second compute backend (MLX, ``engine.backend``): the trainables need no change. Their leaves stay torch
+  tensors that require grad; the backend makes its own arrays from them for each block call and sums its
+  gradients into their ``.grad``, as autograd does; the step plan, the prefetch, the writer and the commit are
+  unchanged.
 """
 from __future__ import annotations
 

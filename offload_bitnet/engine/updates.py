@@ -9,7 +9,6 @@ from offload_bitnet.engine.context import StepContext
 from offload_bitnet.engine.stats import check_finite
 from offload_bitnet.io.faults import fault_point
 from offload_bitnet.io.safetensors import encoded_size
-from offload_bitnet.model.adamw import adamw_update
 from offload_bitnet.store.units import unit_shapes
 
 
@@ -65,7 +64,7 @@ def make_update(engine, unit: str, masters: dict, grads: dict, moments, ctx: Ste
             unit_moments = moments_of([name])
             master = engine.layout.float32(master_of(name).detach())
             exp_avg, exp_avg_sq = unit_moments[name]
-            adamw_update(master, grads.pop(name).float(), exp_avg, exp_avg_sq, step, optim, lr)
+            engine.backend.adamw_update(master, grads.pop(name).float(), exp_avg, exp_avg_sq, step, optim, lr)
             for part, tensors in finish(engine.layout.encode(unit, {name: master}), unit_moments).items():
                 parts.setdefault(part, {}).update(tensors)
             del master, unit_moments, exp_avg, exp_avg_sq
@@ -85,8 +84,8 @@ def make_update(engine, unit: str, masters: dict, grads: dict, moments, ctx: Ste
             if keep_masters:
                 master[index] = masters[name][index]
             exp_avg, exp_avg_sq = unit_moments[name]
-            adamw_update(master[index], grads[name][index].float(), exp_avg[index], exp_avg_sq[index], step,
-                         optim, lr)
+            engine.backend.adamw_update(master[index], grads[name][index].float(), exp_avg[index], exp_avg_sq[index],
+                                        step, optim, lr)
         if not final:
             return {}
         parts = made(finish(engine.layout.encode(unit, masters_32), unit_moments))

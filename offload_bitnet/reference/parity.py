@@ -15,6 +15,8 @@ from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine
 from offload_bitnet.reference.inmemory import InMemoryModel
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.layout import Layout
+from offload_bitnet.store.units import is_block
 
 
 @dataclass
@@ -73,3 +75,135 @@ def run_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, 
                 if err > worst:
                     worst, worst_name = err, f"{unit}.{name}"
         return ParityResult(stats.loss, loss.item(), worst, worst_name, count)
+
+
+@dataclass
+class MLXParityResult:
+    """A streamed MLX step against two references. ``grad_err``: its gradients (recovered from the first step's
+    moments, ``exp_avg = (1 - beta1) g``) against torch autograd, dropout off (the two RNGs differ);
+    ``weights_vs_torch``: the weights after the step against torch.optim.AdamW's (AdamW's first step is about
+    lr * g / (|g| + eps), so gradients within rounding noise of zero move apart: reported, not a parity check);
+    ``weights_vs_mlx``: the weights after a step with ``dropout`` against the MLX in-memory ``mx.grad``
+    reference (``backends.mlx.reference``), the same RNG keys."""
+
+    streamed_loss: float
+    torch_loss: float
+    grad_err: float
+    grad_worst: str
+    weights_vs_torch: float
+    weights_vs_torch_worst: str
+    dropout_streamed_loss: float
+    mlx_loss: float
+    weights_vs_mlx: float
+    weights_vs_mlx_worst: str
+    grad_vs_mlx: float
+    grad_vs_mlx_worst: str
+    tensors_compared: int
+
+
+def _worst(pairs) -> tuple[float, str]:
+    worst, worst_name = 0.0, ""
+    for name, actual, expected in pairs:
+        err = relative_error(actual, expected)
+        if err > worst:
+            worst, worst_name = err, name
+    return worst, worst_name
+
+
+def _parity_store(root: str, mode: str, seed: int, overrides: dict) -> tuple[str, list]:
+    shape = dict(size="demo", n_layers=4, n_heads=4, n_kv_heads=2, dim=64, hidden_dim=192, tie_embeddings=False)
+    shape.update(overrides)
+    arch = "bitnet" if mode == "qat" else "llama"
+    return create_model(f"{root}/store", arch=arch, mode=mode, shadow_dtype="fp32", seed=seed, **shape)
+
+
+def _parity_batches(vocab: int, micro_batches: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(micro_batches):
+        ids = torch.randint(0, vocab, (2, 24), generator=generator)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        batches.append((ids, labels))
+    return batches
+
+
+def _streamed_mlx_step(path: str, batches, dropout: float, seed: int, optim) -> tuple[float, dict, dict]:
+    """One streamed step on ``--device mlx``: (loss, weights after it, its gradients from the moments)."""
+    from offload_bitnet.store.units import unit_shapes
+
+    store = BlockStore(path, writable=True)
+    engine = StreamingEngine(store, EngineOptions(device="mlx", dropout=dropout, seed=seed, optim=optim,
+                                                  activation_budget_bytes=8 << 10))
+    try:
+        stats = engine.train_step(batches)
+        engine.flush()
+        grads = {}
+        for unit in store.units:
+            shapes = unit_shapes(store.config, unit)
+            moments = engine.layout.moments(engine._optim_part(unit, stored=True), shapes, "cpu")
+            grads[unit] = {name: exp_avg / (1 - optim.beta1) for name, (exp_avg, _) in moments.items()}
+    finally:
+        engine.close()
+    updated = InMemoryModel.from_store(BlockStore(path)).named_unit_tensors()
+    return stats.loss, updated, grads
+
+
+def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, seed: int = 0,
+                   workdir: str | None = None, **overrides) -> MLXParityResult:
+    """One streamed step on MLX against torch autograd + torch AdamW (dropout off), and with ``dropout`` against
+    the MLX in-memory reference (see ``MLXParityResult``)."""
+    import mlx.core as mx
+
+    from offload_bitnet.backends.mlx import reference as mlx_reference
+    from offload_bitnet.backends.mlx.arrays import to_mx, to_torch, tree_to_mx
+
+    optim = AdamWConfig(lr=1e-3, weight_decay=0.1)
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        path = _parity_store(root + "/a", mode, seed, overrides)
+        batches = _parity_batches(BlockStore(path).config.vocab_size, micro_batches, seed)
+        reference = InMemoryModel.from_store(BlockStore(path))
+        optimizer = reference.optimizer(optim)
+        loss = reference.step_loss(batches, dropout=0.0, seed=seed, step=1)
+        loss.backward()
+        torch_grads = {unit: {n: p.grad.clone() for n, p in tensors.items()}
+                       for unit, tensors in reference.named_unit_tensors().items()}
+        optimizer.step()
+        expected = reference.named_unit_tensors()
+        streamed_loss, updated, grads = _streamed_mlx_step(path, batches, 0.0, seed, optim)
+        grad_err, grad_worst = _worst((f"{u}.{n}", grads[u][n], g) for u, t in torch_grads.items()
+                                      for n, g in t.items())
+        weights_err, weights_worst = _worst((f"{u}.{n}", updated[u][n], t.detach()) for u, ts in expected.items()
+                                            for n, t in ts.items())
+        count = sum(len(t) for t in expected.values())
+
+        # Dropout on: the MLX in-memory reference from the same initial weights and keys. Its ternary
+        # projections are the store's (unpacked, as the streamed step computes with them) rather than quantized
+        # again in MLX: a last-bit difference in gamma would flip 8-bit activation levels (see the README). By
+        # the straight-through estimator their gradients are the shadows', which AdamW then updates.
+        path = _parity_store(root + "/b", mode, seed, overrides)
+        store = BlockStore(path)
+        config, layout = store.config, Layout(store.settings)
+        masters = {unit: tree_to_mx({n: t.detach() for n, t in tensors.items()})
+                   for unit, tensors in InMemoryModel.from_store(store).named_unit_tensors().items()}
+        computed = {unit: tree_to_mx(layout.forward_tensors(unit, store.read(unit, "weights"), torch.float32, "cpu"))
+                    if is_block(unit) else tensors for unit, tensors in masters.items()}
+        quantize = 1.0 if mode == "qat" else 0.0
+        mlx_batches = [(to_mx(ids), to_mx(labels)) for ids, labels in batches]
+        mlx_loss, mlx_grads = mlx_reference.loss_and_grads(computed, mlx_batches, config, quantize=quantize,
+                                                           dropout_p=dropout, seed=seed, step=1)
+        stepped, _ = mlx_reference.adamw_step(masters, mlx_grads, {}, step=1, lr=optim.lr,
+                                              betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                              weight_decay=optim.weight_decay)
+        mx.eval(stepped, mlx_grads)
+        dropout_loss, updated, streamed_grads = _streamed_mlx_step(path, batches, dropout, seed, optim)
+        mlx_grad_err, mlx_grad_worst = _worst((f"{u}.{n}", streamed_grads[u][n], to_torch(a))
+                                              for u, ts in mlx_grads.items() for n, a in ts.items())
+        mlx_err, mlx_worst = _worst((f"{u}.{n}", updated[u][n], to_torch(a)) for u, ts in stepped.items()
+                                    for n, a in ts.items())
+        mlx_loss = mlx_loss.item()
+        loss_err = abs(dropout_loss - mlx_loss) / abs(mlx_loss)
+        if loss_err > mlx_err:
+            mlx_err, mlx_worst = loss_err, "loss"
+    return MLXParityResult(streamed_loss, loss.item(), grad_err, grad_worst, weights_err, weights_worst,
+                           dropout_loss, mlx_loss, mlx_err, mlx_worst, mlx_grad_err, mlx_grad_worst, count)

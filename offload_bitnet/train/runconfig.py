@@ -122,7 +122,7 @@ class RunConfig:
     prompts: list = opt([], "prompt to generate from; repeat for several", flag="--prompt", kind="list")
     max_new_tokens: int = opt(64, "tokens to generate per prompt", kind="int")
     # System.
-    device: str = opt("cpu", "compute device: cpu, cuda, cuda:N or mps", kind="str")
+    device: str = opt("cpu", "compute device: cpu, cuda, cuda:N, mps or mlx (Apple MLX)", kind="str")
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
                                      "e.g. 512M, 4G (G = GiB; GB = 10^9 bytes)", kind="size")
     resident_budget: str = opt("0", "RAM for keeping the forward weights (packed projections, norms, embedding, "
@@ -278,7 +278,7 @@ class RunConfig:
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             bad(f"{self.describe('state_dtype')} must be fp32, bf16 or int8 (8-bit blockwise); fp16 moments underflow")
         if not re.fullmatch(DEVICE_PATTERN, self.device):
-            bad(f"{self.describe('device')} must be cpu, cuda, cuda:N or mps")
+            bad(f"{self.describe('device')} must be cpu, cuda, cuda:N, mps or mlx")
         try:
             if self.memory_budget_bytes <= 0:
                 bad(f"{self.describe('memory_budget')} must be positive")

@@ -150,8 +150,11 @@ def project(params: dict, name: str, x: mx.array, quantize: float, weight_quanti
 
 def attention(params: dict, x: mx.array, config: ModelConfig, cos, sin, *, quantize: float,
               weight_quantize: float = 0.0, attn_dropout: float = 0.0, keys: dict | None = None,
-              lora_scaling: float = 1.0, lora_dropout: float = 0.0, kv_cache: dict | None = None) -> mx.array:
-    """Grouped-query causal self-attention. ``kv_cache`` (a dict) is extended in place when given."""
+              lora_scaling: float = 1.0, lora_dropout: float = 0.0, kv_cache: dict | None = None,
+              attn_mask: mx.array | None = None) -> mx.array:
+    """Grouped-query causal self-attention. ``kv_cache`` (a dict) is extended in place when given.
+    ``attn_mask``: a boolean ``[B, 1, T, keys]`` mask (True: attend) replacing the causal one (generation's left
+    padding builds it, causal part included)."""
     batch, seq, _ = x.shape
 
     def heads(name: str, count: int) -> mx.array:
@@ -178,7 +181,8 @@ def attention(params: dict, x: mx.array, config: ModelConfig, cos, sin, *, quant
         out = dropout(probs, attn_dropout, keys["attention_probs"]) @ v
     else:
         # Lower-right causal alignment: with a cache the last query sees every key (as the explicit path).
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if seq > 1 else None)
+        mask = attn_mask if attn_mask is not None else "causal" if seq > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     out = out.transpose(0, 2, 1, 3).reshape(batch, seq, config.n_heads * config.head_dim)
     if config.arch == "bitnet":
         out = rms_norm(out, params["attn_sub_norm"], config.norm_eps)
@@ -201,7 +205,8 @@ def mlp(params: dict, x: mx.array, config: ModelConfig, *, quantize: float, weig
 
 def block_forward(params: dict, x: mx.array, config: ModelConfig, cos, sin, *, quantize: float,
                   weight_quantize: float = 0.0, dropout_p: float = 0.0, key: mx.array | None = None,
-                  lora_scaling: float = 1.0, lora_dropout: float = 0.0, kv_cache: dict | None = None) -> mx.array:
+                  lora_scaling: float = 1.0, lora_dropout: float = 0.0, kv_cache: dict | None = None,
+                  attn_mask: mx.array | None = None) -> mx.array:
     """One pre-norm decoder block ``[B, T, dim] -> [B, T, dim]``.
 
     ``quantize``: the activation quantization mix (1 for BitLinear, 0 for plain projections).
@@ -213,7 +218,7 @@ def block_forward(params: dict, x: mx.array, config: ModelConfig, cos, sin, *, q
     options = dict(quantize=quantize, weight_quantize=weight_quantize, keys=keys, lora_scaling=lora_scaling,
                    lora_dropout=lora_dropout)
     h = attention(params, rms_norm(x, params["input_layernorm"], config.norm_eps), config, cos, sin,
-                  attn_dropout=dropout_p, kv_cache=kv_cache, **options)
+                  attn_dropout=dropout_p, kv_cache=kv_cache, attn_mask=attn_mask, **options)
     x = x + dropout(h, dropout_p, None if keys is None else keys["attention_residual"])
     h = mlp(params, rms_norm(x, params["post_attention_layernorm"], config.norm_eps), config, **options)
     return x + dropout(h, dropout_p, None if keys is None else keys["mlp_residual"])

@@ -79,11 +79,17 @@ def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> tor
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
+def dropout_seed(seed: int, step: int, micro: int, layer: int) -> int:
+    """The 63-bit seed of one block call's dropout, from (run seed, step, micro-batch, layer): every backend seeds
+    its RNG with it, so a replay (and a resumed run) draws the same masks."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{layer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def dropout_generator(seed: int, step: int, micro: int, layer: int, device) -> torch.Generator:
     """The dropout RNG of one block call, seeded from (run seed, step, micro-batch, layer)."""
-    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{layer}".encode()).digest()
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    generator.manual_seed(dropout_seed(seed, step, micro, layer))
     return generator
 
 

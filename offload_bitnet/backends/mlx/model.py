@@ -13,14 +13,14 @@ the same masks as the forward pass; the masks differ from the torch path's (anot
 """
 from __future__ import annotations
 
-import hashlib
-import math
 
 import mlx.core as mx
 import numpy as np
 
-from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.backends.mlx.ternary import quantize_weight, ste_quantize_activation, ste_quantize_weight
+from offload_bitnet.model.block import dropout_seed
+from offload_bitnet.model.block import rope_inverse_frequencies as torch_rope_inverse_frequencies
+from offload_bitnet.model.config import ModelConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # One dropout key per site of a block call; the LoRA inputs of each projection are sites of their own.
@@ -35,33 +35,9 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Rotary inverse frequencies (fp32 numpy), with Llama-3 or linear scaling when ``rope_scaling`` asks for
-    it: the arithmetic of ``model.rope_inverse_frequencies``, step by step in fp32."""
-    dim = config.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low_freq_factor = scaling.get("low_freq_factor", 1.0)
-        high_freq_factor = scaling.get("high_freq_factor", 4.0)
-        old_context = scaling.get("original_max_position_embeddings", 8192)
-        low_freq_wavelen = old_context / low_freq_factor
-        high_freq_wavelen = old_context / high_freq_factor
-        # torch evaluates ``scalar / tensor`` as reciprocal(tensor) * scalar (not a division): mirrored.
-        wavelen = (np.float32(1) / inv_freq) * np.float32(2 * math.pi)
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
-        smooth = ((np.float32(1) / wavelen) * np.float32(old_context) - np.float32(low_freq_factor)) / np.float32(
-            high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
-        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        inv_freq = np.where(is_medium, smoothed, scaled)
-    elif rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
-    elif rope_type != "default":
-        raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
-    return inv_freq.astype(np.float32)
+    """Rotary inverse frequencies (fp32 numpy): the torch model's own (``model.block.rope_inverse_frequencies``,
+    with its Llama-3 and linear scaling), computed once per table, so both backends rotate by the same angles."""
+    return torch_rope_inverse_frequencies(config).numpy()
 
 
 def rope_tables(config: ModelConfig, positions, dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
@@ -88,15 +64,8 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + rotate_half(x) * sin
 
 
-def dropout_seed(seed: int, step: int, micro: int, layer: int) -> int:
-    """The 63-bit seed of one block call's dropout, from (run seed, step, micro-batch, layer): the same digest
-    as ``model.dropout_generator`` seeds torch's generator with."""
-    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{layer}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def dropout_key(seed: int, step: int, micro: int, layer: int) -> mx.array:
-    """The MLX random key of one block call's dropout (see ``dropout_seed``)."""
+    """The MLX random key of one block call's dropout, from the torch path's seed (``model.block.dropout_seed``)."""
     return mx.random.key(dropout_seed(seed, step, micro, layer))
 
 

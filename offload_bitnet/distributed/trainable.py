@@ -52,7 +52,7 @@ from offload_bitnet.engine.step_plan import Load, StepPlan
 from offload_bitnet.engine.trainables import FullWeights, HeadPass, LoRA
 from offload_bitnet.engine.updates import make_update
 from offload_bitnet.io.safetensors import encoded_size
-from offload_bitnet.store.units import block_unit
+from offload_bitnet.store.units import 
 
 HEAD_ROW_SLICES = 4  # chunked_cross_entropy's default row ranges of the head's gradient
 
@@ -186,11 +186,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
 
     def finish(self, plan: StepPlan, ctx: StepContext, grads: list, head: HeadPass, commit_extra: dict | None):
         engine = self.engine
-        if engine.head_unit == "head":
-            embed_masters, embed_moments = plan.take("embed", "masters")
-            embed_grad = plan.take("embed", "grad")
-        else:
-            embed_masters, embed_moments, embed_grad = head.masters, head.moments, head.weight_grad
+        embed_masters, embed_moments, embed_grad = self.embed_inputs(plan, head)
+        if engine.head_unit != "head":
             self._reduce({"weight": embed_grad}, "embed")  # the tied head's part, before the token gradients
         owner = self.plan.owner("embed")
         mine = [(ctx.ids[m].reshape(-1), grads[m].reshape(-1, engine.config.dim).float()) for m in ctx.micro_range]

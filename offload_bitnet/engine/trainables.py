@@ -208,14 +208,17 @@ class FullWeights(Trainable):
         grads_by_name = {n: leaf.grad.float() for n, leaf in params.items()}
         self._apply_update(unit, state, grads_by_name, None, ctx)
 
+    def embed_inputs(self, plan: StepPlan, head: HeadPass) -> tuple[dict, dict, torch.Tensor]:
+        """The embedding's masters, moments and gradient buffer: its own loads (untied), or the tied head's."""
+        if self.engine.head_unit == "head":
+            masters, moments = plan.take("embed", "masters")
+            return masters, moments, plan.take("embed", "grad")
+        return head.masters, head.moments, head.weight_grad
+
     def finish(self, plan: StepPlan, ctx: StepContext, grads: list, head: HeadPass, commit_extra: dict | None):
         """Embedding: scatter the token gradients (plus the tied head's gradient) and update; then commit."""
         engine = self.engine
-        if engine.head_unit == "head":
-            embed_masters, embed_moments = plan.take("embed", "masters")
-            embed_grad = plan.take("embed", "grad")
-        else:
-            embed_masters, embed_moments, embed_grad = head.masters, head.moments, head.weight_grad
+        embed_masters, embed_moments, embed_grad = self.embed_inputs(plan, head)
         for m in ctx.micro_range:
             embed_grad.index_add_(0, ctx.ids[m].reshape(-1), grads[m].reshape(-1, engine.config.dim).float())
         # The last update runs here (nothing else is left to compute); the others ran on the writer thread, and the

@@ -52,7 +52,6 @@ from offload_bitnet.engine.step_plan import Load, StepPlan
 from offload_bitnet.engine.trainables import FullWeights, HeadPass, LoRA
 from offload_bitnet.engine.updates import make_update
 from offload_bitnet.io.safetensors import encoded_size
-from offload_bitnet.store.units import 
 
 HEAD_ROW_SLICES = 4  # chunked_cross_entropy's default row ranges of the head's gradient
 

@@ -30,7 +30,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def eager_transformers_quantizers():
     """transformers wraps its BitNet (un)packing and quantizers in torch.compile (~35 s to compile on CPU);
-    run them eagerly: the same arithmetic (tests/model/test_ternary.py)."""
+    run them eagerly: the same arithmetic (tests/model/test_ternary.py). Plain assignment, not monkeypatch: since
+    pytest 9.2, monkeypatch's undo deletes an attribute it did not find in the module's __dict__, and torch's
+    config module then loses ``disable`` for every later test."""
     import torch._dynamo
 
     previous = torch._dynamo.config.disable

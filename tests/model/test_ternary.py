@@ -14,13 +14,11 @@ def test_pack_round_trip_and_transformers_layout():
     assert torch.equal(packed, pack_weights(codes.clone().to(torch.int32)))
 
 
-def test_quantize_matches_transformers_weight_and_activation_quant(monkeypatch):
+def test_quantize_matches_transformers_weight_and_activation_quant(eager_transformers_quantizers):
     """Bit-equal to transformers' eager arithmetic. (Its torch.compile'd kernels reduce mean|W| in another
     order and can differ by one ulp in the scale; tests/reference/test_parity_transformers.py covers them.)"""
-    import torch._dynamo
     from transformers.integrations.bitnet import ActQuant, WeightQuant
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         weight = torch.randn(32, 24, generator=generator) * 0.05

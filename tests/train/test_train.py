@@ -91,27 +91,31 @@ def test_demo_run_trains_reports_and_refuses_to_silently_redo(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def cli(tmp_path, experiment, steps):
+def cli(tmp_path, experiment, steps, device="cpu"):
     return [sys.executable, os.path.join(ROOT, "finetune.py"), "--runs-dir", str(tmp_path), "--experiment", experiment,
             "--num-train-iters", str(steps), "--max-seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
             "--dropout", "0.1", "--schedule", "two-stage", "--weight-decay", "0.1", "--eval-every", "4",
-            "--val-fraction", "0.1", "--no-plot", "--seed", "7"]
+            "--val-fraction", "0.1", "--no-plot", "--seed", "7", "--device", device]
 
 
 def run_env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def test_sigterm_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    steps = 12
+@pytest.mark.parametrize("device, steps", [("cpu", 12), ("mlx", 8)])
+def test_sigterm_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, device, steps):
+    """On each backend: a run stopped by SIGTERM and resumed ends where an uninterrupted run on it does (MLX is
+    slower here: fewer steps)."""
+    if device == "mlx":
+        pytest.importorskip("mlx.core")
     # The uninterrupted run goes alongside the one that gets stopped.
-    straight = subprocess.Popen(cli(tmp_path, "straight", steps), env=run_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    straight = subprocess.Popen(cli(tmp_path, "straight", steps, device), env=run_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     # The process sends itself SIGTERM right after its 4th manifest commit (a fault point), not when a reader
     # of its output gets round to it: a signal sent from outside could arrive after the last step on a busy
     # machine. The handling is the same: a real SIGTERM, caught between two steps.
     stop_env = dict(run_env(), OFFLOAD_BITNET_FAULTS="commit.cleanup:4:sigterm")
-    process = subprocess.Popen(cli(tmp_path, "stopped", steps), env=stop_env, cwd=ROOT, stdout=subprocess.PIPE,
+    process = subprocess.Popen(cli(tmp_path, "stopped", steps, device), env=stop_env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, output
@@ -122,7 +126,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tm
     stopped_at = BlockStore(str(tmp_path / "stopped" / "store")).step
     assert 3 <= stopped_at < steps
 
-    resumed = subprocess.run(cli(tmp_path, "stopped", steps), env=run_env(), cwd=ROOT, capture_output=True,
+    resumed = subprocess.run(cli(tmp_path, "stopped", steps, device), env=run_env(), cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {stopped_at}/{steps}" in resumed.stdout
@@ -142,6 +146,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tm
     losses_a = [(r["step"], r["loss"]) for r in metrics(str(tmp_path / "straight")) if r["type"] == "train"]
     losses_b = [(r["step"], r["loss"]) for r in metrics(str(tmp_path / "stopped")) if r["type"] == "train"]
     assert losses_a == losses_b and [s for s, _ in losses_a] == list(range(1, steps + 1))
+    assert losses_a[-1][1] < losses_a[0][1]
 
 
 def test_resuming_on_changed_data_is_refused(tmp_path, capsys):

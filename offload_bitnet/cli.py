@@ -14,9 +14,9 @@ import sys
 
 from offload_bitnet import judge as judging
 from offload_bitnet.argparsing import ArgumentParser
-from offload_bitnet.distributed.gather import gather_store, rank_store_paths
+from offload_bitnet.distributed.gather import export_run, gather_progress, gather_store, rank_store_paths
 from offload_bitnet.errors import describe_error, pipe_safe, quiet_broken_pipe
-from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, cache, export_model, import_model
+from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES, cache, import_model
 from offload_bitnet.formats.adapters import export_adapter
 from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.model.config import SIZES
@@ -50,8 +50,6 @@ def _attach_tokenizer(path: str, tokenizer: str | None):
     try:
         description = install_tokenizer(path, tokenizer)
     except BaseException:
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)  # the store was made by this command: leave nothing half-done
         raise
     print(f"stored the {description['kind']} tokenizer of {tokenizer} in {path}")
@@ -72,34 +70,15 @@ def _import(args):
 
 def _export(args):
     options = {"gguf_type": args.gguf_type} if args.gguf_type else {}
-    ranks = rank_store_paths(args.store)
-    if ranks is None:
-        path = export_model(args.store, args.out, format=args.format, **options)
-    else:
-        # A distributed run: its units gathered from the ranks' stores (weights and master weights, not the
-        # moments) into a store beside the export, removed afterwards.
-        gathered = os.path.abspath(args.out).rstrip(os.sep) + ".gathering"
-        shutil.rmtree(gathered, ignore_errors=True)
-        try:
-            gather_store(ranks, gathered, parts=("weights", "shadow"), progress=_gather_progress(ranks))
-            path = export_model(gathered, args.out, format=args.format, **options)
-        finally:
-            shutil.rmtree(gathered, ignore_errors=True)
+    path = export_run(args.store, args.out, args.format, **options)  # a distributed run is gathered first
     print(f"exported {args.store} to {path} ({args.format})")
-
-
-def _gather_progress(ranks: list[str]):
-    first = BlockStore(ranks[0])
-    bar = Progress(len(first.units), f"gathering {len(ranks)} ranks' stores: units")
-    first.close()
-    return lambda done, total, unit: bar.update(done, unit)
 
 
 def _gather(args):
     ranks = rank_store_paths(args.run_dir)
     if ranks is None:
         raise ValueError(f"{args.run_dir} is not a distributed run (no store.rank<R> folders in it)")
-    gather_store(ranks, args.out, progress=_gather_progress(ranks))
+    gather_store(ranks, args.out, progress=gather_progress(ranks))
     print(f"gathered the {len(ranks)} ranks of {args.run_dir} into {args.out} (one store: train it on one process)")
 
 
@@ -168,8 +147,6 @@ def _gib_text(sizes) -> str:
 
 def info_lines(store) -> list[str]:
     """A readable summary of a store for ``offload-bitnet info``."""
-    import os
-
     config, settings, sizes = store.config, store.settings, store.disk_bytes()
     source = store.extra.get("source", {})
     origin = source.get("format") or "created"

@@ -60,6 +60,22 @@ class TorchrunEnv:
         return env
 
 
+def torchrun_command(script: str, environ=None) -> str | None:
+    """How to launch ``script`` again as torchrun launched this process (for the resume commands a run prints),
+    or None outside torchrun (or in an environment too incomplete to say)."""
+    try:
+        env = TorchrunEnv.from_environ(environ)
+    except DistributedError:
+        return None
+    if env is None:
+        return None
+    if env.world_size == env.local_world_size:
+        return f"torchrun --standalone --nproc_per_node {env.local_world_size} {script}"
+    nodes = env.world_size // env.local_world_size
+    return (f"torchrun --nnodes {nodes} --nproc_per_node {env.local_world_size} --node_rank R "
+            f"--rdzv_endpoint {env.master_addr}:{env.master_port} {script}")
+
+
 def default_backend(device: str) -> str:
     """gloo for ``cpu`` and ``mps`` (and MLX), NCCL for ``cuda``."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
@@ -133,6 +149,28 @@ class DistContext:
         """``error`` as a RankError whose message names this rank (the original is its ``__cause__``)."""
         text = str(error) or type(error).__name__
         return RankError(text if text.startswith(self.describe()) else f"{self.describe()}: {text}")
+
+    def together(self, what: str, function, *args, **kwargs):
+        """Run ``function`` on every rank, then agree on the outcome: when it failed on some rank, it fails on
+        every rank (each re-raises its own error; the others a DistributedError naming the rank that failed and
+        why), so no rank goes on to wait in a collective that another will never reach. Returns the result."""
+        error = None
+        try:
+            result = function(*args, **kwargs)
+        except Exception as caught:  # noqa: BLE001 - told to every rank, then re-raised
+            error = caught
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return result
+        outcomes = self.all_gather_object(None if error is None else (str(error) or type(error).__name__))
+        if error is not None:
+            raise error
+        failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise DistributedError(f"{self.describe()}: stopped because rank {rank} failed {what}: {text}")
+        return result
 
     def close(self):
         """Leave and destroy the process group (idempotent)."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 
 from offload_bitnet.distributed.commit import RECORD, store_fingerprint
 from offload_bitnet.distributed.env import DistributedError
 from offload_bitnet.distributed.sharding import OWNED_PARTS, rank_store_dir
 from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.tokenizers.base import copy_store_tokenizer
 
 _RANK_FOLDER = re.compile(r"store\.rank(\d+)$")
 
@@ -84,9 +86,36 @@ def gather_store(paths: list[str], out_dir: str, parts=("weights",) + OWNED_PART
                     out.write(unit, part, holders[0].read(unit, part), first.step)
             if progress:
                 progress(index + 1, len(first.units), unit)
+        copy_store_tokenizer(first.path, first.extra, out_dir)
         out.commit(first.step)
     finally:
         out.close()
         for store in stores:
             store.close()
     return out_dir
+
+
+def export_run(path: str, out: str, format: str, progress=True, **options) -> str:
+    """``formats.export_model`` of a store, or of a distributed run (its run folder or one rank's store): the
+    units gathered from the ranks' stores (forward and master weights, not the moments) into a store beside
+    ``out``, exported, and removed. Returns what ``export_model`` returns."""
+    from offload_bitnet.formats import export_model  # formats sit at the edge: imported only where exporting
+    ranks = rank_store_paths(path)
+    if ranks is None:
+        return export_model(path, out, format=format, **options)
+    gathered = os.path.abspath(out).rstrip(os.sep) + ".gathering"
+    shutil.rmtree(gathered, ignore_errors=True)
+    try:
+        gather_store(ranks, gathered, parts=("weights", "shadow"), progress=gather_progress(ranks) if progress else None)
+        return export_model(gathered, out, format=format, **options)
+    finally:
+        shutil.rmtree(gathered, ignore_errors=True)
+
+
+def gather_progress(ranks: list[str]):
+    """A progress bar for ``gather_store`` over ``ranks``' stores."""
+    from offload_bitnet.progress import Progress
+    first = BlockStore(ranks[0])
+    bar = Progress(len(first.units), f"gathering {len(ranks)} ranks' stores: units")
+    first.close()
+    return lambda done, total, unit: bar.update(done, unit)

@@ -19,23 +19,28 @@ def open_rank_store(context: DistContext, model_store: str, run_dir: str, progre
     Each rank reads ``model_store`` on its own machine at the first launch only (on several machines, each needs
     a copy of the model's store, or of its own ``store.rank<R>``)."""
     path = rank_store_dir(run_dir, context.rank)
-    if not os.path.exists(os.path.join(path, MANIFEST)):
-        if os.path.exists(path) and os.listdir(path):
-            raise DistributedError(f"{path} exists without a committed manifest (its creation was interrupted): "
-                                   "delete that folder and run the same command again")
-        source = BlockStore(model_store)
-        try:
-            plan = shard_plan(source.config, context.world_size, source.settings)
-            make_rank_store(source, path, plan, context.rank, progress).close()
-        finally:
-            source.close()
-    store = BlockStore(path, writable=True)
+    context.together("creating its store", _make_rank_store_once, context, model_store, path, progress)
+    store = context.together("opening its store", BlockStore, path, writable=True)
     try:
         step = RankCommit(context, store).recover()
     except BaseException:
         store.close()
         raise
     return store, step
+
+
+def _make_rank_store_once(context: DistContext, model_store: str, path: str, progress):
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return
+    if os.path.exists(path) and os.listdir(path):
+        raise DistributedError(f"{path} exists without a committed manifest (its creation was interrupted): "
+                               "delete that folder and run the same command again")
+    source = BlockStore(model_store)
+    try:
+        plan = shard_plan(source.config, context.world_size, source.settings)
+        make_rank_store(source, path, plan, context.rank, progress).close()
+    finally:
+        source.close()
 
 
 def rank_share(step_micro_batches: list, context: DistContext, grad_accum: int) -> list:

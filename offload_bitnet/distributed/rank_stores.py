@@ -1,5 +1,5 @@
-"""Each rank's own store, made from a model's store: every unit's ``weights`` (what forward reads), and the
-``shadow`` and ``optim`` parts of the units the rank owns (``sharding.shard_plan``). The manifest records the
+"""Each rank's own store, made from a model's store: every unit's ``weights`` (what forward reads), its tokenizer
+files, and the ``shadow`` and ``optim`` parts of the units the rank owns (``sharding.shard_plan``). The manifest records the
 run's world size and the rank (``commit.RECORD``), so a store is never used by another rank or world size."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from offload_bitnet.distributed.commit import RECORD
 from offload_bitnet.distributed.env import DistributedError
 from offload_bitnet.distributed.sharding import OWNED_PARTS, ShardPlan
 from offload_bitnet.store.blockstore import BlockStore, StoreError
+from offload_bitnet.tokenizers.base import copy_store_tokenizer
 
 
 def make_rank_store(source: BlockStore, path: str, plan: ShardPlan, rank: int,
@@ -31,6 +32,7 @@ def make_rank_store(source: BlockStore, path: str, plan: ShardPlan, rank: int,
                     store.write(unit, part, source.read(unit, part), source.step)
             if progress:
                 progress(index + 1, len(units), unit)
+        copy_store_tokenizer(source.path, source.extra, path)
         store.commit(source.step)
     except BaseException:
         store.close()

@@ -26,9 +26,9 @@ Every collective runs on the main thread in the same order on every rank (the wr
 compute and do I/O), so the ranks can never wait on different collectives. All collectives go through
 ``torch.distributed`` on the process group ``env.init_distributed`` made.
 
-Not (yet) across ranks: the quantization warm-up (``quant_mix < 1`` reads the shadow of every block in forward,
-which only its owner has: refused with a message), and dropout is drawn per local micro-batch index (the masks
-differ from one process's; still deterministic). A non-finite loss on any rank skips the step on every rank;
+Dropout masks are drawn per global micro-batch index (``StepContext.micro_offset``), so N ranks draw the masks
+one process draws. Not (yet) across ranks: the quantization warm-up (``quant_mix < 1`` reads the shadow of
+every block in forward, which only its owner has: refused with a message). A non-finite loss on any rank skips the step on every rank;
 a non-finite gradient found by an owner's update stops the run (the others then time out with a named error).
 """
 from __future__ import annotations
@@ -102,6 +102,7 @@ class _RankStep:
                                    "block's owner has it. Train without it, or on one process.")
         with self._timed("reduce"):
             ctx.n_tokens = self.context.all_reduce_sum_int([local_target_tokens(ctx.targets)])[0]
+        ctx.micro_offset = self.context.rank * len(ctx.ids)  # every rank runs as many micro-batches
         self._loss_agreed = False
 
     def _agree_on_loss(self, ctx: StepContext):

@@ -55,5 +55,8 @@ class StepContext:
                 positions = torch.arange(ids.shape[1], device=engine.device)
                 self.tables[ids.shape[1]] = rope_tables(engine.config, positions, engine.dtype)
         self.micro_range = range(len(self.ids))
+        # The step's index of this process's first micro-batch (dropout masks are drawn per global micro-batch
+        # index): 0 alone; a data-parallel rank sets it, so its masks are the ones one process draws for them.
+        self.micro_offset = 0
         self.rng_states: dict = {}
         self.loss = 0.0

@@ -404,7 +404,7 @@ class StreamingEngine:
                 params = self.trainable.forward_params(layer, plan.take(block_unit(layer), "forward"))
                 for m in ctx.micro_range:
                     self.stash.put((layer, m), hidden[m])
-                    generator = self._block_generator(ctx.step, m, layer)
+                    generator = self._block_generator(ctx.step, ctx.micro_offset + m, layer)
                     if generator is not None:
                         ctx.rng_states[(layer, m)] = self.backend.save_rng(generator)
                     cos, sin = ctx.tables[ctx.ids[m].shape[1]]

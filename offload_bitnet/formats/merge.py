@@ -6,7 +6,6 @@ adapters (small) stay in RAM.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import torch
@@ -16,9 +15,7 @@ from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, AdapterS
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_index, is_block
-
-TOKENIZER_DIR = "tokenizer"
-
+from offload_bitnet.tokenizers.base import copy_store_tokenizer
 
 def load_adapters(adapter_dir: str, config) -> AdapterSet:
     """The adapters of ``adapter_dir``: this tool's last checkpoint, else a plain PEFT adapter folder."""
@@ -102,11 +99,8 @@ def merge_lora(store_path: str, adapter_dir: str, out_dir: str, progress: bool =
             print("note: the merged store is full precision: its projections no longer quantize their "
                   "activations, so its outputs differ slightly from the quantized model with adapters",
                   file=sys.stderr)
-        folder = (base.extra.get("tokenizer") or {}).get("dir") or TOKENIZER_DIR
-
         def add_tokenizer(staging: str):
-            if os.path.isdir(os.path.join(base.path, folder)):
-                shutil.copytree(os.path.join(base.path, folder), os.path.join(staging, folder))
+            copy_store_tokenizer(base.path, base.extra, staging)
 
         import_units(out_dir, base.config, merged_units(base, adapters), settings,
                      merged_extra(base, adapters, adapter_dir), f"merging {adapter_dir} into {out_dir}: units",

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime
 
 TOKENIZER_DIR = "tokenizer"
+
+
+def copy_store_tokenizer(source_path: str, extra: dict, target_path: str):
+    """Copy the tokenizer files of the store at ``source_path`` (whose manifest extra is ``extra``) into the
+    folder of another store made from it (a merged store, a rank's store, a gathered one); nothing to copy for
+    a store without them (the byte tokenizer)."""
+    folder = (extra.get("tokenizer") or {}).get("dir") or TOKENIZER_DIR
+    if os.path.isdir(os.path.join(source_path, folder)):
+        shutil.copytree(os.path.join(source_path, folder), os.path.join(target_path, folder), dirs_exist_ok=True)
 
 # Tokens that end a turn in common chat formats; generation stops at these besides EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",

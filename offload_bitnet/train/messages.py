@@ -7,6 +7,16 @@ class TrainError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
 
 
+_quiet = False  # set on the ranks of a data-parallel run other than 0: rank 0 alone reports progress
+
+
 def say(message: str = ""):
-    """Print one line of the run's output now (not when a buffer fills)."""
-    print(message, flush=True)
+    """Print one line of the run's output now (not when a buffer fills); nothing on a quiet rank."""
+    if not _quiet:
+        print(message, flush=True)
+
+
+def set_quiet(quiet: bool):
+    """Silence ``say`` in this process (a data-parallel rank other than 0; its errors still reach stderr)."""
+    global _quiet
+    _quiet = quiet

@@ -61,6 +61,25 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+class DiscardedMetrics(MetricsLog):
+    """The metrics of a data-parallel rank other than 0: rank 0 alone writes metrics.jsonl."""
+
+    def __init__(self):
+        self.path = os.devnull
+
+    def read(self) -> list[dict]:
+        return []
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def clear(self):
+        pass
+
+    def append(self, record: dict):
+        pass
+
+
 def _ends_cleanly(path: str) -> bool:
     with open(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)

@@ -37,6 +37,7 @@ from offload_bitnet.io.buffers import default_keep_bytes
 from offload_bitnet.errors import EXIT_OK
 from offload_bitnet.formats import read_source
 from offload_bitnet.tokenizers.loaders import open_tokenizer
+from offload_bitnet.distributed.training import dry_run_lines, planned_world_size
 from offload_bitnet.train.messages import say
 from offload_bitnet.train.run_folder import check_run_folder, store_is_complete
 from offload_bitnet.train.samples import check_prompts
@@ -439,6 +440,10 @@ def dry_run(config: RunConfig, paths, command=None) -> int:
             say(f"note: {note}")
     for line in plan_lines(config, plan):
         say(line)
+    world_size = planned_world_size(config)
+    if world_size > 1:
+        for line in dry_run_lines(config, plan.model.config, plan.model.settings, world_size):
+            say(line)
     return EXIT_OK
 
 

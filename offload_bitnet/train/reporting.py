@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
-from offload_bitnet.formats import export_model
+from offload_bitnet.distributed.gather import export_run
 from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.train.messages import say
@@ -43,8 +43,15 @@ def print_header(trainer: "Trainer"):
         say(f"quantization warmup: the ternary mix rises linearly from 0 to 1 over {trainer.warmup} steps"
             + (f"; note: the run ends at mix {quant_mix(trainer.total_steps, trainer.warmup):.2f}, before the "
                "model is fully ternary" if trainer.total_steps < trainer.warmup else ""))
+    ranks = trainer.context.world_size
+    if ranks > 1:
+        say(f"data parallel: {ranks} ranks ({trainer.context.backend}); each trains its share of every step, "
+            + ("the same adapters on every rank, saved by rank 0" if trainer.lora else
+               f"its own store {shown_path(os.path.dirname(store.path))}/store.rank<R> (every unit's forward "
+               "weights, its share of the master weights and moments)"))
     say(f"training: {trainer.total_steps} steps ({epochs:.2f} epochs) of {config.batch_size} sequences "
-        f"({config.grad_accum} micro-batch(es) of {config.micro_batch_size}), lr {trainer.lr:g} {config.schedule}"
+        f"({config.grad_accum} micro-batch(es) of {config.batch_size // (ranks * config.grad_accum)}"
+        f"{' per rank' if ranks > 1 else ''}), lr {trainer.lr:g} {config.schedule}"
         f", warmup {trainer.schedule.warmup_steps} steps, weight decay {config.weight_decay:g}")
 
 
@@ -70,7 +77,8 @@ def finish_outputs(trainer: "Trainer", keep_export: bool = False):
     elif trainer.config.export_path:
         say(f"exporting {source} to {trainer.config.export_path} (format {trainer.config.export_format})")
         options = {"gguf_type": trainer.config.gguf_type} if trainer.config.gguf_type else {}
-        export_model(source, trainer.config.export_path, trainer.config.export_format, **options)
+        # A data-parallel run's stores are gathered first (from the rank folders on this machine).
+        export_run(source, trainer.config.export_path, trainer.config.export_format, **options)
 
 
 def merge_adapters(trainer: "Trainer") -> str:
@@ -112,7 +120,12 @@ def print_summary(trainer: "Trainer", finished: bool):
 def print_outputs(trainer: "Trainer", finished: bool):
     """The end of every summary: where the outputs are and the command that generates from them."""
     say(f"outputs in {shown_path(trainer.paths.run_dir)}:")
-    say(f"  model store: {shown_path(trainer.store.path)}" + (" (unchanged)" if trainer.lora else ""))
+    if trainer.context.world_size > 1 and not trainer.lora:
+        say(f"  model: the {trainer.context.world_size} ranks' stores {shown_path(trainer.paths.run_dir)}/store.rank<R> "
+            f"(export them as one model: offload-bitnet export {shown_path(trainer.paths.run_dir)} OUT --format hf; "
+            "rank 0's holds every unit's forward weights, so test_gen.py reads it as it is)")
+    else:
+        say(f"  model store: {shown_path(trainer.store.path)}" + (" (unchanged)" if trainer.lora else ""))
     merged = trainer.lora and store_is_complete(trainer.paths.merged_dir)
     if trainer.lora:
         say(f"  adapters (PEFT format): {shown_path(trainer.paths.adapter_dir)}")

@@ -76,8 +76,12 @@ class RunCommand:
                  tokenizer: str | None = None) -> str:
         """The test_gen.py command that answers ``prompt`` from ``model`` (a store, merged store or export), with
         LoRA ``adapter``s applied and another ``tokenizer`` when given."""
-        script = "finetune.py"  # test_gen.py sits beside it
-        prog = self.prog[:-len(script)] + "test_gen.py" if self.prog.endswith(script) else "python test_gen.py"
+        script = "finetune.py"  # test_gen.py sits beside it; it runs in one process, also after a torchrun
+        launcher, _, path = self.prog.rpartition(" ")
+        prog = "python test_gen.py"
+        if path.endswith(script):
+            prefix = "python" if launcher.startswith("torchrun") else launcher
+            prog = f"{prefix} {path[:-len(script)]}test_gen.py".strip()
         options = [*(["--adapter", shown_path(adapter)] if adapter else []),
                    *(["--tokenizer", tokenizer] if tokenizer else []), *(["--chat"] if chat else [])]
         return f"{prog} {shlex.join([shown_path(model), device, *options, '--prompt', prompt])}"

@@ -5,12 +5,14 @@ was made from (run.json), its lock (one run per folder), ``--restart`` and the c
     adapter/        --mode lora: the adapters (PEFT format) and their optimizer state; the store stays frozen
     merged/         --mode lora --merge: the adapters folded into a new 16-bit store
     run.json        what the run was made from (checked when re-running the same experiment)
-    run.lock        who runs it (one run per folder)
+    run.lock        who runs it (one run per folder; run.rank<R>.lock: rank R of a data-parallel run)
+    store.rank<R>/  torchrun: rank R's store (every unit's forward weights, its share of the masters and moments)
     metrics.jsonl   one record per step and per evaluation   status.json  the latest state   loss.png
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ class RunPaths:
     store_dir: str
     origin: str            # "demo" (created here), "import" (imported here), "store" (trained in place) or
                            # "cache" (a LoRA base: the shared cached import, only read)
+    rank: int = 0          # this process's rank in a data-parallel run (torchrun); 0 alone
 
     @property
     def metrics(self) -> str:
@@ -59,7 +62,17 @@ class RunPaths:
 
     @property
     def lock(self) -> str:
-        return os.path.join(self.run_dir, "run.lock")
+        """Each process of a run holds its own lock (rank 0's is the one-process run's)."""
+        return os.path.join(self.run_dir, "run.lock" if self.rank == 0 else f"run.rank{self.rank}.lock")
+
+    @property
+    def scratch_dir(self) -> str:
+        """Where a LoRA run spills activations (one folder per rank)."""
+        return os.path.join(self.run_dir, "scratch" if self.rank == 0 else f"scratch.rank{self.rank}")
+
+    def rank_stores(self) -> list[str]:
+        """The stores of a data-parallel run in this folder (``store.rank<R>``: what it trains), if any."""
+        return sorted(glob.glob(os.path.join(self.run_dir, "store.rank*")))
 
 
 def resolve_paths(config: RunConfig) -> RunPaths:
@@ -91,7 +104,7 @@ def run_outputs(paths: RunPaths) -> list[str]:
     """What ``clear_run`` removes, as it exists now: the run's records, its adapters and merge, and a store made
     in the run folder (never one trained in place)."""
     files = [p for p in (paths.metrics, paths.status, paths.plot, paths.run_json) if os.path.exists(p)]
-    folders = [p for p in (paths.adapter_dir, paths.merged_dir) if os.path.isdir(p)]
+    folders = [p for p in (paths.adapter_dir, paths.merged_dir) if os.path.isdir(p)] + paths.rank_stores()
     if paths.origin in ("demo", "import") and os.path.isdir(paths.store_dir):
         folders.append(paths.store_dir)
     elif paths.origin == "cache" and os.path.isdir(os.path.join(paths.run_dir, "store")):
@@ -162,11 +175,12 @@ class RefusalCleanup:
     so that a refused run writes nothing. A finished store created or imported here is kept: hours of import
     must not be lost to a refusal, and re-running the command uses it."""
 
-    def __init__(self, paths: RunPaths):
+    def __init__(self, paths: RunPaths, also: tuple = ()):
+        """``also``: more paths the run may create (a data-parallel rank's store)."""
         self.paths = paths
         self.new_folder = not os.path.exists(paths.run_dir)
         candidates = (paths.run_json, paths.lock, paths.metrics, paths.status, paths.plot, paths.adapter_dir,
-                      os.path.join(paths.run_dir, "scratch"))
+                      paths.scratch_dir) + tuple(also)
         self.new_paths = [p for p in candidates if not os.path.exists(p)]
         self.new_store = paths.origin != "store" and not os.path.exists(paths.store_dir)
         self.armed = True

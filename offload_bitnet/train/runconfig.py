@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from offload_bitnet.argparsing import DEVICE_PATTERN, parse_size
+from offload_bitnet.distributed.env import BACKENDS as DIST_BACKENDS
 from offload_bitnet.formats import EXPORT_FORMATS, GGUF_TYPES
 from offload_bitnet.judge import JudgeError, check_url
 from offload_bitnet.model.config import SIZES
@@ -123,6 +124,10 @@ class RunConfig:
     max_new_tokens: int = opt(64, "tokens to generate per prompt", kind="int")
     # System.
     device: str = opt("cpu", "compute device: cpu, cuda, cuda:N, mps or mlx (Apple MLX)", kind="str")
+    dist_backend: str | None = opt(None, "under torchrun: the torch.distributed backend (default: gloo for cpu, "
+                                         "mps and mlx; nccl for cuda)", choices=DIST_BACKENDS, kind="str")
+    world_size: int | None = opt(None, "with --dry-run: plan a data-parallel run on this many processes "
+                                       "(default: torchrun's WORLD_SIZE, else 1)", kind="int")
     memory_budget: str = opt("1GiB", "activation memory budget (block inputs beyond it spill to disk), "
                                      "e.g. 512M, 4G (G = GiB; GB = 10^9 bytes)", kind="size")
     resident_budget: str = opt("0", "RAM for keeping the forward weights (packed projections, norms, embedding, "
@@ -238,6 +243,8 @@ class RunConfig:
         for name in ("eval_every", "generate_every", "eval_max_batches", "seed"):
             if getattr(self, name) < 0:
                 bad(f"{self.describe(name)} must be 0 or more")
+        if self.world_size is not None and self.world_size < 1:
+            bad(f"{self.describe('world_size')} must be at least 1")
         if self.num_epochs is not None and self.num_train_iters is not None:
             bad(f"set either num_epochs or num_train_iters, not both: got {self.describe('num_epochs')} and "
                 f"{self.describe('num_train_iters')}")

@@ -28,6 +28,11 @@ import time
 import traceback
 
 from offload_bitnet.argparsing import check_device
+from offload_bitnet.distributed.commit import RankCommit
+from offload_bitnet.distributed.env import (DistContext, TorchrunEnv, init_distributed, named_rank_errors,
+                                            torchrun_command)
+from offload_bitnet.distributed.launch import rank_share
+from offload_bitnet.distributed.training import train_rank
 from offload_bitnet.engine.streaming import StreamingEngine
 from offload_bitnet.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe,
                                    quiet_broken_pipe)
@@ -40,8 +45,9 @@ from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.tokenizers.loaders import open_tokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train import reporting
-from offload_bitnet.train.messages import TrainError, say
-from offload_bitnet.train.metrics import DivergenceWatch, MetricsLog, perplexity, plot_losses, write_status
+from offload_bitnet.train.messages import TrainError, say, set_quiet
+from offload_bitnet.train.metrics import (DiscardedMetrics, DivergenceWatch, MetricsLog, perplexity, plot_losses,
+                                          write_status)
 from offload_bitnet.train.plan import dry_run
 from offload_bitnet.train.run_commands import RunCommand
 from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries,
@@ -64,8 +70,14 @@ LENGTH_KEYS = ("num_epochs", "num_train_iters")
 class Trainer:
     """One fine-tuning run over an open engine."""
 
-    def __init__(self, config: RunConfig, engine: StreamingEngine, paths: RunPaths, command: RunCommand):
+    def __init__(self, config: RunConfig, engine: StreamingEngine, paths: RunPaths, command: RunCommand,
+                 context: DistContext | None = None):
+        """``context``: this process's rank in a data-parallel run (``distributed.training``); one process when
+        None. Every rank runs the same loop on its share of each step; rank 0 alone reports, evaluates,
+        generates samples and writes the run's records and outputs."""
         self.config = config
+        self.context = context or DistContext()
+        self.main = self.context.is_main
         self.engine = engine
         self.store = engine.store
         self.paths = paths
@@ -76,7 +88,9 @@ class Trainer:
         self.lora = engine.adapters is not None
         # Quantization warmup: each step says which mix of full-precision and ternary weights it trains.
         self.warmup = config.quant_warmup if self.store.settings.mode == "qat" and not self.lora else 0
-        self.metrics = MetricsLog(paths.metrics)
+        self.metrics = MetricsLog(paths.metrics) if self.main else DiscardedMetrics()
+        # The commits of a step without an optimizer step (a skipped one): on every rank or none.
+        self.committer = RankCommit(self.context, self.store)
 
         self.tokenizer = open_tokenizer(self.store.path, self.store.extra.get("tokenizer"), config.tokenizer)
         self.pad_id = datalib.pad_value(self.tokenizer)
@@ -108,7 +122,7 @@ class Trainer:
             self.engine.options.adapter_checkpoint.commit(self.engine.adapters, self.engine.adapters.step, extra)
         else:
             self.engine.flush()  # the writer is idle after this, so the manifest can be replaced here
-            self.store.commit(self.store.step, extra)
+            self.committer.commit(self.store.step, extra)
 
     def initial_state(self) -> dict:
         """The saved state of this run (resuming) or a fresh one starting at the store's current step."""
@@ -170,8 +184,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        config, engine = self.config, self.engine
-        state = self.initial_state()
+        config, engine, context = self.config, self.engine, self.context
+        state = context.together("resuming its state", self.initial_state)
         start = state["step"]
         if start >= self.total_steps:
             return self.already_finished(state)
@@ -185,7 +199,7 @@ class Trainer:
         self.watch = DivergenceWatch.of(self.metrics.read())
         self.diverging = {finding["metric"] for finding in self.watch.findings()}
         reporting.print_header(self)
-        if start == 0 and config.eval_at_start and self.dataset.val:
+        if start == 0 and config.eval_at_start and self.dataset.val and self.main:
             self.evaluate_baseline()
         # commit_extra replaces the extra wholesale: carry the rest (source, tokenizer) along.
         base_extra = {k: v for k, v in self.committed_extra().items() if k != STATE_KEY}
@@ -199,18 +213,20 @@ class Trainer:
         try:
             for index in range(start, self.total_steps):
                 expected = (sum(step_times[-5:]) / len(step_times[-5:])) if step_times else 0.0
-                stop_reason = stopper.reason(expected)
+                stop_reason = self.agreed_stop(stopper.reason(expected))
                 if stop_reason:
                     break
                 step = index + 1
                 batch = [self.dataset.train[i] for i in self.order.indices(index)]
-                micro = datalib.micro_batches(batch, config.grad_accum, self.pad_id)
+                # The step's micro-batches as one process cuts them (world size x grad_accum); this rank's share
+                # of them (``distributed.launch.rank_share``: all of them alone).
+                micro = datalib.micro_batches(batch, context.world_size * config.grad_accum, self.pad_id)
                 lr, weight_decay = self.schedule.lr(step), self.schedule.weight_decay_at(step)
                 mix = self.quant_mix_at(step)
                 tokens = sum(int((labels[:, 1:] != datalib.IGNORE_INDEX).sum()) for _, labels in micro)
                 began = time.perf_counter()
                 done = self.state_after(state, step, lr, weight_decay, tokens, mix)
-                stats = engine.train_step(micro, lr=lr, weight_decay=weight_decay, quant_mix=mix,
+                stats = engine.train_step(rank_share(micro, context, config.grad_accum), lr=lr, weight_decay=weight_decay, quant_mix=mix,
                                           commit_extra={**base_extra, STATE_KEY: done})
                 step_times.append(time.perf_counter() - began)
                 self.steps_run += 1
@@ -227,11 +243,11 @@ class Trainer:
                                      f"its weights. Start over with: {self.command.restart}")
                 skipped_in_row = 0
                 state = done
-                self.record_step(step, stats, lr, weight_decay, mix, step_times, session_started)
-                if config.eval_every and step % config.eval_every == 0 and self.dataset.val:
+                self.record_step(step, stats, tokens, lr, weight_decay, mix, step_times, session_started)
+                if self.main and config.eval_every and step % config.eval_every == 0 and self.dataset.val:
                     self.evaluate(step)
                     last_eval_step = step
-                if config.generate_every and step % config.generate_every == 0 and config.prompts:
+                if self.main and config.generate_every and step % config.generate_every == 0 and config.prompts:
                     self.generate(step)
                     last_generate_step = step
             engine.flush()
@@ -239,6 +255,8 @@ class Trainer:
             stopper.restore()
         finished = stop_reason is None
         last_step = state["step"]
+        if not self.main:  # rank 0 evaluates, reports and writes the outputs
+            return EXIT_OK if finished or stop_reason == "time limit" else 128 + (stopper.signal_number or 2)
         if finished:
             if self.dataset.val and last_eval_step != last_step:
                 self.evaluate(last_step)
@@ -249,7 +267,6 @@ class Trainer:
         if finished:
             reporting.finish_outputs(self)
             if config.judge_model or config.judge_url:
-
                 judge_finished_run(self, say=say)
         reporting.print_summary(self, finished)
         if finished:
@@ -283,15 +300,16 @@ class Trainer:
                          f"{self.command.restart_with_lr()} (or use a new --experiment NAME)")
 
     # ------------------------------------------------------------------ reporting
-    def record_step(self, step: int, stats, lr: float, weight_decay: float, mix: float | None, step_times: list,
-                    session_started: float):
-        """metrics.jsonl, status.json and (every ``log_every`` steps) the progress line."""
+    def record_step(self, step: int, stats, tokens: int, lr: float, weight_decay: float, mix: float | None,
+                    step_times: list, session_started: float):
+        """metrics.jsonl, status.json and (every ``log_every`` steps) the progress line. ``tokens``: the step's
+        target tokens over every rank (``stats``: this rank's step)."""
         elapsed = time.perf_counter() - session_started
         recent = step_times[-10:]
         eta = (sum(recent) / len(recent)) * (self.total_steps - step)
-        tokens_per_s = stats.tokens / stats.wall_s if stats.wall_s > 0 else 0.0
+        tokens_per_s = tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         record = {"type": "train", "step": step, "store_step": stats.step, "loss": stats.loss, "lr": lr,
-                  "weight_decay": weight_decay, "tokens": stats.tokens, "wall_s": round(stats.wall_s, 4),
+                  "weight_decay": weight_decay, "tokens": tokens, "wall_s": round(stats.wall_s, 4),
                   "compute_s": round(stats.compute_s, 4), "io_wait_s": round(stats.io_wait_s, 4),
                   "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
                   "spilled_bytes": stats.spilled_bytes, "load_wait_s": round(stats.load_wait_s, 4),
@@ -304,7 +322,7 @@ class Trainer:
         self.watch_divergence(record)
         if step % self.config.log_every == 0 or step == self.total_steps or step == 1:
             mixed = f" mix {mix:.2f}" if mix is not None else ""
-            say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e}{mixed} | {stats.tokens} tok "
+            say(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {lr:.2e}{mixed} | {tokens} tok "
                 f"{tokens_per_s:,.0f} tok/s | {stats.wall_s:.2f}s (compute {stats.compute_s:.2f}s, io wait "
                 f"{stats.io_wait_s:.2f}s) | read {human(stats.bytes_read)} written {human(stats.bytes_written)} | "
                 f"peak RSS {human(stats.peak_rss)} | ETA {format_seconds(eta)}")
@@ -327,7 +345,15 @@ class Trainer:
                                  "time": round(time.time(), 3)})
         self.diverging = set(findings)
 
+    def agreed_stop(self, reason: str | None) -> str | None:
+        """Why the run stops before the next step, the same on every rank: a rank whose own limit or signal
+        came stops every rank at this step boundary (alone: ``reason`` itself)."""
+        stopping = self.context.all_gather_object(reason)
+        return reason or next((f"{why}, on rank {rank}" for rank, why in enumerate(stopping) if why), None)
+
     def write_status(self, step: int, phase: str, **values):
+        if not self.main:
+            return
         extra = {"adapter_dir": self.paths.adapter_dir, "adapter_step": self.committed_step()} if self.lora else {}
         findings = self.watch.findings()
         if findings:
@@ -399,12 +425,24 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         say(f"loss plot: {plot_losses(paths.metrics, paths.plot, config.experiment_name)}")
         return EXIT_OK
     if config.dry_run:
+        launched = TorchrunEnv.from_environ()
+        set_quiet(launched is not None and launched.rank != 0)  # under torchrun, rank 0 prints the plan
         return dry_run(config, paths, RunCommand(argv, prog))
     check_device(config.device)
     if config.data:
         # Malformed, empty or non-UTF-8 data fails here, before anything is written, imported or locked (the
         # byte tokenizer reads every record; the model's own tokenizer checks again once the store is open).
         load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)
+    context = init_distributed(config.device, config.dist_backend)  # one process outside torchrun
+    if context.distributed:
+        try:
+            return named_rank_errors(context)(train_rank)(config, paths, RunCommand(argv, prog), context)
+        finally:
+            context.close()
+    if paths.rank_stores():
+        raise TrainError(f"{paths.run_dir} holds a data-parallel run ({len(paths.rank_stores())} rank stores): "
+                         "resume it with torchrun and the same number of processes, or continue it on one process "
+                         f"from one store: offload-bitnet gather {paths.run_dir} OUT, then train OUT")
     # A refused run writes nothing: a store trained in place is opened (and locked: one run per store; a LoRA
     # base is only read) and checked before the run folder is made; then the run folder's lock is taken.
     store = BlockStore(paths.store_dir, writable=not config.is_lora) if paths.origin == "store" else None
@@ -452,7 +490,7 @@ def train(config: RunConfig, paths: RunPaths, command: RunCommand, cleanup: Refu
             checkpoint = AdapterCheckpoint(paths.adapter_dir, options.adapter_base or store.path)
             options = dataclasses.replace(options, adapters=checkpoint.restore(store.config, options.lora),
                                           adapter_checkpoint=checkpoint, lora=None, adapter_dir=None,
-                                          scratch_dir=os.path.join(paths.run_dir, "scratch"))
+                                          scratch_dir=paths.scratch_dir)
         engine = StreamingEngine(store, options)
     except BaseException:
         store.close()
@@ -475,7 +513,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``finetune.py``: parse the command line, run, and turn errors into one clear paragraph."""
     if argv is None:
         argv = sys.argv[1:]
-        prog = prog or f"python {sys.argv[0]}"
+        prog = prog or torchrun_command(sys.argv[0]) or f"python {sys.argv[0]}"
     prog = prog or "python finetune.py"
     config = None
     try:

@@ -2,10 +2,12 @@
 (``finetune.py`` under torchrun) and for scripts that drive the engine themselves (README "Data parallel")."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 from offload_bitnet.distributed.commit import RankCommit
-from offload_bitnet.distributed.env import DistContext, DistributedError
+from offload_bitnet.distributed.env import DistContext
 from offload_bitnet.distributed.rank_stores import make_rank_store
 from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
 from offload_bitnet.store.blockstore import MANIFEST, BlockStore
@@ -13,8 +15,9 @@ from offload_bitnet.store.blockstore import MANIFEST, BlockStore
 
 def open_rank_store(context: DistContext, model_store: str, run_dir: str, progress=None) -> tuple[BlockStore, int]:
     """This rank's store in ``run_dir`` (``store.rank<R>``), made from ``model_store`` at the first launch (every
-    unit's weights, the owned masters and moments), open for writing and brought to the step every rank has
-    committed (``RankCommit.recover``). Collective. Returns ``(store, step)``.
+    unit's weights, the owned masters and moments; one whose creation was interrupted is made again), open for
+    writing and brought to the step every rank has committed (``RankCommit.recover``). Collective. Returns
+    ``(store, step)``.
 
     Each rank reads ``model_store`` on its own machine at the first launch only (on several machines, each needs
     a copy of the model's store, or of its own ``store.rank<R>``)."""
@@ -30,17 +33,26 @@ def open_rank_store(context: DistContext, model_store: str, run_dir: str, progre
 
 
 def _make_rank_store_once(context: DistContext, model_store: str, path: str, progress):
-    if os.path.exists(os.path.join(path, MANIFEST)):
+    if _committed_step(path) >= 0:
         return
-    if os.path.exists(path) and os.listdir(path):
-        raise DistributedError(f"{path} exists without a committed manifest (its creation was interrupted): "
-                               "delete that folder and run the same command again")
+    if os.path.exists(path):
+        # Its creation was interrupted (no step committed yet): it holds nothing the model's store does not.
+        shutil.rmtree(path)
     source = BlockStore(model_store)
     try:
         plan = shard_plan(source.config, context.world_size, source.settings)
         make_rank_store(source, path, plan, context.rank, progress).close()
     finally:
         source.close()
+
+
+def _committed_step(path: str) -> int:
+    """The step a store's manifest records (-1: none, or a store whose creation did not finish)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as handle:
+            return int(json.load(handle).get("step", -1))
+    except (OSError, ValueError):
+        return -1
 
 
 def rank_share(step_micro_batches: list, context: DistContext, grad_accum: int) -> list:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from offload_bitnet.distributed.batching import per_rank_batch
 from offload_bitnet.distributed.env import DistContext, DistributedError
 from offload_bitnet.distributed.launch import open_rank_store
-from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
+from offload_bitnet.distributed.sharding import shard_plan
 from offload_bitnet.distributed.trainable import distribute
 from offload_bitnet.model.lora import AdapterCheckpoint, AdapterSet
 from offload_bitnet.store.blockstore import BlockStore
@@ -54,15 +54,16 @@ def check_batch_split(config: RunConfig, world_size: int):
 def train_rank(config: RunConfig, paths: RunPaths, command: RunCommand, context: DistContext) -> int:
     """Run (or resume) ``config`` as ``context``'s rank; returns the exit status (the same on every rank)."""
     from offload_bitnet.train.trainer import Trainer  # the trainer imports this package's step
-    check_batch_split(config, context.world_size)
     if config.quant_warmup > 0 and not config.is_lora:
         raise TrainError("--quant-warmup is not supported across ranks yet: the warm-up reads every block's "
                          "master weights in forward, and each rank has only its share of them. Run the warm-up "
                          "on one process, then continue the run under torchrun.")
     set_quiet(not context.is_main)
     paths = dataclasses.replace(paths, rank=context.rank)
-    own_store = None if config.is_lora else rank_store_dir(paths.run_dir, context.rank)
-    cleanup = RefusalCleanup(paths, also=(own_store,) if own_store else ())
+    # A refusal removes what the run created but the rank stores: like a finished import they are kept (a copy of
+    # the model's store that a relaunch reuses), and removing a store while torchrun stops the rank could leave
+    # half of one behind.
+    cleanup = RefusalCleanup(paths)
     lock = None
     try:
         lock = context.together("taking its lock on the run folder", _lock, paths)

@@ -9,6 +9,9 @@ per process, from 1) perform ``action``:
 * ``raise``  — raise ``InjectedFault`` (an exception in the middle of the work);
 * ``enospc`` / ``eio`` — raise ``OSError`` with that errno (a full disk, a failing disk).
 
+``OFFLOAD_BITNET_FAULTS_RANK=R``: only the process that torchrun started as rank R (``RANK``) takes the plan
+(torchrun gives every rank the same environment; a crash test kills one of them).
+
 Points: ``write.data`` (block write-back, after part of a file is written), ``write.rename`` (after fsync, before
 the rename), ``commit.rename`` (manifest written, before the switch), ``commit.cleanup`` (after the switch,
 before old files are deleted), ``prefetch`` (a background load), ``update`` (a block's optimizer update),
@@ -22,6 +25,7 @@ import signal
 import threading
 
 ENV = "OFFLOAD_BITNET_FAULTS"
+RANK_ENV = "OFFLOAD_BITNET_FAULTS_RANK"
 ACTIONS = ("kill", "sigterm", "sigint", "raise", "enospc", "eio")
 POINTS = ("write.data", "write.rename", "commit.rename", "commit.cleanup", "prefetch", "update", "read")
 
@@ -44,7 +48,13 @@ def _parse(spec: str) -> dict[str, list[tuple[int, str]]]:
     return plan
 
 
-_plan = _parse(os.environ.get(ENV, ""))
+def _this_process_plan(environ) -> str:
+    """The fault plan of this process: the variable's, unless it names another torchrun rank."""
+    rank = environ.get(RANK_ENV)
+    return "" if rank is not None and environ.get("RANK", "0") != rank else environ.get(ENV, "")
+
+
+_plan = _parse(_this_process_plan(os.environ))
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 

@@ -175,12 +175,11 @@ class RefusalCleanup:
     so that a refused run writes nothing. A finished store created or imported here is kept: hours of import
     must not be lost to a refusal, and re-running the command uses it."""
 
-    def __init__(self, paths: RunPaths, also: tuple = ()):
-        """``also``: more paths the run may create (a data-parallel rank's store)."""
+    def __init__(self, paths: RunPaths):
         self.paths = paths
         self.new_folder = not os.path.exists(paths.run_dir)
         candidates = (paths.run_json, paths.lock, paths.metrics, paths.status, paths.plot, paths.adapter_dir,
-                      paths.scratch_dir) + tuple(also)
+                      paths.scratch_dir)
         self.new_paths = [p for p in candidates if not os.path.exists(p)]
         self.new_store = paths.origin != "store" and not os.path.exists(paths.store_dir)
         self.armed = True

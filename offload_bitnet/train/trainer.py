@@ -32,7 +32,7 @@ from offload_bitnet.distributed.commit import RankCommit
 from offload_bitnet.distributed.env import (DistContext, TorchrunEnv, init_distributed, named_rank_errors,
                                             torchrun_command)
 from offload_bitnet.distributed.launch import rank_share
-from offload_bitnet.distributed.training import train_rank
+from offload_bitnet.distributed.training import check_batch_split, train_rank
 from offload_bitnet.engine.streaming import StreamingEngine
 from offload_bitnet.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe,
                                    quiet_broken_pipe)
@@ -435,6 +435,7 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         load_data(config, ByteTokenizer(), ByteTokenizer.vocab_size)
     context = init_distributed(config.device, config.dist_backend)  # one process outside torchrun
     if context.distributed:
+        check_batch_split(config, context.world_size)  # a usage error, before anything is written
         try:
             return named_rank_errors(context)(train_rank)(config, paths, RunCommand(argv, prog), context)
         finally:

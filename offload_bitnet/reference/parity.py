@@ -121,7 +121,7 @@ def _worst(pairs) -> tuple[float, str]:
     return worst, worst_name
 
 
-def _parity_store(root: str, mode: str, seed: int, overrides: dict) -> tuple[str, list]:
+def _parity_store(root: str, mode: str, seed: int, overrides: dict) -> str:
     shape = dict(size="demo", n_layers=4, n_heads=4, n_kv_heads=2, dim=64, hidden_dim=192, tie_embeddings=False)
     shape.update(overrides)
     arch = "bitnet" if mode == "qat" else "llama"

@@ -25,8 +25,9 @@ How later work plugs in behind it, without a change to the engine's step:
   owner only (other ranks plan ``frozen`` loads, as LoRA does).
 - a second compute backend (MLX, ``engine.backend``): the trainables need no change. Their leaves stay torch
   tensors that require grad; the backend makes its own arrays from them for each block call and sums its
-  gradients into their ``.grad``, as autograd does; the step plan, the prefetch, the writer and the commit are
-  unchanged.
+  gradients into their ``.grad``, as autograd does; every AdamW (``updates.make_update``, and the adapters'
+  through ``AdapterSet.update``) is the backend's ``adamw_update``; the step plan, the prefetch, the writer and
+  the commit are unchanged.
 """
 from __future__ import annotations
 
@@ -288,7 +289,7 @@ class LoRA(Trainable):
         adapters = {k: v for k, v in params.items() if k.endswith(".lora")}
         for key, adapter in adapters.items():
             check_finite(unit, key, adapter.lora_a.grad, adapter.lora_b.grad)
-        self.adapters.update(layer, adapters, ctx.step, ctx.optim, ctx.lr)
+        self.adapters.update(layer, adapters, ctx.step, ctx.optim, ctx.lr, adamw=self.engine.backend.adamw_update)
         for key in adapters:
             name = key[: -len(".lora")]
             check_finite(unit, name, *self.adapters.weights[(layer, name)].values(),

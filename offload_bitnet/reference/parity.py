@@ -79,12 +79,19 @@ def run_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, 
 
 @dataclass
 class MLXParityResult:
-    """A streamed MLX step against two references. ``grad_err``: its gradients (recovered from the first step's
-    moments, ``exp_avg = (1 - beta1) g``) against torch autograd, dropout off (the two RNGs differ);
-    ``weights_vs_torch``: the weights after the step against torch.optim.AdamW's (AdamW's first step is about
-    lr * g / (|g| + eps), so gradients within rounding noise of zero move apart: reported, not a parity check);
-    ``weights_vs_mlx``: the weights after a step with ``dropout`` against the MLX in-memory ``mx.grad``
-    reference (``backends.mlx.reference``), the same RNG keys."""
+    """A streamed MLX step against three references.
+
+    - ``grad_err``: its gradients (recovered from the first step's moments, ``exp_avg = (1 - beta1) g``) against
+      torch autograd, dropout off (the two RNGs differ). In qat this comparison is ill-conditioned in fp32: see
+      ``reference.activation_codes``;
+    - ``grad_vs_same_codes`` (qat only, else None): the same gradients against torch autograd run with the 8-bit
+      activation codes the MLX step chose (``code_flips``: where torch's own roundings differed);
+    - ``grad_vs_mlx``: with ``dropout``, against the MLX in-memory ``mx.grad`` reference
+      (``backends.mlx.reference``), the same RNG keys.
+
+    ``weights_vs_torch`` / ``weights_vs_mlx``: the weights after the step against torch.optim.AdamW's and the MLX
+    reference's AdamW (AdamW's first step is about lr * g / (|g| + eps), so gradients within rounding noise of
+    zero move apart by up to lr: reported, not a parity check)."""
 
     streamed_loss: float
     torch_loss: float
@@ -99,6 +106,10 @@ class MLXParityResult:
     grad_vs_mlx: float
     grad_vs_mlx_worst: str
     tensors_compared: int
+    same_codes_loss: float | None = None
+    grad_vs_same_codes: float | None = None
+    grad_vs_same_codes_worst: str = ""
+    code_flips: object = None  # activation_codes.CodeFlips
 
 
 def _worst(pairs) -> tuple[float, str]:
@@ -110,7 +121,7 @@ def _worst(pairs) -> tuple[float, str]:
     return worst, worst_name
 
 
-def _parity_store(root: str, mode: str, seed: int, overrides: dict) -> tuple[str, list]:
+def _parity_store(root: str, mode: str, seed: int, overrides: dict) -> str:
     shape = dict(size="demo", n_layers=4, n_heads=4, n_kv_heads=2, dim=64, hidden_dim=192, tie_embeddings=False)
     shape.update(overrides)
     arch = "bitnet" if mode == "qat" else "llama"
@@ -149,48 +160,100 @@ def _streamed_mlx_step(path: str, batches, dropout: float, seed: int, optim) -> 
     return stats.loss, updated, grads
 
 
-def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, seed: int = 0,
-                   workdir: str | None = None, **overrides) -> MLXParityResult:
-    """One streamed step on MLX against torch autograd + torch AdamW (dropout off), and with ``dropout`` against
-    the MLX in-memory reference (see ``MLXParityResult``)."""
+def _torch_step(path: str, batches, seed: int, optim) -> tuple[float, dict, dict]:
+    """The in-memory torch step, dropout off: (loss, its gradients, the weights after torch.optim.AdamW)."""
+    reference = InMemoryModel.from_store(BlockStore(path))
+    optimizer = reference.optimizer(optim)
+    loss = reference.step_loss(batches, dropout=0.0, seed=seed, step=1)
+    loss.backward()
+    grads = {unit: {n: p.grad.clone() for n, p in tensors.items()}
+             for unit, tensors in reference.named_unit_tensors().items()}
+    optimizer.step()
+    weights = {unit: {n: p.detach() for n, p in tensors.items()}
+               for unit, tensors in reference.named_unit_tensors().items()}
+    return loss.item(), grads, weights
+
+
+def _mlx_reference_units(store: BlockStore) -> tuple[dict, dict]:
+    """``(masters, computed)`` MLX unit dicts for ``backends.mlx.reference``: the masters AdamW updates, and the
+    tensors the step computes with. The ternary projections are the store's (unpacked, as the streamed step
+    computes with them) rather than quantized again in MLX: a last-bit difference in gamma would flip 8-bit
+    activation levels (see ``activation_codes``). By the straight-through estimator their gradients are the
+    shadows'."""
+    from offload_bitnet.backends.mlx.arrays import tree_to_mx
+
+    layout = Layout(store.settings)
+    masters = {unit: tree_to_mx({n: t.detach() for n, t in tensors.items()})
+               for unit, tensors in InMemoryModel.from_store(store).named_unit_tensors().items()}
+    computed = {unit: tree_to_mx(layout.forward_tensors(unit, store.read(unit, "weights"), torch.float32, "cpu"))
+                if is_block(unit) else tensors for unit, tensors in masters.items()}
+    return masters, computed
+
+
+def _torch_step_with_mlx_codes(path: str, batches, seed: int) -> tuple[float, dict, object]:
+    """Torch autograd's step (dropout off) with the 8-bit activation codes the MLX in-memory step chose:
+    (loss, gradients, ``activation_codes.CodeFlips``)."""
     import mlx.core as mx
 
     from offload_bitnet.backends.mlx import reference as mlx_reference
-    from offload_bitnet.backends.mlx.arrays import to_mx, to_torch, tree_to_mx
+    from offload_bitnet.backends.mlx.arrays import to_mx, to_torch
+    from offload_bitnet.reference.activation_codes import recording_mlx_codes, torch_with_codes
+
+    store = BlockStore(path)
+    _, computed = _mlx_reference_units(store)
+    codes = []
+    with recording_mlx_codes(codes):
+        loss, _ = mlx_reference.loss_and_grads(computed, [(to_mx(i), to_mx(l)) for i, l in batches], store.config,
+                                               quantize=1.0, seed=seed, step=1)
+    mx.eval(loss, codes)
+    reference = InMemoryModel.from_store(store)
+    with torch_with_codes([to_torch(c) for c in codes]) as flips:
+        torch_loss = reference.step_loss(batches, dropout=0.0, seed=seed, step=1)
+        torch_loss.backward()
+    grads = {unit: {n: p.grad.clone() for n, p in tensors.items()}
+             for unit, tensors in reference.named_unit_tensors().items()}
+    return torch_loss.item(), grads, flips
+
+
+def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, seed: int = 0,
+                   workdir: str | None = None, **overrides) -> MLXParityResult:
+    """One streamed step on MLX against torch autograd + torch AdamW (dropout off; in qat also with the MLX
+    step's activation codes), and with ``dropout`` against the MLX in-memory reference (see ``MLXParityResult``)."""
+    import mlx.core as mx
+
+    from offload_bitnet.backends.mlx import reference as mlx_reference
+    from offload_bitnet.backends.mlx.arrays import to_mx, to_torch
 
     optim = AdamWConfig(lr=1e-3, weight_decay=0.1)
     with tempfile.TemporaryDirectory(dir=workdir) as root:
         path = _parity_store(root + "/a", mode, seed, overrides)
         batches = _parity_batches(BlockStore(path).config.vocab_size, micro_batches, seed)
-        reference = InMemoryModel.from_store(BlockStore(path))
-        optimizer = reference.optimizer(optim)
-        loss = reference.step_loss(batches, dropout=0.0, seed=seed, step=1)
-        loss.backward()
-        torch_grads = {unit: {n: p.grad.clone() for n, p in tensors.items()}
-                       for unit, tensors in reference.named_unit_tensors().items()}
-        optimizer.step()
-        expected = reference.named_unit_tensors()
+        torch_loss, torch_grads, expected = _torch_step(path, batches, seed, optim)
+        same_codes = _torch_step_with_mlx_codes(path, batches, seed) if mode == "qat" else None
         streamed_loss, updated, grads = _streamed_mlx_step(path, batches, 0.0, seed, optim)
         grad_err, grad_worst = _worst((f"{u}.{n}", grads[u][n], g) for u, t in torch_grads.items()
                                       for n, g in t.items())
-        weights_err, weights_worst = _worst((f"{u}.{n}", updated[u][n], t.detach()) for u, ts in expected.items()
+        weights_err, weights_worst = _worst((f"{u}.{n}", updated[u][n], t) for u, ts in expected.items()
                                             for n, t in ts.items())
         count = sum(len(t) for t in expected.values())
+        same_codes_fields = {}
+        if same_codes is not None:
+            same_loss, same_grads, flips = same_codes
+            same_err, same_worst = _worst((f"{u}.{n}", grads[u][n], g) for u, t in same_grads.items()
+                                          for n, g in t.items())
+            loss_err = abs(streamed_loss - same_loss) / abs(same_loss)
+            if loss_err > same_err:
+                same_err, same_worst = loss_err, "loss"
+            same_codes_fields = dict(same_codes_loss=same_loss, grad_vs_same_codes=same_err,
+                                     grad_vs_same_codes_worst=same_worst, code_flips=flips)
 
-        # Dropout on: the MLX in-memory reference from the same initial weights and keys. Its ternary
-        # projections are the store's (unpacked, as the streamed step computes with them) rather than quantized
-        # again in MLX: a last-bit difference in gamma would flip 8-bit activation levels (see the README). By
-        # the straight-through estimator their gradients are the shadows', which AdamW then updates.
+        # Dropout on: the MLX in-memory reference from the same initial weights and keys.
         path = _parity_store(root + "/b", mode, seed, overrides)
         store = BlockStore(path)
-        config, layout = store.config, Layout(store.settings)
-        masters = {unit: tree_to_mx({n: t.detach() for n, t in tensors.items()})
-                   for unit, tensors in InMemoryModel.from_store(store).named_unit_tensors().items()}
-        computed = {unit: tree_to_mx(layout.forward_tensors(unit, store.read(unit, "weights"), torch.float32, "cpu"))
-                    if is_block(unit) else tensors for unit, tensors in masters.items()}
+        masters, computed = _mlx_reference_units(store)
         quantize = 1.0 if mode == "qat" else 0.0
         mlx_batches = [(to_mx(ids), to_mx(labels)) for ids, labels in batches]
-        mlx_loss, mlx_grads = mlx_reference.loss_and_grads(computed, mlx_batches, config, quantize=quantize,
+        mlx_loss, mlx_grads = mlx_reference.loss_and_grads(computed, mlx_batches, store.config, quantize=quantize,
                                                            dropout_p=dropout, seed=seed, step=1)
         stepped, _ = mlx_reference.adamw_step(masters, mlx_grads, {}, step=1, lr=optim.lr,
                                               betas=(optim.beta1, optim.beta2), eps=optim.eps,
@@ -205,5 +268,6 @@ def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int =
         loss_err = abs(dropout_loss - mlx_loss) / abs(mlx_loss)
         if loss_err > mlx_err:
             mlx_err, mlx_worst = loss_err, "loss"
-    return MLXParityResult(streamed_loss, loss.item(), grad_err, grad_worst, weights_err, weights_worst,
-                           dropout_loss, mlx_loss, mlx_err, mlx_worst, mlx_grad_err, mlx_grad_worst, count)
+    return MLXParityResult(streamed_loss, torch_loss, grad_err, grad_worst, weights_err, weights_worst,
+                           dropout_loss, mlx_loss, mlx_err, mlx_worst, mlx_grad_err, mlx_grad_worst, count,
+                           **same_codes_fields)

@@ -243,6 +243,15 @@ def test_activation_quantization_is_exact_and_straight_through():
     assert np.array_equal(to_numpy(grads[0]), np.full(x.shape, 3.0, dtype=np.float32))
 
 
+def test_activation_quantization_breaks_ties_as_torch_does():
+    """Inputs exactly on a rounding boundary (absmax 127: scale 1, so x * scale is x): both round half to even,
+    so a code that differs between the backends in a qat step comes from inputs that differ, never from ties."""
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -125.5, 3.5]])
+    want = tt.quantize_activation(x)
+    assert want.tolist() == [[127.0, 0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 126.0, -126.0, 4.0]]
+    assert np.array_equal(to_numpy(mt.quantize_activation(to_mx(x))), want.numpy())
+
+
 # ------------------------------------------------------------------ loss
 
 def test_shift_labels_and_ignore_index_match_the_engine():

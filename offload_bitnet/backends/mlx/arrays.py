@@ -14,7 +14,7 @@ import torch
 CPU_COMPUTE_DTYPE = mx.float32
 
 _TORCH_TO_MX = {
-    torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16,
+    torch.float64: mx.float64, torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16,
     torch.int64: mx.int64, torch.int32: mx.int32, torch.int16: mx.int16, torch.int8: mx.int8,
     torch.uint8: mx.uint8, torch.bool: mx.bool_,
 }
@@ -38,7 +38,8 @@ def to_mx(value, dtype: mx.Dtype | None = None) -> mx.array:
             # numpy cannot hold bf16: pass the raw bits and reinterpret them in MLX (no rounding anywhere).
             array = mx.array(tensor.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
         elif tensor.dtype in _TORCH_TO_MX:
-            array = mx.array(tensor.contiguous().numpy())
+            # The dtype explicitly: mx.array would make float64 numpy arrays float32.
+            array = mx.array(tensor.contiguous().numpy(), dtype=_TORCH_TO_MX[tensor.dtype])
         else:
             raise ValueError(f"to_mx: torch dtype {tensor.dtype} has no MLX counterpart")
     else:

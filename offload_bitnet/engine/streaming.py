@@ -39,7 +39,6 @@ differs between the two.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -53,7 +52,7 @@ from offload_bitnet.io.faults import fault_point
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterCheckpoint, AdapterSet, LoRAConfig
 from offload_bitnet.model.loss import IGNORE_INDEX, chunked_cross_entropy, shift_labels
-from offload_bitnet.model.block import LazyWeight, rope_tables
+from offload_bitnet.model.block import DENSE_BLOCK_BYTES, is_lazy_block, lazy_weights, rope_tables
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.units import block_index, block_unit, is_block
@@ -96,9 +95,8 @@ class EngineOptions:
     # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
     # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
     # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
-    # pass, on the prefetch thread, which overlaps the compute. The default makes 7B and 13B blocks (0.8 and
-    # 1.3 GB) dense and 34B and up lazy.
-    dense_block_bytes: int = 2 << 30
+    # pass, on the prefetch thread, which overlaps the compute (the rule: ``model.is_lazy_block``).
+    dense_block_bytes: int = DENSE_BLOCK_BYTES
     prefetch_depth: int = 1
     max_pending_writes: int = 1
     optim: AdamWConfig = field(default_factory=AdamWConfig)
@@ -226,14 +224,11 @@ class StreamingEngine:
     def lazy(self, unit: str) -> bool:
         """Whether a unit's projections are made one at a time (``model.LazyWeight``) rather than all at once:
         blocks whose dense compute weights exceed ``dense_block_bytes``."""
-        dense = self.config.block_param_count() * torch.empty((), dtype=self.dtype).element_size()
-        return is_block(unit) and dense > self.options.dense_block_bytes
+        return is_block(unit) and is_lazy_block(self.config, self.dtype, self.options.dense_block_bytes)
 
     def lazy_weights(self, unit: str, names, make_one, keep: bool, requires_grad: bool = False) -> dict:
         """``{name: tensor}`` with each projection a LazyWeight of ``make_one(name)``; norms made at once."""
-        projections = self.config.projection_shapes
-        return {name: LazyWeight(functools.partial(make_one, name), keep, requires_grad) if name in projections
-                else make_one(name) for name in names}
+        return lazy_weights(self.config, names, make_one, keep, requires_grad)
 
     def forward_job(self, unit: str, quant_mix: float = 1.0, keep: bool = False):
         """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up).

@@ -69,6 +69,17 @@ def default_compute_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+def default_pool_bytes(config, dtype: torch.dtype, dense_block_bytes: int = DENSE_BLOCK_BYTES) -> int:
+    """``EngineOptions.pool_bytes`` when None: two units' worth of fp32 work (a dense block's compute weights, or
+    a lazy block's largest projection, or the embedding), at least 1 GiB (the plan predicts with it too)."""
+    if is_lazy_block(config, dtype, dense_block_bytes):
+        block = max(o * i for o, i in config.projection_shapes.values()) * 4
+    else:
+        block = config.block_param_count() * torch.empty((), dtype=dtype).element_size()
+    # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
+    return max(1 << 30, 2 * max(block, config.vocab_size * config.dim * 4))
+
+
 @dataclass
 class EngineOptions:
     """Knobs of the streaming engine."""
@@ -168,11 +179,7 @@ class StreamingEngine:
         self.trainable = FullWeights(self) if adapters is None else LoRA(self, adapters, checkpoint)
 
     def _default_pool_bytes(self) -> int:
-        cfg, size = self.config, torch.empty((), dtype=self.dtype).element_size()
-        block = cfg.block_param_count() * size if not self.lazy("block.000") else \
-            max(o * i for o, i in cfg.projection_shapes.values()) * 4
-        # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
-        return max(1 << 30, 2 * max(block, cfg.vocab_size * cfg.dim * 4))
+        return default_pool_bytes(self.config, self.dtype, self.options.dense_block_bytes)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):

@@ -246,6 +246,9 @@ class Generator:
                 self.cache.put(unit, cached)
         if expand_cached:
             return cached
+        if unit == "embed":
+            # As stored: the lookup converts only the rows it gathers (``_step``), not the whole table per token.
+            return cached
         if self.lazy_blocks and is_block(unit):
             # Made on the main thread, one projection per matmul, instead of all here on the loader thread.
             return lazy_weights(self.config, self.layout.param_names(cached), lambda name: self.layout.forward_tensor(
@@ -263,7 +266,7 @@ class Generator:
         stream = self.prefetcher.stream((lambda u=u: self._load(u)) for u in units)
         for index, (unit, tensors) in enumerate(zip(units, stream)):
             if unit == "embed":
-                x = F.embedding(ids, tensors["weight"])
+                x = F.embedding(ids, tensors["weight"]).to(self.dtype)  # the same values as converting the table
                 embedding = tensors["weight"] if tied else None
             elif is_block(unit):
                 x = self.backend.block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config,

@@ -13,8 +13,11 @@ peak RSS is the training's), and prints: parameters, bytes on disk, peak RSS, se
 bytes read and written per step, the main thread's time split (compute / waiting for loads / waiting for the
 writer / running the writer's queued updates itself), the loss of every step, and CPU-seconds per wall second
 during each step (all threads of the process; 2.0 is both cores busy). The batch is fixed (every record of the
-data file is the same text), so the loss of a working run falls from step to step. Targets are checked as
-PASS/FAIL lines; the exit status is non-zero when one fails. The store is deleted at the end unless ``--keep``;
+data file is the same text), so the loss of a working run falls from step to step. Next to what it measured,
+each row prints the plan's prediction (``train.plan.make_plan``, as ``--dry-run`` makes it before the run) of
+peak RSS and step time, with their ratios; for 7b and 13b they must come within 15% and 25%. The 70b-lora row
+then generates with ``test_gen.py`` and the adapters it trained, in a child of its own, and prints that child's
+peak RSS (against the same target) and tokens/s. Targets are checked as PASS/FAIL lines; the exit status is non-zero when one fails. The store is deleted at the end unless ``--keep``;
 a row refuses to start when the free disk in ``--dir`` is short of what its store and first step need.
 
 Rows (targets from issue 11):
@@ -250,8 +253,8 @@ def run_row(name: str, args, checks: Checks) -> None:
     row = dict(ROWS[name])
     size = "tiny" if args.quick else row["size"]
     enforce = not args.quick
-    config = config_for_size(size, "bitnet")
-    print(f"\n=== {name}: {size} bitnet, {row['mode']}, {row['steps']} step(s) of G={row['grad_accum']} x 1 x "
+    config = config_for_size(size, "bitnet") if args.store is None else store_config(args.store)
+    print(f"\n=== {name}: {size if args.store is None else args.store} bitnet, {row['mode']}, {row['steps']} step(s) of G={row['grad_accum']} x 1 x "
           f"{row['seq']} tokens ({machine_load()})", flush=True)
     print(f"parameters: {config.param_count():,} ({config.n_layers} blocks of {config.block_param_count():,})")
     os.makedirs(args.dir, exist_ok=True)
@@ -310,7 +313,8 @@ def run_row(name: str, args, checks: Checks) -> None:
             records = [r for r in map(json.loads, handle) if r.get("type") == "train"]
         report_row(name, row, config, store, child, records, elapsed, checks, enforce, prediction)
         if row.get("generate_tokens"):
-            generate(name, store, row["generate_tokens"], args, checks)
+            adapter = os.path.join(runs, name, "adapter") if row["mode"] == "lora" else None
+            generate(name, row, store, adapter, work, args, checks, enforce)
     finally:
         if created and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -360,15 +364,51 @@ def report_row(name, row, config, store, child, records, elapsed, checks: Checks
                      f"{ratio:.2f} ({machine_load()}: other processes take cores too)", enforce)
 
 
-def generate(name: str, store: str, tokens: int, args, checks: Checks):
-    command = [sys.executable, os.path.join(ROOT, "test_gen.py"), store, "cpu", "--prompt", "The capital of France is",
-               "--max-new-tokens", str(tokens), "--tokenizer", "byte"]
-    print("$ python test_gen.py " + " ".join(command[2:]), flush=True)
-    done = subprocess.run(command, cwd=ROOT, env=child_env(args), capture_output=True, text=True)
+def child_generate(result_path: str, argv: list[str]) -> int:
+    """Run test_gen.py's main on ``argv`` in this process and write its exit status and this process's peak RSS
+    to ``result_path`` (the generation's own peak, apart from the training child's)."""
+    sys.path.insert(0, ROOT)
+    import test_gen
+
+    code = test_gen.main(argv)
+    with open(result_path, "w") as handle:
+        json.dump({"exit": code, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, handle)
+    return code
+
+
+def generate(name: str, row: dict, store: str, adapter: str | None, work: str, args, checks: Checks, enforce: bool):
+    """``test_gen.py`` for the row's tokens (with the adapters just trained, for a LoRA row) in a child process:
+    prints its output and peak RSS, and checks that it printed tokens/s and stayed within the row's RSS target."""
+    argv = [store, "cpu", "--prompt", "The capital of France is", "--max-new-tokens", str(row["generate_tokens"]),
+            "--tokenizer", "byte"] + (["--adapter", adapter] if adapter else [])
+    result_path = os.path.join(work, "generate.json")
+    print("$ python test_gen.py " + " ".join(argv), flush=True)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-generate", result_path, "--", *argv],
+                          cwd=ROOT, env=child_env(args), capture_output=True, text=True)
     print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
     text = done.stdout + done.stderr
     checks.check(f"{name} generation prints tokens/s", done.returncode == 0 and "tok" in text and "/s" in text,
                  f"exit {done.returncode}")
+    if not os.path.exists(result_path):
+        checks.failures.append(f"{name}: generation failed (exit {done.returncode})")
+        return
+    with open(result_path) as handle:
+        peak = json.load(handle)["peak_rss"]
+    print(f"peak RSS of the generation process: {gib(peak)} (no plan prediction: the plan predicts training steps)")
+    target = row["targets"].get("peak_rss_gib")
+    if target:
+        checks.check(f"{name} generation peak RSS <= {target} GiB", peak <= target * GIB, gib(peak), enforce)
+
+
+def store_config(path: str):
+    """The model config of an existing store (``--store``)."""
+    from offload_bitnet.store.blockstore import BlockStore
+
+    store = BlockStore(path)
+    try:
+        return store.config
+    finally:
+        store.close()
 
 
 def child_env(args) -> dict:
@@ -380,9 +420,10 @@ def child_env(args) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child-train"]:
+    if argv[:1] in (["--child-train"], ["--child-generate"]):
         rest = argv[2:]
-        return child_train(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
+        child = child_train if argv[0] == "--child-train" else child_generate
+        return child(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="*", choices=[*ROWS, []], default=[], metavar="ROW",
                         help=f"rows to run ({', '.join(ROWS)}; default all)")

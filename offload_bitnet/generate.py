@@ -10,6 +10,10 @@ resident (expanded, no work per token); one whose stored (packed/16-bit) tensors
 expanded on use; a larger one keeps the first units that fit and streams the rest from disk for every token,
 reading one unit ahead on a background thread. Evicting least-recently-used units would only thrash on this
 strictly cyclic access pattern, so the resident set is chosen up front and never churns.
+
+Blocks that are not kept expanded follow the engine's rule (``model.is_lazy_block``): one whose dense compute
+weights exceed ``dense_block_bytes`` gets each projection made only while its matmul runs (``model.LazyWeight``),
+so generation over a 70B block (3.4 GB in fp32, 0.2 GB packed) holds a few projections, not a few blocks.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from offload_bitnet.argparsing import DeviceError, check_device
 from offload_bitnet.engine.backend import is_mlx_device, make_backend
 from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.engine.streams import Prefetcher
-from offload_bitnet.model.block import rope_tables
+from offload_bitnet.model.block import DENSE_BLOCK_BYTES, is_lazy_block, lazy_weights, rope_tables
 from offload_bitnet.model.lora import AdapterSet
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.layout import Layout
@@ -173,9 +177,12 @@ class Generator:
     """Autoregressive generation over a store, one unit of weights in flight at a time beyond the cache."""
 
     def __init__(self, store: BlockStore | str, device: str = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 compute_dtype: torch.dtype | None = None, adapters: AdapterSet | None = None):
+                 compute_dtype: torch.dtype | None = None, adapters: AdapterSet | None = None,
+                 dense_block_bytes: int = DENSE_BLOCK_BYTES):
         """``adapters`` (LoRA, e.g. ``merge.load_adapters(RUN_DIR/adapter, config)``) are applied to the
-        projections they target on every step, without merging them into the weights."""
+        projections they target on every step, without merging them into the weights. ``dense_block_bytes``:
+        blocks larger than this in the compute dtype are made one projection at a time (as the engine's
+        ``EngineOptions.dense_block_bytes``)."""
         self.store = store if isinstance(store, BlockStore) else BlockStore(store)
         self.config = self.store.config
         # The compute backend (torch, or "mlx": Apple MLX, its KV caches held as MLX arrays); weights are read
@@ -188,6 +195,7 @@ class Generator:
         self.dtype = compute_dtype or default_compute_dtype(self.device)
         self.layout = Layout(self.store.settings)
         self.quantize = self.store.settings.mode == "qat"
+        self.lazy_blocks = is_lazy_block(self.config, self.dtype, dense_block_bytes)
         self.units = (["embed"] + [block_unit(i) for i in range(self.config.n_layers)] + ["norm"])
         self.cache = UnitCache(max(int(memory_budget), 0))
         self.policy, self.resident = self._plan(max(int(memory_budget), 0))
@@ -238,6 +246,13 @@ class Generator:
                 self.cache.put(unit, cached)
         if expand_cached:
             return cached
+        if unit == "embed":
+            # As stored: the lookup converts only the rows it gathers (``_step``), not the whole table per token.
+            return cached
+        if self.lazy_blocks and is_block(unit):
+            # Made on the main thread, one projection per matmul, instead of all here on the loader thread.
+            return lazy_weights(self.config, self.layout.param_names(cached), lambda name: self.layout.forward_tensor(
+                cached, name, self.dtype, self.device))
         return self.layout.forward_tensors(unit, cached, self.dtype, self.device)
 
     @torch.no_grad()
@@ -251,7 +266,7 @@ class Generator:
         stream = self.prefetcher.stream((lambda u=u: self._load(u)) for u in units)
         for index, (unit, tensors) in enumerate(zip(units, stream)):
             if unit == "embed":
-                x = F.embedding(ids, tensors["weight"])
+                x = F.embedding(ids, tensors["weight"]).to(self.dtype)  # the same values as converting the table
                 embedding = tensors["weight"] if tied else None
             elif is_block(unit):
                 x = self.backend.block_forward({**tensors, **self.block_additions[index - 1]}, x, self.config,

@@ -6,6 +6,7 @@ import torch
 
 from offload_bitnet.api import open_model
 from offload_bitnet.model.config import config_for_size
+from offload_bitnet.model.block import LazyWeight
 from offload_bitnet.store.write import random_units, write_store
 from offload_bitnet.generate import (GenerationError, Generator, SamplingOptions, TextStreamer,
                                      apply_repetition_penalty, decode_continuation, filter_top_k_top_p)
@@ -118,6 +119,31 @@ def test_resident_compact_policy(tmp_path):
     compact.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=1), stop_ids=set())
     result = compact.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=5), stop_ids=set())
     assert result.tokens == expected and result.bytes_read == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "bitnet"])
+def test_lazy_blocks_generate_what_dense_blocks_do(tmp_path, arch):
+    """Blocks above ``dense_block_bytes`` (here: every block) get LazyWeight projections, as in the engine, and
+    give bit-identical logits, greedy tokens and sampled tokens, whether streamed or kept compact."""
+    store = tiny_store(tmp_path / "m", arch, shadow_dtype="fp16")
+    stored = sum(os.path.getsize(os.path.join(store, "units", f)) for f in os.listdir(os.path.join(store, "units")))
+    sampled = SamplingOptions(max_new_tokens=8, temperature=1.0, top_k=20, seed=3)
+    for budget in (0, stored + 1000):  # streamed, resident-compact
+        outputs = {}
+        for name, limit in (("dense", 1 << 40), ("lazy", 0)):
+            generator = Generator(store, memory_budget=budget, dense_block_bytes=limit)
+            assert generator.policy != "resident"
+            projections = [value for key, value in generator._load("block.000").items()
+                           if key in generator.config.projection_shapes]
+            assert all(isinstance(p, LazyWeight) for p in projections) == (name == "lazy")
+            assert any(isinstance(p, LazyWeight) for p in projections) == (name == "lazy")
+            logits = generator._step(torch.tensor([PROMPTS[1]]), torch.arange(len(PROMPTS[1])), None,
+                                     [{} for _ in range(generator.config.n_layers)])
+            greedy = generator.generate(PROMPTS, SamplingOptions(max_new_tokens=8), stop_ids=set()).tokens
+            outputs[name] = logits, greedy, generator.generate(PROMPTS[:2], sampled, stop_ids=set()).tokens
+            generator.close()
+        assert torch.equal(outputs["dense"][0], outputs["lazy"][0])
+        assert outputs["dense"][1:] == outputs["lazy"][1:]
 
 
 def test_generation_stops_at_the_context_length(tmp_path):

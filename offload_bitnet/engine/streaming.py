@@ -39,7 +39,6 @@ differs between the two.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -53,7 +52,7 @@ from offload_bitnet.io.faults import fault_point
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.model.lora import AdapterCheckpoint, AdapterSet, LoRAConfig
 from offload_bitnet.model.loss import IGNORE_INDEX, chunked_cross_entropy, shift_labels
-from offload_bitnet.model.block import LazyWeight, rope_tables
+from offload_bitnet.model.block import DENSE_BLOCK_BYTES, is_lazy_block, lazy_weights, rope_tables
 from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.units import block_index, block_unit, is_block
@@ -68,6 +67,17 @@ from offload_bitnet.model.ternary import quantize_weight
 def default_compute_dtype(device) -> torch.dtype:
     """fp32 on CPU (16-bit matmul is far slower there), bf16 on CUDA and MPS."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def default_pool_bytes(config, dtype: torch.dtype, dense_block_bytes: int = DENSE_BLOCK_BYTES) -> int:
+    """``EngineOptions.pool_bytes`` when None: two units' worth of fp32 work (a dense block's compute weights, or
+    a lazy block's largest projection, or the embedding), at least 1 GiB (the plan predicts with it too)."""
+    if is_lazy_block(config, dtype, dense_block_bytes):
+        block = max(o * i for o, i in config.projection_shapes.values()) * 4
+    else:
+        block = config.block_param_count() * torch.empty((), dtype=dtype).element_size()
+    # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
+    return max(1 << 30, 2 * max(block, config.vocab_size * config.dim * 4))
 
 
 @dataclass
@@ -96,9 +106,8 @@ class EngineOptions:
     # Blocks whose dense compute weights (fp32 on CPU) are larger than this are unpacked, computed and freed
     # one projection at a time, in forward and backward (``model.LazyWeight``): memory then stays a few
     # projections, not a few blocks (a 70B block is 3.4 GB in fp32). Smaller blocks are made dense once per
-    # pass, on the prefetch thread, which overlaps the compute. The default makes 7B and 13B blocks (0.8 and
-    # 1.3 GB) dense and 34B and up lazy.
-    dense_block_bytes: int = 2 << 30
+    # pass, on the prefetch thread, which overlaps the compute (the rule: ``model.is_lazy_block``).
+    dense_block_bytes: int = DENSE_BLOCK_BYTES
     prefetch_depth: int = 1
     max_pending_writes: int = 1
     optim: AdamWConfig = field(default_factory=AdamWConfig)
@@ -170,11 +179,7 @@ class StreamingEngine:
         self.trainable = FullWeights(self) if adapters is None else LoRA(self, adapters, checkpoint)
 
     def _default_pool_bytes(self) -> int:
-        cfg, size = self.config, torch.empty((), dtype=self.dtype).element_size()
-        block = cfg.block_param_count() * size if not self.lazy("block.000") else \
-            max(o * i for o, i in cfg.projection_shapes.values()) * 4
-        # At least 1 GiB: a small model's whole step then stays in reused buffers, as with no bound at all.
-        return max(1 << 30, 2 * max(block, cfg.vocab_size * cfg.dim * 4))
+        return default_pool_bytes(self.config, self.dtype, self.options.dense_block_bytes)
 
     # ------------------------------------------------------------------ loading
     def _read(self, unit: str, part: str, will_modify: bool = True):
@@ -226,14 +231,11 @@ class StreamingEngine:
     def lazy(self, unit: str) -> bool:
         """Whether a unit's projections are made one at a time (``model.LazyWeight``) rather than all at once:
         blocks whose dense compute weights exceed ``dense_block_bytes``."""
-        dense = self.config.block_param_count() * torch.empty((), dtype=self.dtype).element_size()
-        return is_block(unit) and dense > self.options.dense_block_bytes
+        return is_block(unit) and is_lazy_block(self.config, self.dtype, self.options.dense_block_bytes)
 
     def lazy_weights(self, unit: str, names, make_one, keep: bool, requires_grad: bool = False) -> dict:
         """``{name: tensor}`` with each projection a LazyWeight of ``make_one(name)``; norms made at once."""
-        projections = self.config.projection_shapes
-        return {name: LazyWeight(functools.partial(make_one, name), keep, requires_grad) if name in projections
-                else make_one(name) for name in names}
+        return lazy_weights(self.config, names, make_one, keep, requires_grad)
 
     def forward_job(self, unit: str, quant_mix: float = 1.0, keep: bool = False):
         """Load what forward needs: the ``weights`` part only (the shadow too while quantization warms up).

@@ -7,6 +7,7 @@ files, streaming or optimizers.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -150,6 +151,31 @@ class LazyWeight:
         if self.keep:
             self._kept = weight
         return weight
+
+
+# Blocks whose dense compute weights are larger than this are made one projection at a time (``LazyWeight``):
+# 7B and 13B blocks (0.8 and 1.3 GB in fp32) stay dense, 34B and up are lazy (a 70B block is 3.4 GB).
+DENSE_BLOCK_BYTES = 2 << 30
+
+
+def dense_block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one block's compute weights, all made at once in ``dtype``."""
+    return config.block_param_count() * torch.empty((), dtype=dtype).element_size()
+
+
+def is_lazy_block(config: ModelConfig, dtype: torch.dtype, limit_bytes: int = DENSE_BLOCK_BYTES) -> bool:
+    """The rule of every streamed pass (training, evaluation, generation, and the plan that predicts them):
+    a block whose dense compute weights exceed ``limit_bytes`` gets its projections as ``LazyWeight``s, so
+    memory stays a few projections rather than a few blocks; smaller blocks are made dense once per pass."""
+    return dense_block_bytes(config, dtype) > limit_bytes
+
+
+def lazy_weights(config: ModelConfig, names, make_one, keep: bool = False, requires_grad: bool = False) -> dict:
+    """``{name: tensor}`` for one block: each projection a ``LazyWeight`` of ``make_one(name)``, the norms (small)
+    made at once."""
+    projections = config.projection_shapes
+    return {name: LazyWeight(functools.partial(make_one, name), keep, requires_grad) if name in projections
+            else make_one(name) for name in names}
 
 
 class _LazyLinear(torch.autograd.Function):

@@ -32,8 +32,9 @@ from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSetting
 from offload_bitnet.store.units import block_unit, unit_names
 from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.argparsing import check_device
-from offload_bitnet.engine.streaming import peak_rss_bytes
-from offload_bitnet.io.buffers import default_keep_bytes
+from offload_bitnet.engine.backend import is_mlx_device
+from offload_bitnet.engine.streaming import default_compute_dtype, default_pool_bytes, peak_rss_bytes
+from offload_bitnet.model.block import DENSE_BLOCK_BYTES, is_lazy_block
 from offload_bitnet.errors import EXIT_OK
 from offload_bitnet.formats import read_source
 from offload_bitnet.tokenizers.loaders import open_tokenizer
@@ -111,6 +112,7 @@ class StepPrediction:
     memory: dict[str, int]       # term -> bytes; peak_rss_bytes is their sum
     seconds: dict[str, float]    # term -> seconds of work (see predict_step for how they combine)
     bound: str                   # what the overlapped part waits on: "compute", "disk read" or "disk write"
+    lazy_blocks: bool = False    # blocks made one projection at a time (model.is_lazy_block)
 
     def memory_line(self) -> str:
         return " + ".join(f"{name} {human(value)}" for name, value in self.memory.items() if value)
@@ -124,10 +126,22 @@ def _block_files(model: ModelConfig, settings: StoreSettings) -> dict[str, int]:
     return {part: part_bytes(model, block_unit(0), part, settings) for part in ("weights", "shadow", "optim")}
 
 
+def lazy_projection_elements(model: ModelConfig) -> int:
+    """Elements of dense projection weights a lazy block (``model.is_lazy_block``) holds at most: it makes,
+    uses and drops one projection at a time, and the engine's BufferPool keeps the freed buffer for the next
+    projection of that size, so one buffer of each distinct projection size stays mapped."""
+    return sum({out * inp for out, inp in model.projection_shapes.values()})
+
+
+def compute_dtype_of(device: str) -> torch.dtype:
+    """The engine's compute dtype on ``device`` (MLX's arrays come from the engine's CPU tensors)."""
+    return default_compute_dtype("cpu" if is_mlx_device(device) else device)
+
+
 def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calibration, *, micro_batch_size: int,
                  grad_accum: int, seq_len: float, memory_budget_bytes: int, lora: LoRAConfig | None = None,
                  base_rss_bytes: int = 0, max_seq_len: int | None = None, threads: int | None = None,
-                 first_step: bool = False) -> StepPrediction:
+                 first_step: bool = False, dense_block_bytes: int = DENSE_BLOCK_BYTES) -> StepPrediction:
     """Peak memory, time and I/O of one ``StreamingEngine.train_step`` of ``grad_accum`` micro-batches of
     ``micro_batch_size`` sequences padded to ``seq_len`` tokens (``max_seq_len``: the longest step, for
     memory; default ``seq_len``).
@@ -143,8 +157,10 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     - ``gradients``: the hidden states' gradients carried through backward (fp32, all micro-batches);
     - ``replay``: one micro-batch's autograd graph of one block (``REPLAY_VALUES_PER_TOKEN``, attention matrices);
     - ``block``: the block being replayed (masters as read, fp32 compute copy, fp32 weight gradients; LoRA: the
-      frozen compute tensors);
-    - ``loads``: the next unit's files, loaded ahead (``LOADS_AHEAD``);
+      frozen compute tensors). A block above ``dense_block_bytes`` (``EngineOptions.dense_block_bytes``; the
+      engine's rule, ``model.is_lazy_block``) is held as read instead, with its compute copy one projection at a
+      time (``lazy_projection_elements``), or whole when several micro-batches keep the made projections;
+    - ``loads``: the next unit's files, loaded ahead (``LOADS_AHEAD``; a lazy block's as read, not unpacked);
     - ``updates``: the writer's running update (fp32 master copy, moments, gradients, encoded parts) and the
       queued one (masters and gradients); LoRA: the adapters with their moments, all in RAM;
     - ``head``: in the cross-entropy phase, the head's masters, gradient and update, and the logits of one
@@ -172,6 +188,10 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     qat = settings.mode == "qat"
     files = _block_files(cfg, settings)
     io = step_io(cfg, settings.mode, settings.shadow_dtype, settings.state_dtype, first_step=first_step)
+    dtype = compute_dtype_of(cal.compute.device)
+    lazy = is_lazy_block(cfg, dtype, dense_block_bytes)
+    # Several micro-batches: a lazy block keeps each projection once made (EngineOptions, StepContext.keep).
+    lazy_compute = block_params if grad_accum > 1 else lazy_projection_elements(cfg)
 
     # ---- memory
     stash = cfg.n_layers * peak_tokens * cfg.dim * 4
@@ -189,14 +209,22 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     master_bytes = files["shadow"] / max(block_params, 1) if qat else files["weights"] / max(block_params, 1)
     if lora is not None:
         adapter_params = cfg.n_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
-        block = block_params * COMPUTE_BYTES
-        loads = LOADS_AHEAD * block_params * COMPUTE_BYTES        # frozen units are unpacked on the loader thread
-        updates = adapter_params * (4 + MOMENT_BYTES + GRAD_BYTES)
+        if lazy:  # the frozen weights as read; the projections made on the main thread, one at a time
+            block = files["weights"] + lazy_compute * COMPUTE_BYTES
+            loads = LOADS_AHEAD * files["weights"]
+        else:
+            block = block_params * COMPUTE_BYTES
+            loads = LOADS_AHEAD * block_params * COMPUTE_BYTES    # frozen units are unpacked on the loader thread
+        # Every adapter and its moments; gradients one block's at a time (each block's adapters update at once).
+        updates = adapter_params * (4 + MOMENT_BYTES) + adapter_params // max(cfg.n_layers, 1) * GRAD_BYTES
         # The frozen head as loaded (16-bit) and its fp32 compute copy, and the logits of one chunk.
         head = head_params * (COMPUTE_BYTES + 2) + logits
     else:
         adapter_params = 0
-        block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
+        if lazy:  # masters as read; compute copies made one projection at a time; every gradient, in fp32
+            block = int(block_params * (master_bytes + GRAD_BYTES)) + lazy_compute * COMPUTE_BYTES
+        else:
+            block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
         loads = LOADS_AHEAD * (files["weights"] + files["shadow"])
         encoded = files["weights"] + files["shadow"] + files["optim"]
         running = int(block_params * (master_bytes + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES)) + encoded
@@ -206,15 +234,18 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram,
               "memos": memo_blocks * memo_per_block, "gradients": gradients, "replay": replay}
     # The phase that holds more is live at the peak; the other phase's buffers are of other sizes (unit-sized,
-    # not vocabulary-sized, or the reverse), which the BufferPool keeps for reuse rather than unmapping, up to
-    # its keep_bytes (buffers.default_keep_bytes: a quarter of RAM).
+    # not vocabulary-sized, or the reverse), which the BufferPool keeps for reuse rather than unmapping while
+    # all it holds, in use or not, stays within its keep_bytes (the engine's ``default_pool_bytes``).
     blocks_phase = block + loads + updates
+    blocks_pooled = blocks_phase - (updates if lora is not None else 0)  # LoRA's adapters are not pool buffers
+    live_pooled = head if head > blocks_phase else blocks_pooled
+    room = max(default_pool_bytes(cfg, dtype, dense_block_bytes) - live_pooled, 0)
     if head > blocks_phase:
         memory["head"] = head
-        memory["pool"] = min(blocks_phase, pool_keep_bytes())
+        memory["pool"] = min(blocks_pooled, room)
     else:
         memory.update(block=block, loads=loads, updates=updates)
-        memory["pool"] = min(head, pool_keep_bytes())
+        memory["pool"] = min(head, room)
 
     # ---- time
     matrix_params = sum(o * i for o, i in shapes.values())
@@ -234,10 +265,12 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     ternary = cfg.n_layers * matrix_params if qat else 0
     # Thread-seconds of CPU work over the engine's threads: wall seconds if the work spreads evenly.
     share = 1 / ((threads or torch.get_num_threads()) if compute.device == "cpu" else 1)
+    # A lazy block that does not keep its projections makes each again for the replay of a block without memos.
+    lazy_remade = replayed if lazy and grad_accum == 1 else 0
     seconds = {
         "compute": (block_flops + head_flops) / compute.matmul_flops,
         "quantize": (ternary if lora is None else 0) * compute.quantize_ns * ns,
-        "load": (cfg.n_layers * block_params * compute.unpack_ns * (2 if lora is not None else 1)
+        "load": ((cfg.n_layers * (2 if lora is not None else 1) + lazy_remade) * block_params * compute.unpack_ns
                  + trained * compute.masters_ns) * ns,
         "update": trained * compute.update_ns * ns,
     }
@@ -269,12 +302,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     step = waits[bound] + seconds["serial"]
     return StepPrediction(peak_rss_bytes=int(sum(memory.values())), step_seconds=step, read_bytes=int(read),
                           written_bytes=int(written), spilled_bytes=int(spilled), tokens=tokens, memory=memory,
-                          seconds=seconds, bound=bound)
-
-
-def pool_keep_bytes() -> int:
-    """The most unused memory the engine's BufferPool holds on to."""
-    return default_keep_bytes()
+                          seconds=seconds, bound=bound, lazy_blocks=lazy)
 
 
 def lora_config(config: RunConfig) -> LoRAConfig | None:
@@ -377,7 +405,9 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
         f"  per step: {config.batch_size} sequences in {config.grad_accum} micro-batch(es), {lengths}: "
         f"~{p.tokens:,.0f} tokens; reads {human(p.read_bytes)}, writes {human(p.written_bytes)}"
         + (f", spills {human(p.spilled_bytes)} of activations" if p.spilled_bytes else ""),
-        f"  peak memory: ~{human(p.peak_rss_bytes)} = {p.memory_line()}",
+        f"  peak memory: ~{human(p.peak_rss_bytes)} = {p.memory_line()}"
+        + (f"; blocks made one projection at a time (each is over {human(DENSE_BLOCK_BYTES)} dense)"
+           if p.lazy_blocks else ""),
         f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work and the disk "
         "overlap, 'serial' does not)",
         "  " + plan.calibration.describe(),

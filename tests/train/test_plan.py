@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from offload_bitnet import create_model
 from offload_bitnet.train import calibration
@@ -11,6 +12,10 @@ from offload_bitnet.train.calibration import Calibration, ComputeSpeed, DiskSpee
 from offload_bitnet.cli import main as cli_main
 from offload_bitnet.model.config import config_for_size
 from offload_bitnet.model.lora import LoRAConfig
+from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine, default_pool_bytes
+from offload_bitnet.model.block import dense_block_bytes
+from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.sizing import part_bytes
 from offload_bitnet.train.plan import predict_step
 from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.train.trainer import main
@@ -228,3 +233,46 @@ def test_step_prediction_follows_tokens_and_names_its_terms():
     # LoRA writes only the adapters and their moments.
     lora = step(150, lora=LoRAConfig(rank=8))
     assert lora.written_bytes < short.written_bytes / 50 and lora.seconds["update"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- lazy blocks
+def _tiny_step(dense_block_bytes, settings, lora=None, grad_accum=1):
+    return predict_step(config_for_size("tiny", "bitnet"), settings, fixed_calibration(), micro_batch_size=1,
+                        grad_accum=grad_accum, seq_len=32, memory_budget_bytes=1 << 30, lora=lora,
+                        dense_block_bytes=dense_block_bytes)
+
+
+def test_the_plan_makes_blocks_lazy_by_the_engines_rule(tmp_path):
+    """The plan and the engine decide with the same function: the same blocks are lazy at every threshold, and
+    the plan's pool bound is the engine's."""
+    path = create_model(str(tmp_path / "m"), size="tiny", arch="bitnet", n_layers=1)
+    config = config_for_size("tiny", "bitnet")
+    dense = dense_block_bytes(config, torch.float32)
+    for limit in (0, dense - 1, dense, 1 << 40):
+        engine = StreamingEngine(BlockStore(path), EngineOptions(dense_block_bytes=limit))
+        assert _tiny_step(limit, StoreSettings(mode="qat")).lazy_blocks == engine.lazy("block.000") == (limit < dense)
+        assert engine.pool.keep_bytes == default_pool_bytes(config, torch.float32, limit)
+        engine.close()
+
+
+def test_a_lazy_block_counts_its_weights_as_read_and_a_few_projections():
+    config = config_for_size("tiny", "bitnet")
+    projections = config.projection_shapes
+    distinct = sum({o * i for o, i in projections.values()})
+    assert distinct < config.block_param_count()  # the tiny shapes repeat sizes (q/o, gate/up/down)
+    packed = StoreSettings(mode="qat", packed_only=True)
+    lora = LoRAConfig(rank=4)
+    weights = part_bytes(config, "block.000", "weights", packed)
+    dense, lazy = _tiny_step(1 << 40, packed, lora), _tiny_step(0, packed, lora)
+    assert dense.memory["block"] == 4 * config.block_param_count()
+    assert dense.memory["loads"] == 4 * config.block_param_count()
+    assert lazy.memory["block"] == weights + 4 * distinct
+    assert lazy.memory["loads"] == weights  # the next block as read: it is unpacked when its matmuls run
+    # Several micro-batches keep each projection once made: the whole block, dense.
+    kept = _tiny_step(0, packed, lora, grad_accum=2)
+    assert kept.memory["block"] == weights + 4 * config.block_param_count()
+    # Training every weight: the masters and fp32 gradients of the whole block, compute copies a few at a time.
+    qat = StoreSettings(mode="qat")
+    dense, lazy = _tiny_step(1 << 40, qat), _tiny_step(0, qat)
+    assert dense.memory["block"] - lazy.memory["block"] == 4 * (config.block_param_count() - distinct)
+    assert dense.memory["updates"] == lazy.memory["updates"]

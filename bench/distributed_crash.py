@@ -5,7 +5,8 @@ must bring both ranks back to one step, and the end must be bit-identical to an 
 
 ``--program train``: the engine's distributed training step (``distributed/trainable.py``, qat, a 4-block demo
 BitNet, 2 sequences per rank and step): kills also land inside the owners' block updates (``update``), and
-the final stores must equal an uninterrupted training run's. ``finetune.py`` under torchrun is not wired yet.
+the final stores must equal an uninterrupted training run's. ``finetune.py`` itself under torchrun:
+``bench/distributed_finetune_crash.py``.
 
 ``--program commit`` (default), store level: each rank, started by
 ``torchrun --standalone --nproc_per_node 2``, opens its own store (``make_rank_store`` of a demo model),

@@ -1,7 +1,9 @@
-"""Data parallel training over ``torch.distributed`` (torchrun; gloo on CPU and Macs, NCCL on CUDA). Work in
-progress (issue 13): the step works through the engine's API (``trainable.distribute``); ``finetune.py`` is
-not wired yet.
+"""Data parallel training over ``torch.distributed`` (torchrun; gloo on CPU and Macs, NCCL on CUDA):
+``finetune.py`` under torchrun trains on every rank (``training.py``); scripts that drive the engine
+themselves use ``launch.open_rank_store``, ``launch.rank_share`` and ``trainable.distribute``.
 
+* ``training.py``: ``finetune.py`` on one rank (its lock, the model's store prepared once per machine, its own
+  store, agreed setup stages, rank 0's reporting, one adapter folder for LoRA, the dry run's per-rank lines).
 * ``trainable.py``: the distributed step, as the engine's trainables (full weights: gradients reduced to each
   unit's owner, its update, the new forward weights broadcast; LoRA: adapter gradients all-reduced).
 * ``gather.py``: one store from the ranks' stores (export, info, verify and ``offload-bitnet gather``).
@@ -17,26 +19,4 @@ not wired yet.
 * ``rank_stores.py``: ``make_rank_store``: a rank's store from the model's (every ``weights`` part, the owned
   ``shadow`` and ``optim`` parts, the run's world size and the rank recorded in the manifest).
 * ``commit.py``: the two-phase commit across ranks and the recovery at start (the state diagram is there).
-
-How it will plug into the step (for the integrator, once the engine's "trainable" interface lands):
-
-1. Start: ``context = init_distributed(args.device, args.dist_backend)``; the trainer's body runs under
-   ``named_rank_errors(context)``; only ``context.is_main`` prints progress and writes metrics.jsonl,
-   status.json and the plot. Each rank opens its own store, ``rank_store_dir(run_dir, rank)``, made from the
-   model by ``make_rank_store`` (every unit's ``weights``; ``shadow`` and ``optim`` of the units
-   ``shard_plan(...).owner(unit) == rank``). ``RankCommit(context, store).recover()`` gives the step to
-   resume from.
-2. Data: every rank draws the same step batch (same seed and data position) and runs
-   ``rank_sequences(batch, world_size, grad_accum, rank)``; the loss scale is ``1 / global_target_tokens``.
-3. Backward, full weights (qat, full): after the replay of block i on every rank, its fp32 gradients are
-   reduced to ``owner(block i)`` (``dist.reduce``, one tensor at a time in the block's sorted tensor-name
-   order, the same on every rank, so the sums are repeatable); the owner runs AdamW on its shadow and
-   moments, re-quantizes and re-packs, and broadcasts the new ``weights`` part from itself
-   (``dist.broadcast``, same order); every rank writes that ``weights`` part, the owner also its ``shadow`` and
-   ``optim``. The reduce of block i overlaps the replay of block i-1, as the writer overlaps updates today;
-   the embedding, norm and head go the same way at their point of the backward.
-4. LoRA: adapters are small: all-reduce their gradients (sum, fixed order), and every rank runs the same
-   AdamW on its copy (identical on every rank; no broadcast needed).
-5. Commit: the writer's ``store.commit(step, extra)`` becomes ``RankCommit.commit(step, extra)``: every rank
-   commits the step or none does, and a relaunch after ``kill -9`` of any rank brings all back to one step.
 """

@@ -11,8 +11,10 @@ States of one rank's store (``k`` = the last step every rank has committed)::
 
 A crash anywhere leaves each store AT k, SWITCHED k+1 (keeps k) or AT k+1, and no two ranks more than one
 step apart: no rank switches before every rank has synced (barrier 1), and none releases k before every rank
-has switched (barrier 2). At start (``RankCommit.recover``) the ranks exchange their steps; the common step is
-the smallest; a store at common+1 rolls back to the k it kept; a store that keeps a previous step releases it.
+has switched (barrier 2). At start (``RankCommit.recover``) the ranks exchange their last commits, ordered by
+``commit_key`` (the step, then a serial every commit counts: a skipped step commits its advanced data position
+at the same step); the common one is the smallest; a store one commit ahead rolls back to the one it kept; a
+store that keeps a previous commit releases it.
 Stores of another model (a fingerprint of config and settings), of another world size or another rank (both
 recorded in the manifest's ``extra["distributed"]``) are refused with the same message on every rank.
 """
@@ -34,6 +36,14 @@ def store_fingerprint(store: BlockStore) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def commit_key(manifest: dict) -> tuple[int, int]:
+    """The order of a rank store's commits: ``(step, serial)``. Every commit across ranks counts one more
+    serial, so a commit that keeps the step (a skipped step's advanced data position) is told from the one
+    before it; stores made before serials were recorded count 0."""
+    recorded = (manifest.get("extra") or {}).get(RECORD) or {}
+    return manifest["step"], int(recorded.get("commit", 0))
+
+
 class RankCommit:
     """One rank's side of the commits across ranks; with one process, plain ``BlockStore.commit``."""
 
@@ -46,6 +56,9 @@ class RankCommit:
         """What the manifest records of this run: its world size and this store's rank."""
         return {"world_size": self.context.world_size, "rank": self.context.rank}
 
+    def _recorded(self, extra: dict | None, serial: int) -> dict:
+        return dict(extra or {}, **{RECORD: dict(self.record, commit=serial)})
+
     def recover(self) -> int:
         """Bring every rank's store to the common committed step (rolling back a store one step ahead, releasing
         kept files); refuse stores that do not belong together. Collective: every rank calls it at start.
@@ -56,8 +69,10 @@ class RankCommit:
             if recorded is not None and recorded.get("world_size", 1) != 1:
                 raise DistributedError(self._world_size_message(recorded))
             return store.step
+        previous = store.manifest.get("previous")
         mine = {"path": store.path, "step": store.step, "previous": store.previous_step,
-                "fingerprint": store_fingerprint(store), "recorded": recorded}
+                "fingerprint": store_fingerprint(store), "recorded": recorded, "key": commit_key(store.manifest),
+                "previous_key": commit_key(previous) if previous else None}
         try:
             everyone = context.all_gather_object(mine)
         except Exception as error:
@@ -65,14 +80,15 @@ class RankCommit:
         problem = self._check(everyone)  # every rank sees the same list, so every rank raises the same error
         if problem:
             raise DistributedError(problem)
-        common = min(state["step"] for state in everyone)
-        if store.step != common:
-            store.rollback(common)
+        common = min(state["key"] for state in everyone)
+        if mine["key"] != common:  # one commit ahead: back to the commit every rank made
+            store.rollback(store.previous_step)
         store.release_previous()
-        if recorded != self.record:
-            store.commit(store.step, dict(store.extra, **{RECORD: self.record}))  # no files change: the step stays
-        self._barrier(f"the recovery at step {common}")
-        return common
+        if {key: value for key, value in (store.extra.get(RECORD) or {}).items() if key != "commit"} != self.record:
+            # no files change: the step stays
+            store.commit(store.step, self._recorded(store.extra, commit_key(store.manifest)[1]))
+        self._barrier(f"the recovery at step {store.step}")
+        return store.step
 
     def commit(self, step: int, extra: dict | None = None):
         """Commit ``step`` on every rank, or on none: see the module's state diagram. Collective."""
@@ -80,7 +96,7 @@ class RankCommit:
         if not context.distributed:
             store.commit(step, extra)
             return
-        extra = dict(store.extra if extra is None else extra, **{RECORD: self.record})
+        extra = self._recorded(store.extra if extra is None else extra, commit_key(store.manifest)[1] + 1)
         store.sync_writes()
         self._barrier(f"the commit of step {step} (its files are written and synced on this rank)")
         store.commit(step, extra, keep_previous=True)
@@ -126,9 +142,9 @@ class RankCommit:
                 return (f"rank {rank} was given store {state['path']}, which is rank {recorded.get('rank')}'s "
                         "share of the run. Give each rank its own folder (check the ranks' order, or "
                         "--node_rank on each machine).")
-        common = min(state["step"] for state in everyone)
+        common = min(state["key"] for state in everyone)
         for rank, state in enumerate(everyone):
-            if state["step"] != common and not (state["step"] == common + 1 and state["previous"] == common):
+            if state["key"] != common and state["previous_key"] != common:
                 steps = ", ".join(f"rank {r} at step {s['step']}" for r, s in enumerate(everyone))
                 return (f"the ranks' stores are at steps that one run cannot leave ({steps}; rank {rank} keeps "
                         f"{'no earlier step' if state['previous'] is None else 'step %d' % state['previous']}): "

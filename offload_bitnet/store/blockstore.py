@@ -345,12 +345,13 @@ class BlockStore:
         self._recycle_unreferenced(kept)
 
     def rollback(self, step: int):
-        """Go back to the kept previous state at ``step`` (this store committed ``step + 1`` while another rank
-        did not): one atomic manifest switch, then the newer files are recycled. No-op at ``step`` already."""
+        """Go back to the kept previous state at ``step`` (this store committed ``step + 1``, or ``step`` again,
+        while another rank did not): one atomic manifest switch, then the newer files are recycled. No-op at
+        ``step`` already with no kept state of that step."""
         self._check_writable()
-        if self.step == step:
-            return
         previous = self.manifest.get("previous")
+        if self.step == step and (previous is None or previous["step"] != step):
+            return
         if previous is None or previous["step"] != step:
             kept = "no earlier step" if previous is None else f"step {previous['step']}"
             raise StoreError(f"cannot roll store {self.path} back from step {self.step} to step {step}: it keeps "

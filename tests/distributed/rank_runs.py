@@ -167,6 +167,38 @@ def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> 
         context.close()
 
 
+def same_step_program(store_dirs: list[str], position: str | None) -> dict:
+    """Each rank: recover; at step 0 commit step 1 (every unit's weights changed); with ``position``, commit
+    step 1 again with only its extra changed (what a skipped step commits). Reports the recovered state."""
+    from offload_bitnet.distributed.commit import RankCommit
+    from offload_bitnet.distributed.env import init_distributed, named_rank_errors
+    from offload_bitnet.store.blockstore import BlockStore
+
+    context = init_distributed("cpu", timeout_s=ALONE_S)
+
+    @named_rank_errors(context)
+    def run():
+        store = BlockStore(store_dirs[context.rank], writable=True)
+        try:
+            committer = RankCommit(context, store)
+            start = committer.recover()
+            recovered = {"start": start, "position": store.extra.get("position")}
+            if start == 0:
+                for unit in store.units:
+                    store.write(unit, "weights", step_tensors(store.read(unit, "weights"), 1), 1)
+                committer.commit(1, {"position": "step 1"})
+            if position is not None:
+                committer.commit(1, {"position": position})
+            return dict(recovered, step=store.step, now=store.extra.get("position"))
+        finally:
+            store.close()
+
+    try:
+        return run()
+    finally:
+        context.close()
+
+
 def collectives_program() -> dict:
     """Each rank contributes rank-dependent values to every collective of DistContext."""
     from offload_bitnet.distributed.env import init_distributed

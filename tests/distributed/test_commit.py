@@ -12,7 +12,7 @@ from offload_bitnet.distributed.env import DistContext, DistributedError
 from offload_bitnet.distributed.rank_stores import make_rank_store
 from offload_bitnet.distributed.sharding import shard_plan
 from offload_bitnet.store.blockstore import BlockStore
-from rank_runs import assert_same_state, commit_program, launch, rank_stores
+from rank_runs import assert_same_state, commit_program, launch, rank_stores, same_step_program
 
 STEPS = 3
 
@@ -37,7 +37,7 @@ def test_commits_advance_together_and_record_the_run(clean_run):
     for rank, path in enumerate(paths):
         manifest = _manifest(path)
         assert manifest["step"] == STEPS and "previous" not in manifest and manifest["format_version"] == 1
-        assert manifest["extra"]["distributed"] == {"world_size": 2, "rank": rank}
+        assert manifest["extra"]["distributed"] == {"world_size": 2, "rank": rank, "commit": STEPS}
         assert manifest["extra"]["position"] == STEPS
     # shard_plan: rank 0 owns the first units' moments, rank 1 the rest; both hold every unit's weights
     owned = [{unit for unit, parts in _manifest(path)["files"].items() if "optim" in parts} for path in paths]
@@ -77,6 +77,22 @@ def test_rank_killed_during_a_commit_comes_back_to_the_clean_result(tmp_path, cl
     for path, reference in zip(paths, clean_run[0]):
         assert_same_state(path, reference)
         assert not any(name.endswith(".tmp") for name in os.listdir(os.path.join(path, "units")))
+
+
+def test_a_rank_killed_between_the_switches_of_a_commit_that_keeps_the_step_is_rolled_back(tmp_path):
+    # A skipped step commits its advanced data position at the same step: the commits are told apart by their
+    # serial, so the rank that switched goes back to the commit every rank made.
+    paths = rank_stores(tmp_path)
+    # rank 1's manifest switches: step 1's switch (1) and release (2); the 3rd is the same-step commit's switch.
+    crashed = launch(same_step_program, 2, str(tmp_path / "results"), store_dirs=paths, position="skipped",
+                     faults_by_rank={1: "commit.rename:3:kill"})
+    assert crashed[1]["exitcode"] == -9 and crashed[0]["exitcode"] == 1, crashed
+    assert [_manifest(p)["extra"]["position"] for p in paths] == ["skipped", "step 1"]  # rank 0 switched alone
+    resumed = launch(same_step_program, 2, str(tmp_path / "results"), store_dirs=paths, position=None)
+    assert [(r["exitcode"], r["start"], r["position"]) for r in resumed] == [(0, 1, "step 1")] * 2, resumed
+    for path in paths:
+        manifest = _manifest(path)
+        assert "previous" not in manifest and manifest["extra"]["distributed"]["commit"] == 1
 
 
 def test_another_world_size_is_refused(clean_run, tmp_path):

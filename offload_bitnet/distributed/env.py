@@ -159,10 +159,6 @@ class DistContext:
             result = function(*args, **kwargs)
         except Exception as caught:  # noqa: BLE001 - told to every rank, then re-raised
             error = caught
-        if not self.distributed:
-            if error is not None:
-                raise error
-            return result
         outcomes = self.all_gather_object(None if error is None else (str(error) or type(error).__name__))
         if error is not None:
             raise error

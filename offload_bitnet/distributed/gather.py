@@ -17,6 +17,7 @@ import shutil
 from offload_bitnet.distributed.commit import RECORD, store_fingerprint
 from offload_bitnet.distributed.env import DistributedError
 from offload_bitnet.distributed.sharding import OWNED_PARTS, rank_store_dir
+from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.tokenizers.base import copy_store_tokenizer
 
@@ -114,7 +115,6 @@ def export_run(path: str, out: str, format: str, progress=True, **options) -> st
 
 def gather_progress(ranks: list[str]):
     """A progress bar for ``gather_store`` over ``ranks``' stores."""
-    from offload_bitnet.progress import Progress
     first = BlockStore(ranks[0])
     bar = Progress(len(first.units), f"gathering {len(ranks)} ranks' stores: units")
     first.close()

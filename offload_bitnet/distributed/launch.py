@@ -2,7 +2,6 @@
 (``finetune.py`` under torchrun) and for scripts that drive the engine themselves (README "Data parallel")."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -10,7 +9,7 @@ from offload_bitnet.distributed.commit import RankCommit
 from offload_bitnet.distributed.env import DistContext
 from offload_bitnet.distributed.rank_stores import make_rank_store
 from offload_bitnet.distributed.sharding import rank_store_dir, shard_plan
-from offload_bitnet.store.blockstore import MANIFEST, BlockStore
+from offload_bitnet.store.blockstore import BlockStore, store_is_complete
 
 
 def open_rank_store(context: DistContext, model_store: str, run_dir: str, progress=None) -> tuple[BlockStore, int]:
@@ -33,7 +32,7 @@ def open_rank_store(context: DistContext, model_store: str, run_dir: str, progre
 
 
 def _make_rank_store_once(context: DistContext, model_store: str, path: str, progress):
-    if _committed_step(path) >= 0:
+    if store_is_complete(path):
         return
     if os.path.exists(path):
         # Its creation was interrupted (no step committed yet): it holds nothing the model's store does not.
@@ -44,15 +43,6 @@ def _make_rank_store_once(context: DistContext, model_store: str, path: str, pro
         make_rank_store(source, path, plan, context.rank, progress).close()
     finally:
         source.close()
-
-
-def _committed_step(path: str) -> int:
-    """The step a store's manifest records (-1: none, or a store whose creation did not finish)."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as handle:
-            return int(json.load(handle).get("step", -1))
-    except (OSError, ValueError):
-        return -1
 
 
 def rank_share(step_micro_batches: list, context: DistContext, grad_accum: int) -> list:

@@ -131,14 +131,11 @@ def _open_store(config: RunConfig, paths: RunPaths, context: DistContext) -> Blo
 
 def _engine(config: RunConfig, store: BlockStore, paths: RunPaths, context: DistContext):
     from offload_bitnet.engine.streaming import StreamingEngine
-    from offload_bitnet.train.setup import engine_options
+    from offload_bitnet.train.setup import engine_options, run_adapter_options
     options = engine_options(config, store, paths)
     if config.is_lora:
-        checkpoint = SharedAdapterCheckpoint(AdapterCheckpoint(paths.adapter_dir, options.adapter_base or store.path),
-                                             context)
-        options = dataclasses.replace(options, adapters=checkpoint.restore(store.config, options.lora),
-                                      adapter_checkpoint=checkpoint, lora=None, adapter_dir=None,
-                                      scratch_dir=paths.scratch_dir)
+        options = run_adapter_options(options, store, paths,
+                                      share=lambda checkpoint: SharedAdapterCheckpoint(checkpoint, context))
     return distribute(StreamingEngine(store, options), context)
 
 

@@ -92,6 +92,15 @@ class StoreSettings:
             raise StoreError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
 
 
+def store_is_complete(path: str) -> bool:
+    """A store whose creation (or import) finished: its first commit made step 0. Reads only the manifest."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as handle:
+            return json.load(handle).get("step", -1) >= 0
+    except (OSError, ValueError):
+        return False
+
+
 def no_master_weights(what: str) -> str:
     """Why a model with only packed ternary weights cannot have its weights trained, and what to do instead."""
     return (f"{what}: it has no master weights, only the packed 2-bit projections that forward reads, so it "
@@ -350,9 +359,9 @@ class BlockStore:
         ``step`` already with no kept state of that step."""
         self._check_writable()
         previous = self.manifest.get("previous")
-        if self.step == step and (previous is None or previous["step"] != step):
-            return
         if previous is None or previous["step"] != step:
+            if self.step == step:
+                return
             kept = "no earlier step" if previous is None else f"step {previous['step']}"
             raise StoreError(f"cannot roll store {self.path} back from step {self.step} to step {step}: it keeps "
                              f"{kept}. The ranks' stores do not belong to one run (or were changed by hand); "

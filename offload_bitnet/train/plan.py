@@ -28,7 +28,7 @@ from offload_bitnet.model.lora import LoRAConfig
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.train.runconfig import RunConfig
 from offload_bitnet.store.sizing import human, part_bytes, step_io, store_bytes
-from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings
+from offload_bitnet.store.blockstore import BlockStore, StoreError, StoreSettings, store_is_complete
 from offload_bitnet.store.units import block_unit, unit_names
 from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.argparsing import check_device
@@ -40,7 +40,7 @@ from offload_bitnet.formats import read_source
 from offload_bitnet.tokenizers.loaders import open_tokenizer
 from offload_bitnet.distributed.training import dry_run_lines, planned_world_size
 from offload_bitnet.train.messages import say
-from offload_bitnet.train.run_folder import check_run_folder, store_is_complete
+from offload_bitnet.train.run_folder import check_run_folder
 from offload_bitnet.train.samples import check_prompts
 from offload_bitnet.train.setup import check_store_settings, import_settings, load_data, total_steps
 

@@ -7,13 +7,14 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from offload_bitnet.distributed.batching import per_rank_batch
 from offload_bitnet.distributed.gather import export_run
 from offload_bitnet.formats.merge import merge_lora
 from offload_bitnet.progress import format_seconds
+from offload_bitnet.store.blockstore import store_is_complete
 from offload_bitnet.train.messages import say
 from offload_bitnet.train.metrics import PlotUnavailable, perplexity, plot_losses, summarize
 from offload_bitnet.train.run_commands import shown_path
-from offload_bitnet.train.run_folder import store_is_complete
 from offload_bitnet.train.schedule import quant_mix
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def print_header(trainer: "Trainer"):
                f"its own store {shown_path(os.path.dirname(store.path))}/store.rank<R> (every unit's forward "
                "weights, its share of the master weights and moments)"))
     say(f"training: {trainer.total_steps} steps ({epochs:.2f} epochs) of {config.batch_size} sequences "
-        f"({config.grad_accum} micro-batch(es) of {config.batch_size // (ranks * config.grad_accum)}"
+        f"({config.grad_accum} micro-batch(es) of {per_rank_batch(config.batch_size, ranks, config.grad_accum)}"
         f"{' per rank' if ranks > 1 else ''}), lr {trainer.lr:g} {config.schedule}"
         f", warmup {trainer.schedule.warmup_steps} steps, weight decay {config.weight_decay:g}")
 

@@ -20,6 +20,7 @@ import shutil
 from offload_bitnet.formats import default_store_dir, detect_format
 from offload_bitnet.io.files import write_file_atomic
 from offload_bitnet.io.locks import HolderLock, LockHeld
+from offload_bitnet.store.blockstore import store_is_complete
 from offload_bitnet.store.sizing import folder_bytes, human
 from offload_bitnet.train.messages import TrainError, say
 from offload_bitnet.train.run_commands import RunCommand
@@ -85,15 +86,6 @@ def resolve_paths(config: RunConfig) -> RunPaths:
     if config.is_lora:  # LoRA only reads its base: share the cached import instead of a copy per run
         return RunPaths(run_dir, default_store_dir(config.model), "cache")
     return RunPaths(run_dir, os.path.join(run_dir, "store"), "import")
-
-
-def store_is_complete(path: str) -> bool:
-    """A store whose creation or import finished (its first commit made step 0)."""
-    try:
-        with open(os.path.join(path, "manifest.json")) as handle:
-            return json.load(handle).get("step", -1) >= 0
-    except (OSError, ValueError):
-        return False
 
 
 def source_label(config: RunConfig) -> str:

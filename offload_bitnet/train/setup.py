@@ -2,6 +2,7 @@
 against the request), the data (checked against the model's vocabulary), the run length and the engine options."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
@@ -11,16 +12,16 @@ from offload_bitnet.engine.streaming import EngineOptions
 from offload_bitnet.formats import ensure_store, hf, import_model
 from offload_bitnet.formats.adapters import peft_base_model
 from offload_bitnet.model.adamw import AdamWConfig
-from offload_bitnet.model.lora import LoRAConfig
-from offload_bitnet.store.blockstore import BlockStore, StoreSettings, no_master_weights
+from offload_bitnet.model.lora import AdapterCheckpoint, LoRAConfig
+from offload_bitnet.store.blockstore import BlockStore, StoreSettings, no_master_weights, store_is_complete
 from offload_bitnet.store.write import create_model
 from offload_bitnet.tokenizers.loaders import install_tokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train.messages import TrainError, say
 from offload_bitnet.train.records import DataOptions
 from offload_bitnet.train.run_commands import RunCommand
-from offload_bitnet.train.run_folder import (RunPaths, check_run_folder, restart_run, source_label, store_is_complete,
-                                             training_kind, write_json)
+from offload_bitnet.train.run_folder import (RunPaths, check_run_folder, restart_run, source_label, training_kind,
+                                             write_json)
 from offload_bitnet.train.runconfig import RunConfig
 
 
@@ -126,6 +127,20 @@ def total_steps(config: RunConfig, dataset: datalib.Dataset) -> int:
     if config.num_train_iters is not None:
         return config.num_train_iters
     return dataset.steps_for_epochs(config.num_epochs if config.num_epochs is not None else 1.0, config.batch_size)
+
+
+def run_adapter_options(options: EngineOptions, store: BlockStore, paths: RunPaths, share=None) -> EngineOptions:
+    """LoRA: ``options`` with the run's adapter folder as the engine's commit record. The trainer owns the folder:
+    it resumes the adapters from their last commit, and the engine commits each step to it. Activations beyond
+    the budget spill into the run folder, not STORE/scratch: a LoRA base stays untouched (it may be read-only,
+    or shared by several LoRA runs). ``share``: wraps the folder's checkpoint (a data-parallel run's
+    ``distributed.training.SharedAdapterCheckpoint``)."""
+    checkpoint = AdapterCheckpoint(paths.adapter_dir, options.adapter_base or store.path)
+    if share is not None:
+        checkpoint = share(checkpoint)
+    return dataclasses.replace(options, adapters=checkpoint.restore(store.config, options.lora),
+                               adapter_checkpoint=checkpoint, lora=None, adapter_dir=None,
+                               scratch_dir=paths.scratch_dir)
 
 
 def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None = None) -> EngineOptions:

@@ -19,7 +19,6 @@ trainer records the skip (committing the advanced data position) and stops after
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os
@@ -37,9 +36,8 @@ from offload_bitnet.engine.streaming import StreamingEngine
 from offload_bitnet.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe,
                                    quiet_broken_pipe)
 from offload_bitnet.judge import judge_finished_run
-from offload_bitnet.model.lora import AdapterCheckpoint
 from offload_bitnet.progress import format_seconds
-from offload_bitnet.store.blockstore import BlockStore
+from offload_bitnet.store.blockstore import BlockStore, store_is_complete
 from offload_bitnet.store.sizing import human
 from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.tokenizers.loaders import open_tokenizer
@@ -51,13 +49,13 @@ from offload_bitnet.train.metrics import (DiscardedMetrics, DivergenceWatch, Met
 from offload_bitnet.train.plan import dry_run
 from offload_bitnet.train.run_commands import RunCommand
 from offload_bitnet.train.run_folder import (RefusalCleanup, RunLock, RunPaths, remove_leftover_temporaries,
-                                             resolve_paths, store_is_complete)
+                                             resolve_paths)
 from offload_bitnet.train.runconfig import RunConfig, RunConfigError, resume_fingerprint
 from offload_bitnet.train.runconfig_loading import parse_args
 from offload_bitnet.train.samples import check_prompts, generate_samples
 from offload_bitnet.train.schedule import make_schedule, quant_mix
 from offload_bitnet.train.setup import (check_store_settings, default_lr, engine_options, files_digest, load_data,
-                                        prepare_store, total_steps)
+                                        prepare_store, run_adapter_options, total_steps)
 from offload_bitnet.train.stopping import Stopper
 
 STATE_KEY = "train_state"
@@ -226,7 +224,8 @@ class Trainer:
                 tokens = sum(int((labels[:, 1:] != datalib.IGNORE_INDEX).sum()) for _, labels in micro)
                 began = time.perf_counter()
                 done = self.state_after(state, step, lr, weight_decay, tokens, mix)
-                stats = engine.train_step(rank_share(micro, context, config.grad_accum), lr=lr, weight_decay=weight_decay, quant_mix=mix,
+                stats = engine.train_step(rank_share(micro, context, config.grad_accum), lr=lr,
+                                          weight_decay=weight_decay, quant_mix=mix,
                                           commit_extra={**base_extra, STATE_KEY: done})
                 step_times.append(time.perf_counter() - began)
                 self.steps_run += 1
@@ -440,8 +439,9 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
             return named_rank_errors(context)(train_rank)(config, paths, RunCommand(argv, prog), context)
         finally:
             context.close()
-    if paths.rank_stores():
-        raise TrainError(f"{paths.run_dir} holds a data-parallel run ({len(paths.rank_stores())} rank stores): "
+    rank_stores = paths.rank_stores()
+    if rank_stores:
+        raise TrainError(f"{paths.run_dir} holds a data-parallel run ({len(rank_stores)} rank stores): "
                          "resume it with torchrun and the same number of processes, or continue it on one process "
                          f"from one store: offload-bitnet gather {paths.run_dir} OUT, then train OUT")
     # A refused run writes nothing: a store trained in place is opened (and locked: one run per store; a LoRA
@@ -485,13 +485,7 @@ def train(config: RunConfig, paths: RunPaths, command: RunCommand, cleanup: Refu
         check_store_settings(config, store)
         options = engine_options(config, store, paths)
         if config.is_lora:
-            # The trainer owns the adapter folder: it resumes the adapters from their last commit, and the engine
-            # commits each step to it. Activations beyond the budget spill into the run folder, not STORE/scratch:
-            # a LoRA base stays untouched (it may be read-only, or shared by several LoRA runs).
-            checkpoint = AdapterCheckpoint(paths.adapter_dir, options.adapter_base or store.path)
-            options = dataclasses.replace(options, adapters=checkpoint.restore(store.config, options.lora),
-                                          adapter_checkpoint=checkpoint, lora=None, adapter_dir=None,
-                                          scratch_dir=paths.scratch_dir)
+            options = run_adapter_options(options, store, paths)
         engine = StreamingEngine(store, options)
     except BaseException:
         store.close()

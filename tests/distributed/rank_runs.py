@@ -129,13 +129,11 @@ def moments(tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tens
             for name, tensor in tensors.items()}
 
 
-def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> dict:
-    """Each rank: recover, then commit ``steps`` steps: every unit's weights, and moments for the units this
-    rank owns (shard_plan). Reports the steps and the global token count of a batch split over the ranks."""
-    from offload_bitnet.distributed.batching import global_target_tokens, rank_sequences
+def _on_own_store(store_dirs: list[str], body) -> dict:
+    """Join the group, open this rank's store (``store_dirs[rank]``) for writing, recover it, and return
+    ``body(context, store, committer, start)``; errors name the rank."""
     from offload_bitnet.distributed.commit import RankCommit
     from offload_bitnet.distributed.env import init_distributed, named_rank_errors
-    from offload_bitnet.distributed.sharding import shard_plan
     from offload_bitnet.store.blockstore import BlockStore
 
     context = init_distributed("cpu", timeout_s=ALONE_S)
@@ -145,19 +143,7 @@ def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> 
         store = BlockStore(store_dirs[context.rank], writable=True)
         try:
             committer = RankCommit(context, store)
-            start = committer.recover()
-            plan = shard_plan(store.config, context.world_size, store.settings)
-            for step in range(start + 1, steps + 1):
-                for unit in store.units:
-                    weights = store.read(unit, "weights")
-                    store.write(unit, "weights", step_tensors(weights, step), step)
-                    if plan.owner(unit) == context.rank:
-                        store.write(unit, "optim", moments(weights, step), step)
-                committer.commit(step, {"position": step})
-            targets = torch.randint(-1, 5, (8, 6), generator=torch.Generator().manual_seed(targets_seed))
-            targets[targets < 0] = -100
-            mine = rank_sequences(targets, context.world_size, 2, context.rank)
-            return {"start": start, "step": store.step, "tokens": global_target_tokens(context, mine)}
+            return body(context, store, committer, committer.recover())
         finally:
             store.close()
 
@@ -165,38 +151,43 @@ def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> 
         return run()
     finally:
         context.close()
+
+
+def commit_program(store_dirs: list[str], steps: int, targets_seed: int = 0) -> dict:
+    """Each rank: recover, then commit ``steps`` steps: every unit's weights, and moments for the units this
+    rank owns (shard_plan). Reports the steps and the global token count of a batch split over the ranks."""
+    from offload_bitnet.distributed.batching import global_target_tokens, rank_sequences
+    from offload_bitnet.distributed.sharding import shard_plan
+
+    def body(context, store, committer, start):
+        plan = shard_plan(store.config, context.world_size, store.settings)
+        for step in range(start + 1, steps + 1):
+            for unit in store.units:
+                weights = store.read(unit, "weights")
+                store.write(unit, "weights", step_tensors(weights, step), step)
+                if plan.owner(unit) == context.rank:
+                    store.write(unit, "optim", moments(weights, step), step)
+            committer.commit(step, {"position": step})
+        targets = torch.randint(-1, 5, (8, 6), generator=torch.Generator().manual_seed(targets_seed))
+        targets[targets < 0] = -100
+        mine = rank_sequences(targets, context.world_size, 2, context.rank)
+        return {"start": start, "step": store.step, "tokens": global_target_tokens(context, mine)}
+    return _on_own_store(store_dirs, body)
 
 
 def same_step_program(store_dirs: list[str], position: str | None) -> dict:
     """Each rank: recover; at step 0 commit step 1 (every unit's weights changed); with ``position``, commit
     step 1 again with only its extra changed (what a skipped step commits). Reports the recovered state."""
-    from offload_bitnet.distributed.commit import RankCommit
-    from offload_bitnet.distributed.env import init_distributed, named_rank_errors
-    from offload_bitnet.store.blockstore import BlockStore
-
-    context = init_distributed("cpu", timeout_s=ALONE_S)
-
-    @named_rank_errors(context)
-    def run():
-        store = BlockStore(store_dirs[context.rank], writable=True)
-        try:
-            committer = RankCommit(context, store)
-            start = committer.recover()
-            recovered = {"start": start, "position": store.extra.get("position")}
-            if start == 0:
-                for unit in store.units:
-                    store.write(unit, "weights", step_tensors(store.read(unit, "weights"), 1), 1)
-                committer.commit(1, {"position": "step 1"})
-            if position is not None:
-                committer.commit(1, {"position": position})
-            return dict(recovered, step=store.step, now=store.extra.get("position"))
-        finally:
-            store.close()
-
-    try:
-        return run()
-    finally:
-        context.close()
+    def body(context, store, committer, start):
+        recovered = {"start": start, "position": store.extra.get("position")}
+        if start == 0:
+            for unit in store.units:
+                store.write(unit, "weights", step_tensors(store.read(unit, "weights"), 1), 1)
+            committer.commit(1, {"position": "step 1"})
+        if position is not None:
+            committer.commit(1, {"position": position})
+        return dict(recovered, step=store.step, now=store.extra.get("position"))
+    return _on_own_store(store_dirs, body)
 
 
 def collectives_program() -> dict:

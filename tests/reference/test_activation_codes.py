@@ -26,13 +26,18 @@ def _mlx_block_codes(params, x, config):
     return out, [to_torch(c) for c in codes]
 
 
-def test_torch_block_with_the_mlx_codes_reproduces_the_mlx_block():
+def _bitnet_block_case():
+    """A BitNet block, its input, MLX's output and activation codes, and torch's rope tables."""
     config = config_of("bitnet")
     params = block_params(config)
     x, _ = inputs(config)
     out, codes = _mlx_block_codes(params, x, config)
+    return config, params, x, out, codes, tm.rope_tables(config, torch.arange(SEQ))
+
+
+def test_torch_block_with_the_mlx_codes_reproduces_the_mlx_block():
+    config, params, x, out, codes, (cos, sin) = _bitnet_block_case()
     assert len(codes) == CALLS_PER_BLOCK
-    cos, sin = tm.rope_tables(config, torch.arange(SEQ))
     with torch_with_codes(codes) as flips:
         imposed = tm.block_forward(params, x, config, cos, sin, quantize=1.0)
     check("torch block with MLX's activation codes", out, imposed, tolerance=1e-6)
@@ -41,11 +46,7 @@ def test_torch_block_with_the_mlx_codes_reproduces_the_mlx_block():
 
 
 def test_a_differing_code_is_counted_and_moves_the_output():
-    config = config_of("bitnet")
-    params = block_params(config)
-    x, _ = inputs(config)
-    _, codes = _mlx_block_codes(params, x, config)
-    cos, sin = tm.rope_tables(config, torch.arange(SEQ))
+    config, params, x, _, codes, (cos, sin) = _bitnet_block_case()
     own = tm.block_forward(params, x, config, cos, sin, quantize=1.0)
     # One code of q_proj's input one step off (at a later token: the first one's query attends to itself only,
     # whatever it is); that input is the first RMSNorm's output.
@@ -60,11 +61,7 @@ def test_a_differing_code_is_counted_and_moves_the_output():
 
 
 def test_recorded_codes_must_line_up_with_the_torch_calls():
-    config = config_of("bitnet")
-    params = block_params(config)
-    x, _ = inputs(config)
-    _, codes = _mlx_block_codes(params, x, config)
-    cos, sin = tm.rope_tables(config, torch.arange(SEQ))
+    config, params, x, _, codes, (cos, sin) = _bitnet_block_case()
     with pytest.raises(RuntimeError, match="not used"):
         with torch_with_codes(codes + codes[:1]):
             tm.block_forward(params, x, config, cos, sin, quantize=1.0)

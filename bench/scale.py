@@ -57,11 +57,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 GIB = 1 << 30
+# The full-weight rows train a random-init model at lr 1e-5, not finetune.py's default 1e-4: AdamW's first steps
+# move every weight by about lr, and at width 4096 a step of 1e-4 on all of a projection's weights changes its
+# output by about a third (lr x fan-in against 0.02 x sqrt(fan-in)); at 7B the fixed batch's loss rose at 1e-4
+# (12.1313 -> 12.1780) where a width-256 model of the same depth falls (10.45 -> 10.23).
 ROWS = {
     "7b": dict(size="7B", store_args=["--state-dtype", "int8"], mode="qat", steps=2, grad_accum=4, seq=128,
-               targets={"peak_rss_gib": 8.0, "cpu_per_wall": 1.8}, loss_falls=True, plan_checked=True),
+               lr="1e-5", targets={"peak_rss_gib": 8.0, "cpu_per_wall": 1.8}, loss_falls=True, plan_checked=True),
     "13b": dict(size="13B", store_args=["--state-dtype", "int8"], mode="qat", steps=1, grad_accum=2, seq=128,
-                targets={"peak_rss_gib": 12.0}, plan_checked=True),
+                lr="1e-5", targets={"peak_rss_gib": 12.0}, plan_checked=True),
     "70b-lora": dict(size="70B", store_args=["--packed-only"], mode="lora", steps=1, grad_accum=1, seq=64,
                      targets={"peak_rss_gib": 12.0}, generate_tokens=8),
 }
@@ -289,6 +293,8 @@ def run_row(name: str, args, checks: Checks) -> None:
                 "--max-seq-len", str(row["seq"]), "--num-train-iters", str(row["steps"]), "--no-eval-at-start",
                 "--val-fraction", "0", "--no-plot", "--schedule", "constant", "--warmup-fraction", "0",
                 "--resident-budget", args.resident_budget, "--tokenizer", "byte"]  # as created: a blank model
+        if "lr" in row:
+            argv += ["--lr", row["lr"]]
         if row["mode"] == "lora":
             argv += ["--lora-rank", "8", "--lora-targets", "all"]
         prediction = plan_prediction(argv)  # before the run, as a user's --dry-run would

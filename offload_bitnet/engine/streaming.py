@@ -80,6 +80,17 @@ def default_pool_bytes(config, dtype: torch.dtype, dense_block_bytes: int = DENS
     return max(1 << 30, 2 * max(block, config.vocab_size * config.dim * 4))
 
 
+# Blocks whose fp32 gradients are at least this large hand each update straight to the writer instead of queueing
+# it: a queued update holds them (0.8 GB at 7B), and at that size the writer is the bottleneck, so the queue
+# bought no time (7B on 2 cores: the peak went from 8.13 to ... GiB).
+HAND_OFF_GRAD_BYTES = 512 << 20
+
+
+def default_pending_writes(config) -> int:
+    """``EngineOptions.max_pending_writes`` when None: 1 queued update, or 0 (a hand-off) for big blocks."""
+    return 0 if config.block_param_count() * 4 >= HAND_OFF_GRAD_BYTES else 1
+
+
 @dataclass
 class EngineOptions:
     """Knobs of the streaming engine."""
@@ -109,7 +120,7 @@ class EngineOptions:
     # pass, on the prefetch thread, which overlaps the compute (the rule: ``model.is_lazy_block``).
     dense_block_bytes: int = DENSE_BLOCK_BYTES
     prefetch_depth: int = 1
-    max_pending_writes: int = 1
+    max_pending_writes: int | None = None  # updates queued for the writer; None: default_pending_writes
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     # LoRA: train (or, without a checkpoint, apply) the in-RAM ``adapters`` on a frozen, read-only base, each
     # step committed to ``adapter_checkpoint``, whose owner made both (``AdapterCheckpoint.restore``).
@@ -146,7 +157,8 @@ class StreamingEngine:
         self.writer = None
         if store.writable and self.trainable.writes_store:
             store.check_free_space()
-            self.writer = WriteBehind(store, self.options.max_pending_writes)
+            pending = self.options.max_pending_writes
+            self.writer = WriteBehind(store, default_pending_writes(self.config) if pending is None else pending)
         # Spilled activations go beside the adapters in LoRA runs: the base store stays untouched and shareable.
         scratch = self.options.scratch_dir or os.path.join(store.path, "scratch")
         memo_budget = self.options.memo_budget_bytes
@@ -284,10 +296,11 @@ class StreamingEngine:
         """Load a unit's moments alone (an untied head's, whose update starts during the cross-entropy)."""
         return lambda: self._optim_part(unit)
 
-    def _read_stored(self, unit: str, part: str) -> dict:
+    def _read_stored(self, unit: str, part: str):
         """A part as the store has it, for an update (on the writer thread, or on main when it takes a queued
-        update over): every earlier write of the unit is in the store by then."""
-        return self.store.read(unit, part, self.pool)
+        update over): every earlier write of the unit is in the store by then. Each tensor is read when the
+        update asks for it (``BlockStore.read_lazily``): an update holds one projection's old version at a time."""
+        return self.store.read_lazily(unit, part, self.pool)
 
     def _optim_part(self, unit: str, stored: bool = False) -> dict:
         """A unit's moments as stored (decoded one tensor at a time by its update); ``{}`` before the first

@@ -59,7 +59,13 @@ class Prefetcher:
 
 class WriteBehind:
     """Runs unit updates, their writes and commits on a background thread, in submission order (a caller that
-    finds the queue full runs the oldest queued update itself; commits stay behind every earlier write).
+    finds the queue full runs the oldest queued update itself while the writer is only writing; commits stay
+    behind every earlier write).
+
+    One update makes its parts at a time, on whichever thread (``_making``): an update in the making holds its
+    gradients, the old moments and shadow as read, fp32 work and the new parts (at 7B about 3 GB), a queued one
+    only its gradients. Two at once doubled that in the peak (10.3 GiB at 7B) and saved no time: both threads
+    share the same cores, and each update's elementwise work already spreads over them.
 
     Until a unit's new version is in the store, ``pending_part`` serves it from memory (waiting while its update
     still runs), so a read always sees the newest version. After a failed job nothing more is run, written or
@@ -69,10 +75,14 @@ class WriteBehind:
 
     def __init__(self, store, max_pending: int = 2):
         self.store = store
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        # 0: a hand-off, no queue: ``update`` returns once its job is taken (big blocks: a queued update holds a
+        # block's fp32 gradients, 0.8 GB at 7B, while the writer is the bottleneck anyway).
+        self._hand_off = max_pending == 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(max_pending, 1))
         self._updating: Counter = Counter()   # unit -> queued updates that have not made their parts yet
         self._pending: dict[tuple[str, str], dict] = {}  # (unit, part) -> tensors made, not yet in the store
         self._changed = threading.Condition()
+        self._making = threading.Lock()  # held while an update makes its parts (see the class docstring)
         self._error: BaseException | None = None
         self.wait_seconds = 0.0
         self.stolen_seconds = 0.0  # time callers spent running queued updates themselves (queue full)
@@ -86,11 +96,22 @@ class WriteBehind:
         self.raise_if_failed()
         with self._changed:
             self._updating[unit] += 1
+        job = ("write", unit, make_parts, step, stealable)
         try:
-            self._put(("write", unit, make_parts, step, stealable))
+            self._put(job)
         except BaseException:
             self._made(unit, {})
             raise
+        if self._hand_off:
+            self._wait_taken(job)
+
+    def make_and_write(self, unit: str, make_parts, step: int):
+        """Run ``make_parts()`` on the caller's thread (as the only update making parts then) and queue the write
+        of what it returns: an update with nothing left to overlap (the step's last one)."""
+        self.raise_if_failed()
+        with self._making:
+            parts = make_parts()
+        self.write(unit, parts, step)
 
     def write(self, unit: str, parts: dict[str, dict], step: int):
         """Queue the write of ready ``{part: tensors}``."""
@@ -154,11 +175,7 @@ class WriteBehind:
                 return
             except queue.Full:
                 pass
-            stolen = self._steal_write()
-            if stolen is not None:
-                started = time.perf_counter()
-                self._run_one(stolen)
-                self.stolen_seconds += time.perf_counter() - started
+            if self._run_stolen():
                 continue
             started = time.perf_counter()  # a commit or a job only the writer runs is next: wait for it to take it
             try:
@@ -169,9 +186,35 @@ class WriteBehind:
             finally:
                 self.wait_seconds += time.perf_counter() - started
 
+    def _wait_taken(self, job):
+        """Wait until the writer has taken ``job`` from the queue (a hand-off: the caller never runs it, which
+        would be a second update in the making as soon as the writer takes its next one)."""
+        while True:
+            self.raise_if_failed()
+            with self._queue.mutex:
+                if not any(waiting is job for waiting in self._queue.queue):
+                    return
+            started = time.perf_counter()
+            with self._queue.not_full:  # notified when the writer takes a job
+                if any(waiting is job for waiting in self._queue.queue):
+                    self._queue.not_full.wait(0.05)
+            self.wait_seconds += time.perf_counter() - started
+
+    def _run_stolen(self) -> bool:
+        """Run the oldest queued job on this thread if ``_steal_write`` may take it; whether it did."""
+        stolen = self._steal_write()
+        if stolen is None:
+            return False
+        started = time.perf_counter()
+        self._run_one(stolen)
+        self.stolen_seconds += time.perf_counter() - started
+        return True
+
     def _steal_write(self):
         """Take the oldest queued job if it is a stealable update and write (never a commit, which must follow
-        every write before it)."""
+        every write before it), and only while no update is making its parts (the writer is writing)."""
+        if self._making.locked():
+            return None
         with self._queue.mutex:
             waiting = self._queue.queue
             if waiting and waiting[0] is not None and waiting[0][0] == "write" and waiting[0][4]:
@@ -218,12 +261,14 @@ class WriteBehind:
         if job[0] == "write":
             _, unit, make_parts, step, _ = job
             try:
-                parts = make_parts()
+                with self._making:
+                    parts = make_parts()
             except BaseException:
                 self._made(unit, {})
                 raise
             self._made(unit, parts)
-            for part, tensors in parts.items():
+            for part in list(parts):
+                tensors = parts.pop(part)  # each part is let go once written
                 self.store.write(unit, part, tensors, step)
                 with self._changed:
                     if self._pending.get((unit, part)) is tensors:

@@ -206,7 +206,9 @@ class FullWeights(Trainable):
 
     def update_block(self, unit: str, params: dict, state, ctx: StepContext):
         # Straight-through: dL/dW_q is the gradient of the shadow weight.
-        grads_by_name = {n: leaf.grad.float() for n, leaf in params.items()}
+        # Taken out of ``params`` (the caller's): the compute weights go now, not after the update is queued,
+        # which waits while the writer's queue is full (at 7B their fp32 copy is 0.8 GB).
+        grads_by_name = {n: params.pop(n).grad.float() for n in list(params)}
         self._apply_update(unit, state, grads_by_name, None, ctx)
 
     def embed_inputs(self, plan: StepPlan, head: HeadPass) -> tuple[dict, dict, torch.Tensor]:
@@ -235,7 +237,7 @@ class FullWeights(Trainable):
         may be 16-bit (the update makes fp32 copies); ``moments`` None: the update reads them."""
         update = make_update(self.engine, unit, masters, grads, moments, ctx)
         if inline:
-            self.engine.writer.write(unit, update(), ctx.step)
+            self.engine.writer.make_and_write(unit, update, ctx.step)
         else:
             self.engine.writer.update(unit, update, ctx.step)
 

@@ -68,6 +68,9 @@ def make_update(engine, unit: str, masters: dict, grads: dict, moments, ctx: Ste
             for part, tensors in finish(engine.layout.encode(unit, {name: master}), unit_moments).items():
                 parts.setdefault(part, {}).update(tensors)
             del master, unit_moments, exp_avg, exp_avg_sq
+        # The old moments and shadow as read go now, not when the writer lets go of this function (after its
+        # writes): at 7B that is 0.8 GB less in the peak.
+        state.clear()
         return made(parts)
 
     def update(rows: slice | None = None, final: bool = True) -> dict[str, dict[str, torch.Tensor]]:

@@ -3,7 +3,9 @@ bytes (no copy), with the one table of dtype codes every module uses."""
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Mapping
 
 import torch
 
@@ -63,3 +65,56 @@ def decode_safetensors(data: torch.Tensor, origin: str) -> dict[str, torch.Tenso
         return tensors
     except (struct.error, ValueError, KeyError, RuntimeError) as error:
         raise SafetensorsError(f"{origin} is not a readable safetensors file ({error}); restore it or re-import") from error
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, origin: str):
+    """Fill ``view`` from ``fd`` at ``offset`` (SafetensorsError if the file ends first)."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if not count:
+            raise SafetensorsError(f"{origin} ends inside a tensor; restore it or re-import")
+        done += count
+
+
+class LazySafetensors(Mapping):
+    """The tensors of a safetensors file open as ``fd`` (which it owns and closes), each read from the file when
+    it is asked for, into ``empty(nbytes)`` (a uint8 tensor) when given, and not kept: a reader that takes one
+    tensor at a time holds one tensor's bytes, not the file's."""
+
+    def __init__(self, fd: int, origin: str, empty=None):
+        self._fd, self.origin = fd, origin
+        self._empty = empty or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+        try:
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, length, 8))
+            header.pop("__metadata__", None)
+            self._start, self._header = 8 + length, header
+        except (struct.error, ValueError, OSError) as error:
+            self.close()
+            raise SafetensorsError(f"{origin} is not a readable safetensors file ({error}); restore it or "
+                                   "re-import") from error
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self._header[name]
+        begin, end = info["data_offsets"]
+        dtype = TORCH_DTYPES[info["dtype"]]
+        if begin == end:
+            return torch.empty(info["shape"], dtype=dtype)
+        data = self._empty(end - begin)
+        _pread_into(self._fd, memoryview(data.numpy()), self._start + begin, self.origin)
+        return data.view(dtype).reshape(info["shape"])
+
+    def __iter__(self):
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()

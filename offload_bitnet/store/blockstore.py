@@ -16,7 +16,8 @@ files that belong to neither are removed the next time the store is opened for w
 (``distributed/commit.py``), ``commit(keep_previous=True)`` keeps the replaced state's files and records that
 state in the manifest (``previous``), so a store that got one step ahead of another rank can ``rollback``;
 ``release_previous`` recycles them once every rank has switched. Reads copy a file
-into memory (a caller's ``BufferPool`` when given) and check its size and crc32c.
+into memory (a caller's ``BufferPool`` when given) and check its size and crc32c; ``read_lazily`` checks them
+first and then reads each tensor when it is asked for.
 
 The store knows files, checksums and commits; it knows nothing about training.
 """
@@ -37,7 +38,7 @@ from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.io.faults import fault_point
 from offload_bitnet.io.files import fsync_path, write_file_atomic
 from offload_bitnet.io.locks import HolderLock, LockHeld
-from offload_bitnet.io.safetensors import SafetensorsError, decode_safetensors, encode_safetensors
+from offload_bitnet.io.safetensors import LazySafetensors, SafetensorsError, decode_safetensors, encode_safetensors
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.store.units import MODES, PARTS, unit_names, unit_shapes
 
@@ -55,6 +56,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AdamW moments: bytes per value on disk ("int8": 8-bit blockwise, see blockwise.py; ~1 byte plus block scales;
 # "fp16" only for stores that ask for it explicitly: its range is too small for second moments).
 STATE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+CHECK_CHUNK_BYTES = 8 << 20  # read_lazily's checksum pass: a buffer this size, not the file's
+
+
+def _file_crc(fd: int, size: int, origin: str) -> int:
+    """crc32c of the first ``size`` bytes of ``fd``, read through a buffer of ``CHECK_CHUNK_BYTES``."""
+    crc, done, chunk = 0, 0, memoryview(bytearray(min(size, CHECK_CHUNK_BYTES) or 1))
+    while done < size:
+        count = os.preadv(fd, [chunk[:size - done]], done)
+        if not count:
+            raise StoreError(f"{origin} shrank while it was read")
+        crc, done = crc32c(chunk[:count], crc), done + count
+    return crc
 
 
 class StoreError(RuntimeError):
@@ -218,19 +231,11 @@ class BlockStore:
     # ------------------------------------------------------------------ reading
     def read(self, unit: str, part: str, pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
         """Load one part of one unit, checking its size and checksum; into ``pool``'s memory when given."""
-        with self._lock:
-            entry = self._working.get(unit, {}).get(part)
-        if entry is None:
-            raise StoreError(f"store {self.path} has no {part!r} part for unit {unit!r}")
-        file_path = os.path.join(self.path, UNITS_DIR, entry["file"])
+        entry, file_path = self._entry(unit, part)
         try:
             fault_point("read")
             with open(file_path, "rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size != entry["bytes"]:
-                    raise StoreError(f"{file_path} ({unit} {part}) is {size} bytes, the manifest says "
-                                     f"{entry['bytes']}: the file is truncated or damaged. Restore it from a backup "
-                                     "or re-import the model.")
+                size = self._checked_size(handle.fileno(), entry, file_path, unit, part)
                 # Read into memory of our own (reused across units when a pool is given) rather than mapping the
                 # file: the caller may update the tensors in place, and a private mapping pays a copy-on-write
                 # fault per page for that.
@@ -244,18 +249,65 @@ class BlockStore:
         except (OSError, ValueError) as error:
             raise StoreError(f"cannot read {file_path} ({unit} {part}): {getattr(error, 'strerror', None) or error}")\
                 from error
-        if "crc32c" not in entry:
-            raise StoreError(f"the manifest of {self.path} has no crc32c checksum for {unit} {part}: the store was "
-                             "written by a development version of offload_bitnet. Re-import or re-create it.")
-        if self.verify and crc32c(view) != entry["crc32c"]:
-            raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
-                             "Restore it from a backup or re-import the model.")
+        self._check_crc(lambda: crc32c(view), entry, file_path, unit, part)
         with self._lock:
             self.bytes_read += size
         try:
             return decode_safetensors(data, f"{file_path} ({unit} {part})")
         except SafetensorsError as error:
             raise StoreError(str(error)) from error
+
+    def read_lazily(self, unit: str, part: str, pool: BufferPool | None = None) -> LazySafetensors:
+        """One part of one unit as a mapping that reads each tensor when it is asked for (into ``pool``'s memory
+        when given) and keeps none, after checking the file's size and checksum in one pass through a small
+        buffer. For an update that takes one projection at a time: it then holds one projection's bytes of the
+        old version, not the part's (at 7B a block's old shadow and moments are 0.8 GB)."""
+        entry, file_path = self._entry(unit, part)
+        origin = f"{file_path} ({unit} {part})"
+        fd = None
+        try:
+            fault_point("read")
+            fd = os.open(file_path, os.O_RDONLY)
+            size = self._checked_size(fd, entry, file_path, unit, part)
+            self._check_crc(lambda: _file_crc(fd, size, origin), entry, file_path, unit, part)
+            with self._lock:
+                self.bytes_read += size
+            lazy = LazySafetensors(fd, origin, (lambda nbytes: pool.empty((nbytes,), torch.uint8)) if pool else None)
+            fd = None  # the mapping owns it now
+            return lazy
+        except SafetensorsError as error:
+            raise StoreError(str(error)) from error
+        except OSError as error:
+            raise StoreError(f"cannot read {origin}: {error.strerror or error}") from error
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _entry(self, unit: str, part: str) -> tuple[dict, str]:
+        """A part's manifest entry and file path (StoreError when the store has no such part)."""
+        with self._lock:
+            entry = self._working.get(unit, {}).get(part)
+        if entry is None:
+            raise StoreError(f"store {self.path} has no {part!r} part for unit {unit!r}")
+        return entry, os.path.join(self.path, UNITS_DIR, entry["file"])
+
+    @staticmethod
+    def _checked_size(fd: int, entry: dict, file_path: str, unit: str, part: str) -> int:
+        size = os.fstat(fd).st_size
+        if size != entry["bytes"]:
+            raise StoreError(f"{file_path} ({unit} {part}) is {size} bytes, the manifest says "
+                             f"{entry['bytes']}: the file is truncated or damaged. Restore it from a backup "
+                             "or re-import the model.")
+        return size
+
+    def _check_crc(self, compute_crc, entry: dict, file_path: str, unit: str, part: str):
+        """Compare ``compute_crc()`` with the manifest's (when the store verifies)."""
+        if "crc32c" not in entry:
+            raise StoreError(f"the manifest of {self.path} has no crc32c checksum for {unit} {part}: the store was "
+                             "written by a development version of offload_bitnet. Re-import or re-create it.")
+        if self.verify and compute_crc() != entry["crc32c"]:
+            raise StoreError(f"{file_path} ({unit} {part}) fails its checksum: the file is damaged. "
+                             "Restore it from a backup or re-import the model.")
 
     def verify_all(self, progress=None) -> list[str]:
         """Check size and checksum of every committed file; returns one line per problem (empty: all good)."""

@@ -153,5 +153,6 @@ class Layout:
 
 def _subpart(part: dict, prefix: str) -> dict:
     """``{"q": ..., "absmax": ...}`` from keys ``prefix.q``, ``prefix.absmax``."""
-    return {key[len(prefix) + 1:]: tensor for key, tensor in part.items() if key.startswith(prefix + ".")
+    # Keys first: ``part`` may read each tensor when asked for (``LazySafetensors``).
+    return {key[len(prefix) + 1:]: part[key] for key in part if key.startswith(prefix + ".")
             and "." not in key[len(prefix) + 1:]}

@@ -57,7 +57,7 @@ class ComputeSpeed:
     processes share it; with more threads a busy machine makes every call wait for its slowest thread); the
     plan divides the work by the engine's thread count."""
 
-    matmul_flops: float       # fp32 on CPU (bf16 on GPUs): F.linear of [tokens, dim] x [hidden, dim]
+    matmul_flops: float       # fp32 on CPU (bf16 on GPUs): a trained linear's three matmuls (see _probe_compute)
     unpack_ns: float          # forward load: packed/16-bit weights to compute tensors (Layout.forward_tensors)
     masters_ns: float         # backward load: 16-bit masters to fp32 (Layout.masters) and moments decoded
     quantize_ns: float        # backward, main thread: fake-quantized compute copy (quantize_weight)
@@ -203,13 +203,21 @@ def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSett
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, dim, generator=generator).to(device, dtype)
     weight = (torch.randn(hidden, dim, generator=generator) * 0.02).to(device, dtype)
+    grad_out = (torch.randn(tokens, hidden, generator=generator) * 1e-3).to(device, dtype)
+    weight_grad = torch.zeros_like(weight)
 
     def matmul():
+        # A projection in a training step: its forward, then the input gradient and the weight gradient added
+        # into the gradient buffer, as autograd accumulates it over micro-batches. The weight gradient's
+        # [hidden, tokens] x [tokens, dim] product writes a weight-sized result from few tokens, and runs far
+        # below the forward's speed on a CPU (timing the forward alone predicted a 7B step at half its time).
         F.linear(x, weight)
+        grad_out.mm(weight)
+        weight_grad.add_(grad_out.t().mm(x))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
-    matmul_flops = 2 * tokens * dim * hidden / _timed(matmul)
+    matmul_flops = 6 * tokens * dim * hidden / _timed(matmul)
     rows = max(4, PROBE_ELEMENTS // dim // 4 * 4)
     master = torch.randn(rows, dim, generator=generator) * 0.02
     unit, layout = "block.0", Layout(settings)
@@ -261,8 +269,11 @@ def disk_key(folder: str) -> str:
     return f"disk|{socket.gethostname()}|{filesystem_of(folder)}"
 
 
+COMPUTE_PROBE_VERSION = 2  # 2: the matmul probe times forward and backward (entries of 1 timed the forward)
+
+
 def compute_key(device: str, shape: tuple, settings: StoreSettings) -> str:
-    return (f"compute|{socket.gethostname()}|{device}|"
+    return (f"compute|v{COMPUTE_PROBE_VERSION}|{socket.gethostname()}|{device}|"
             f"{'x'.join(map(str, shape))}|{settings.mode}/{settings.shadow_dtype}/{settings.state_dtype}")
 
 

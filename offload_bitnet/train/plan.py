@@ -33,12 +33,14 @@ from offload_bitnet.store.units import block_unit, unit_names
 from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.argparsing import check_device
 from offload_bitnet.engine.backend import is_mlx_device
-from offload_bitnet.engine.streaming import default_compute_dtype, default_pool_bytes, peak_rss_bytes
+from offload_bitnet.engine.streaming import (default_compute_dtype, default_pending_writes, default_pool_bytes,
+                                             peak_rss_bytes)
 from offload_bitnet.model.block import DENSE_BLOCK_BYTES, is_lazy_block
 from offload_bitnet.errors import EXIT_OK
 from offload_bitnet.formats import read_source
 from offload_bitnet.tokenizers.loaders import open_tokenizer
-from offload_bitnet.distributed.training import dry_run_lines, planned_world_size
+from offload_bitnet.distributed.batching import per_rank_batch
+from offload_bitnet.distributed.training import check_batch_split, dry_run_lines, planned_world_size
 from offload_bitnet.train.messages import say
 from offload_bitnet.train.run_folder import check_run_folder
 from offload_bitnet.train.samples import check_prompts
@@ -54,16 +56,16 @@ BATCH_STEPS_SAMPLED = 5000             # steps whose padded lengths are looked a
 REPLAY_VALUES_PER_TOKEN = dict(dim=12, hidden=4)
 ATTENTION_MATRICES = 2
 # The unit being replayed: its 16-bit masters (as read; fp32 in full mode), the fp32 compute copy and the
-# fp32 weight gradients. A queued update holds its masters and gradients; a running one adds the fp32 master
-# copy, the fp32 moments and the encoded parts.
+# fp32 weight gradients. A queued update holds its gradients (and the masters it was given: not a qat block's,
+# whose update reads its shadow); a running one adds, one projection at a time, the old shadow and moments as
+# read, the fp32 master copy and the fp32 moments, and the encoded new parts of the whole unit.
 GRAD_BYTES = COMPUTE_BYTES = MASTER_COPY_BYTES = 4
 MOMENT_BYTES = 8
 # Torch's own memory once a process has run a training step (autograd and OpenMP threads, allocator arenas,
 # kernel workspaces), beyond what the process held before: measured with the demo model, where every other
 # term is small (peak RSS 342 MiB, 225 MiB before the step, the terms below 27 MiB).
 RUNTIME_BYTES = 90 << 20
-QUEUED_UPDATES = 1        # EngineOptions.max_pending_writes
-RUNNING_UPDATES = 1       # the writer's (main runs one more itself only when the queue is full)
+RUNNING_UPDATES = 1       # one update makes its parts at a time, on the writer or on main (streams.WriteBehind)
 LOADS_AHEAD = 1           # EngineOptions.prefetch_depth
 CE_LOGIT_COPIES = 4       # logits, the saved log-softmax, its gradient and softmax's temporary (chunk rows each)
 CE_CHUNK_TOKENS = 1024    # EngineOptions.ce_chunk_tokens
@@ -88,15 +90,18 @@ class BatchShape:
         return self.micro_batch_size * self.grad_accum * self.mean_length
 
 
-def batch_shape(config: RunConfig, dataset: datalib.Dataset | None, steps: int | None) -> BatchShape:
+def batch_shape(config: RunConfig, dataset: datalib.Dataset | None, steps: int | None,
+                world_size: int = 1) -> BatchShape:
     """Padded lengths of the run's own batches: the seeded batch order of ``dataset``'s training split, as
-    the trainer draws them (the first ``BATCH_STEPS_SAMPLED`` steps)."""
+    the trainer draws them (the first ``BATCH_STEPS_SAMPLED`` steps). On ``world_size`` ranks each micro-batch
+    is one rank's share (``per_rank_batch``), so the prediction is one rank's."""
+    micro = per_rank_batch(config.batch_size, world_size, config.grad_accum)
     if dataset is None or not dataset.train:
-        return BatchShape(config.micro_batch_size, config.grad_accum, config.max_seq_len, config.max_seq_len, False)
+        return BatchShape(micro, config.grad_accum, config.max_seq_len, config.max_seq_len, False)
     order = datalib.BatchOrder(len(dataset.train), config.batch_size, config.seed)
     lengths = [max(len(dataset.train[i]) for i in order.indices(step))
                for step in range(min(steps or 1, BATCH_STEPS_SAMPLED))]
-    return BatchShape(config.micro_batch_size, config.grad_accum, sum(lengths) / len(lengths), max(lengths), True)
+    return BatchShape(micro, config.grad_accum, sum(lengths) / len(lengths), max(lengths), True)
 
 
 @dataclasses.dataclass
@@ -227,9 +232,15 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
             block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
         loads = LOADS_AHEAD * (files["weights"] + files["shadow"])
         encoded = files["weights"] + files["shadow"] + files["optim"]
-        running = int(block_params * (master_bytes + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES)) + encoded
-        queued = int(block_params * (master_bytes + GRAD_BYTES))
-        updates = RUNNING_UPDATES * running + QUEUED_UPDATES * queued
+        # A qat block's update reads its old shadow and moments one projection at a time (each distinct size's
+        # buffers stay in the pool); full mode's masters come whole with the update (as loaded).
+        old_optim = files["optim"] / max(block_params, 1)
+        per_projection = lazy_projection_elements(cfg) * (MASTER_COPY_BYTES + MOMENT_BYTES + old_optim
+                                                          + (master_bytes if qat else 0))
+        given_masters = 0 if qat else master_bytes
+        running = int(block_params * (GRAD_BYTES + given_masters) + per_projection) + encoded
+        queued = int(block_params * (GRAD_BYTES + given_masters))
+        updates = RUNNING_UPDATES * running + default_pending_writes(cfg) * queued
         head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) + logits
     memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram,
               "memos": memo_blocks * memo_per_block, "gradients": gradients, "replay": replay}
@@ -392,6 +403,8 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
     lengths = (f"padded to {batches.mean_length:.0f} tokens on average (longest {batches.max_length}) from the data"
                if batches.from_data else f"of {batches.max_length} tokens (max_seq_len)")
     p = prediction
+    # On several ranks the prediction is one rank's micro-batches (batch_shape); its disk share is printed after.
+    ranked = plan.batches.micro_batch_size * plan.batches.grad_accum != config.batch_size
     lines = [
         f"plan for {config.experiment_name}:",
         f"  model: {model.arch}, {model.param_count():,} parameters, {model.n_layers} blocks, dim {model.dim}, "
@@ -402,10 +415,12 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
         lines.append(f"  source: {planned.note}")
     lines += [
         disk_line,
-        f"  per step: {config.batch_size} sequences in {config.grad_accum} micro-batch(es), {lengths}: "
-        f"~{p.tokens:,.0f} tokens; reads {human(p.read_bytes)}, writes {human(p.written_bytes)}"
+        f"  per step: {config.batch_size} sequences in {config.grad_accum} micro-batch(es)"
+        + (f" per rank of {plan.batches.micro_batch_size}" if ranked else "") + f", {lengths}: "
+        f"~{p.tokens:,.0f} tokens" + (" per rank" if ranked else "")
+        + f"; reads {human(p.read_bytes)}, writes {human(p.written_bytes)}" + (" on one process" if ranked else "")
         + (f", spills {human(p.spilled_bytes)} of activations" if p.spilled_bytes else ""),
-        f"  peak memory: ~{human(p.peak_rss_bytes)} = {p.memory_line()}"
+        f"  peak memory{' per rank' if ranked else ''}: ~{human(p.peak_rss_bytes)} = {p.memory_line()}"
         + (f"; blocks made one projection at a time (each is over {human(DENSE_BLOCK_BYTES)} dense)"
            if p.lazy_blocks else ""),
         f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work and the disk "
@@ -453,7 +468,9 @@ def make_plan(config: RunConfig, paths, command=None) -> Plan:
     steps = total_steps(config, dataset) if dataset else config.num_train_iters
     if planned.disk is None:
         check_room_for(planned, paths.store_dir, config.is_lora)
-    batches = batch_shape(config, dataset, steps)
+    world_size = planned_world_size(config)
+    check_batch_split(config, world_size)
+    batches = batch_shape(config, dataset, steps, world_size)
     shape = probe_shape(int(batches.micro_batch_size * batches.mean_length), planned.config.dim,
                         planned.config.hidden_dim)
     calibration = calibrate(paths.store_dir, config.device, shape, planned.settings, recalibrate=config.recalibrate)

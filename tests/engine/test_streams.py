@@ -13,13 +13,13 @@ class RecordingStore:
     """Stands in for a BlockStore: records writes and commits. With ``write_gate`` (an Event), each write
     waits until the test sets it, so a write is in progress for exactly as long as the test needs."""
 
-    def __init__(self, write_gate: threading.Event | None = None):
-        self.write_gate = write_gate
+    def __init__(self, write_gate: threading.Event | None = None, gated_units=None):
+        self.write_gate, self.gated_units = write_gate, gated_units
         self.events = []
         self.lock = threading.Lock()
 
     def write(self, unit, part, tensors, step):
-        if self.write_gate is not None:
+        if self.write_gate is not None and (self.gated_units is None or unit in self.gated_units):
             assert self.write_gate.wait(HANG_GUARD_S), "the test never released the write"
         with self.lock:
             self.events.append(("write", unit, part, step))
@@ -29,11 +29,40 @@ class RecordingStore:
             self.events.append(("commit", step))
 
 
-def busy_writer():
+class ObservedLock:
+    """A lock that sets ``contended`` when an acquire has to wait for it."""
+
+    def __init__(self):
+        self._lock, self.contended = threading.Lock(), threading.Event()
+
+    def acquire(self, blocking=True):
+        if self._lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        self.contended.set()
+        return self._lock.acquire()
+
+    def release(self):
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def busy_writer(making_lock=None, max_pending=1):
     """A writer (queue of one) busy with update "a" until the returned event is set. Returns (store, writer, log,
-    release); ``log`` records each update's name and whether the caller's thread ran it."""
+    release); ``log`` records each update's name and whether the caller's thread ran it. ``making_lock``: the
+    writer's lock for making updates, in place of its own."""
     store, log = RecordingStore(), []
-    writer = WriteBehind(store, max_pending=1)
+    writer = WriteBehind(store, max_pending=max_pending)
+    if making_lock is not None:
+        writer._making = making_lock
     running, release = threading.Event(), threading.Event()
 
     def hold():
@@ -53,25 +82,28 @@ def recording_update(log, name, parts=None):
     return make_parts
 
 
-def test_a_full_queue_makes_the_caller_run_the_oldest_update():
-    store, writer, log, gate = busy_writer()
+def test_a_full_queue_makes_the_caller_run_the_oldest_update_while_the_writer_writes():
+    write_gate = threading.Event()
+    store, log = RecordingStore(write_gate, gated_units={"a"}), []
+    writer = WriteBehind(store, max_pending=1)
+    writing = threading.Event()
+    writer.update("a", lambda: writing.set() or {"weights": {"w": "a"}}, 1)  # made at once; its write is held
+    assert writing.wait(HANG_GUARD_S)
+    assert writer.pending_part("a", "weights") == {"w": "a"}  # made: only its write is left
     writer.update("b", recording_update(log, "b"), 1)  # queued
     writer.update("c", recording_update(log, "c"), 1)  # queue full: the caller runs "b" and queues "c"
     assert log == [("b", True)]
-    gate.set()
+    write_gate.set()
     writer.commit(1, None)  # never taken over: it follows every write
     writer.flush()
     writer.close()
-    assert sorted(name for name, _ in log) == ["a", "b", "c"]
+    assert [name for name, _ in log] == ["b", "c"]
     assert store.events[-1] == ("commit", 1)
-    assert {e[1] for e in store.events[:-1]} == {"b", "c"}
+    assert sorted(e[1] for e in store.events[:-1]) == ["a", "b", "c"]  # the commit follows every write
 
 
-def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
-    _, writer, log, gate = busy_writer()
-    writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
-    # The queue is full and its oldest job is not stealable, so update("rows-2") must wait for the writer: a
-    # helper releases update "a" only once the caller is blocked waiting for room in the queue.
+def waiting_for_room(writer) -> threading.Event:
+    """An event set when a caller blocks waiting for room in ``writer``'s queue."""
     waiting, blocking_put = threading.Event(), writer._queue.put
 
     def put(job, block=True, timeout=None):
@@ -79,6 +111,71 @@ def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
             waiting.set()
         return blocking_put(job, block, timeout)
     writer._queue.put = put
+    return waiting
+
+
+def test_a_caller_waits_instead_of_making_a_second_update_at_once():
+    _, writer, log, gate = busy_writer()  # the writer is making update "a"'s parts
+    writer.update("b", recording_update(log, "b"), 1)  # queued
+    waiting = waiting_for_room(writer)
+    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
+    releaser.start()
+    writer.update("c", recording_update(log, "c"), 1)  # queue full, "a" still in the making: waits, runs nothing
+    released_before_return = gate.is_set()
+    gate.set()
+    releaser.join()
+    writer.flush()
+    writer.close()
+    assert released_before_return, "update() returned while the writer was still making the update before it"
+    assert log == [("a", False), ("b", False), ("c", False)]
+
+
+def test_a_hand_off_returns_once_the_writer_takes_the_update():
+    _, writer, log, gate = busy_writer(max_pending=0)
+    waiting, real_wait = threading.Event(), writer._queue.not_full.wait
+
+    def wait(timeout=None):
+        waiting.set()
+        return real_wait(timeout)
+    writer._queue.not_full.wait = wait
+    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
+    releaser.start()
+    writer.update("b", recording_update(log, "b"), 1)  # no queue: waits while "a" is in the making
+    released_before_return = gate.is_set()
+    gate.set()
+    releaser.join()
+    writer.flush()
+    writer.close()
+    assert released_before_return, "update() returned before the writer took the update"
+    assert log == [("a", False), ("b", False)]
+
+
+def test_the_last_update_made_by_the_caller_waits_for_the_writers_update():
+    lock = ObservedLock()
+    _, writer, log, gate = busy_writer(lock)  # the writer is making update "a"'s parts
+    order = []
+    # Released only once the caller waits for the writer's update to be made.
+    releaser = threading.Thread(target=lambda: lock.contended.wait(HANG_GUARD_S) and (order.append("released"),
+                                                                                      gate.set()))
+    releaser.start()
+
+    def last():
+        order.append("last made")
+        return {"weights": {"w": "last"}}
+    writer.make_and_write("embed", last, 1)
+    gate.set()
+    releaser.join()
+    writer.flush()
+    writer.close()
+    assert order == ["released", "last made"] and log == [("a", False)]
+
+
+def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
+    _, writer, log, gate = busy_writer()
+    writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
+    # The queue is full and its oldest job is not stealable, so update("rows-2") must wait for the writer: a
+    # helper releases update "a" only once the caller is blocked waiting for room in the queue.
+    waiting = waiting_for_room(writer)
     releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
     releaser.start()
     writer.update("rows-2", recording_update(log, "rows-2"), 1, stealable=False)  # waits: nothing to take over

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from offload_bitnet import create_model
+from offload_bitnet.io.buffers import BufferPool
 from offload_bitnet.store.blockstore import FORMAT_VERSION, BlockStore, StoreError
 from offload_bitnet.store.units import unit_names
 
@@ -34,6 +35,27 @@ def test_flipped_byte_is_detected_naming_file_and_unit(store_path):
     open(path, "wb").write(bytes(data))
     with pytest.raises(StoreError, match=r"block\.001 weights\) fails its checksum"):
         BlockStore(store_path).read("block.001", "weights")
+
+
+def test_a_lazy_read_gives_the_same_tensors_one_at_a_time_and_checks_the_file_first(store_path):
+    store = BlockStore(store_path)
+    whole = store.read("block.000", "shadow")
+    lazy = store.read_lazily("block.000", "shadow", BufferPool(1 << 30))
+    assert sorted(lazy) == sorted(whole) and len(lazy) == len(whole)
+    for name in whole:
+        first, again = lazy[name], lazy[name]
+        assert torch.equal(first, whole[name]) and first.dtype == whole[name].dtype
+        assert first.data_ptr() != again.data_ptr()  # read when asked for, not kept
+    entry = store.manifest["files"]["block.001"]["shadow"]
+    path = os.path.join(store_path, "units", entry["file"])
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0x01  # the last tensor's last byte: caught before any tensor is handed out
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(StoreError, match=r"block\.001 shadow\) fails its checksum"):
+        BlockStore(store_path).read_lazily("block.001", "shadow")
+    os.truncate(path, 100)
+    with pytest.raises(StoreError, match="truncated"):
+        BlockStore(store_path).read_lazily("block.001", "shadow")
 
 
 def test_truncated_file_is_detected(store_path):

@@ -104,10 +104,10 @@ class PeakSampler:
     """Samples this process's RSS every few ms; at each new peak, records where every thread is in the
     package (the innermost offload_bitnet frames): what was running when memory was highest."""
 
-    def __init__(self):
+    def __init__(self, pool=None):
         import threading
 
-        self.peak, self.where, self._stop = 0, [], False
+        self.peak, self.where, self._stop, self.pool = 0, [], False, pool
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -124,6 +124,9 @@ class PeakSampler:
             rss = self.rss()
             if rss > self.peak + (32 << 20):
                 self.peak, self.where = rss, []
+                if self.pool is not None:
+                    self.where.append(f"  [pool] {gib(self.pool.pooled_bytes)} pooled, of which "
+                                      f"{gib(self.pool.unused_bytes())} unused")
                 names = {t.ident: t.name for t in threading.enumerate()}
                 for ident, frame in sys._current_frames().items():
                     if ident == threading.get_ident():
@@ -156,8 +159,8 @@ def probe(args) -> int:
         options = EngineOptions(seed=0)
         if args.probe_lora:
             options.lora, options.adapter_dir = LoRAConfig(rank=8), os.path.join(work, "adapters")
-        sampler = PeakSampler()
         engine = StreamingEngine(BlockStore(os.path.join(work, "store"), writable=not args.probe_lora), options)
+        sampler = PeakSampler(engine.pool)
         batch = [(token_batch(config, args.probe_seq), None)] * args.probe_micro
         print(f"probe: {args.probe_width} width, {args.probe_layers} block(s), {'lora' if args.probe_lora else 'qat'}, "
               f"G={args.probe_micro} x {args.probe_seq} tokens, torch threads {torch.get_num_threads()}")

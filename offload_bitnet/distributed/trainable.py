@@ -174,7 +174,7 @@ class DistributedFullWeights(_RankStep, FullWeights):
                     self.engine.writer.update("head", functools.partial(update, rows, rows == ranges[-1]), ctx.step,
                                               stealable=False)
             self._unsent.append("head")
-            head.weight_grad = None
+            head.weight_grad = head.masters = head.moments = head.on_weight_rows = None  # see FullWeights.after_loss
         else:
             head.weight_grad = head.weight_grad.float()
         head.weight = None

@@ -174,8 +174,13 @@ class FullWeights(Trainable):
 
     def after_loss(self, head: HeadPass, ctx: StepContext):
         self._apply_update("norm", head.norm_masters, {"weight": head.norm_weight.grad}, head.norm_moments, ctx)
-        head.weight_grad = head.weight_grad.float() if self.engine.head_unit == "embed" else None
         head.weight = None
+        if self.engine.head_unit == "embed":
+            head.weight_grad = head.weight_grad.float()
+        else:
+            # An untied head's update holds what it needs; the step must not hold its fp32 masters (0.5 GB at 7B)
+            # through the blocks' backward.
+            head.weight_grad = head.masters = head.moments = head.on_weight_rows = None
 
     def block_params(self, unit: str, plan: StepPlan, ctx: StepContext) -> tuple[dict, object]:
         engine = self.engine

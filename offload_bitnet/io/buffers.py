@@ -82,6 +82,11 @@ class BufferPool:
         """A pooled copy of a CPU tensor."""
         return self.empty(tensor.shape, tensor.dtype).copy_(tensor)
 
+    def unused_bytes(self) -> int:
+        """Bytes of buffers the pool holds that no tensor uses now (mapped, and resident once touched)."""
+        with self._lock:
+            return sum(entry[0] for entry in self._buffers.values() if _references(entry) <= _FREE_REFERENCES)
+
     def release(self):
         """Unmap every unused buffer (buffers in use stay until their tensors are gone)."""
         with self._lock:

@@ -34,6 +34,7 @@ PROBE_ELEMENTS = 1 << 23       # the per-parameter probes' matrix (32 MiB in fp3
 PROBE_MACS = 1 << 30           # the matmul probe's multiply-adds per call (2 GFLOP)
 MIN_PROBE_CALLS = 3
 MIN_PROBE_SECONDS = 0.2        # each timed loop repeats until it has run this long
+PARALLEL_PROBE_SECONDS = 1.5   # the matmul on the engine's threads (see _probe_compute)
 
 
 @dataclasses.dataclass
@@ -67,6 +68,10 @@ class ComputeSpeed:
     shape: tuple = ()
     measured: str = ""
     busy: float = 0.0         # the machine's load average per core while measuring (above 1: a shared machine)
+    # How much faster the matmul probe runs on ``parallel_threads`` (the engine's thread count) than on one: the
+    # plan spreads CPU work over the threads by this, not by their count (2 cores gave 1.5x here, not 2x).
+    parallel_threads: int = 1
+    parallel_speedup: float = 1.0
 
 
 @dataclasses.dataclass
@@ -128,8 +133,8 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def _timed(function) -> float:
-    """Seconds per call of ``function``: the fastest of the calls made in ``MIN_PROBE_SECONDS`` (at least
+def _timed(function, seconds: float = MIN_PROBE_SECONDS) -> float:
+    """Seconds per call of ``function``: the fastest of the calls made in ``seconds`` (at least
     ``MIN_PROBE_CALLS``, after one warm-up call), so that other processes' bursts on a shared machine count as
     little as they can."""
     function()
@@ -138,7 +143,7 @@ def _timed(function) -> float:
         started = time.perf_counter()
         function()
         best, calls = min(best, time.perf_counter() - started), calls + 1
-        if calls >= MIN_PROBE_CALLS and time.perf_counter() - began >= MIN_PROBE_SECONDS:
+        if calls >= MIN_PROBE_CALLS and time.perf_counter() - began >= seconds:
             return best
 
 
@@ -189,15 +194,20 @@ def probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSetti
     """Time the engine's compute on ``device``: the matmul at ``shape`` (tokens, dim, hidden) in the engine's
     compute dtype, and the per-parameter work of a projection for ``settings`` (on a CPU with one thread)."""
     threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    if torch.device(device).type != "cpu" or threads == 1:
         return _probe_compute(device, shape, settings)
+    parallel = _probe_compute(device, shape, settings, matmul_only=True)
+    torch.set_num_threads(1)
+    try:
+        single = _probe_compute(device, shape, settings)
     finally:
         torch.set_num_threads(threads)
+    speedup = min(max(parallel.matmul_flops / single.matmul_flops, 1.0), threads)
+    return dataclasses.replace(single, parallel_threads=threads, parallel_speedup=speedup)
 
 
-def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSettings) -> ComputeSpeed:
+def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSettings,
+                   matmul_only: bool = False) -> ComputeSpeed:
     dtype = default_compute_dtype(device)
     tokens, dim, hidden = shape
     generator = torch.Generator().manual_seed(0)
@@ -217,7 +227,13 @@ def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSett
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
-    matmul_flops = 6 * tokens * dim * hidden / _timed(matmul)
+    # With several threads one call waits for the slowest, so a single busy moment on any core slows it: the
+    # fastest of more calls (here 1.06x to 1.8x from run to run with the default, on a machine at rest).
+    matmul_flops = 6 * tokens * dim * hidden / _timed(matmul, PARALLEL_PROBE_SECONDS if matmul_only else
+                                                      MIN_PROBE_SECONDS)
+    if matmul_only:
+        return ComputeSpeed(matmul_flops=matmul_flops, unpack_ns=0.0, masters_ns=0.0, quantize_ns=0.0,
+                            update_ns=0.0, device=device, threads=torch.get_num_threads())
     rows = max(4, PROBE_ELEMENTS // dim // 4 * 4)
     master = torch.randn(rows, dim, generator=generator) * 0.02
     unit, layout = "block.0", Layout(settings)
@@ -269,7 +285,9 @@ def disk_key(folder: str) -> str:
     return f"disk|{socket.gethostname()}|{filesystem_of(folder)}"
 
 
-COMPUTE_PROBE_VERSION = 2  # 2: the matmul probe times forward and backward (entries of 1 timed the forward)
+# Entries of older probes are not used: 1 timed the matmul's forward alone (a 7B step came out at half its time);
+# 3 times forward and both gradients, and the engine's threads' speed-up.
+COMPUTE_PROBE_VERSION = 3
 
 
 def compute_key(device: str, shape: tuple, settings: StoreSettings) -> str:

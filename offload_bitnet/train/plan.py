@@ -274,8 +274,11 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     ns = 1e-9
     trained = 0 if lora is not None else cfg.param_count()
     ternary = cfg.n_layers * matrix_params if qat else 0
-    # Thread-seconds of CPU work over the engine's threads: wall seconds if the work spreads evenly.
-    share = 1 / ((threads or torch.get_num_threads()) if compute.device == "cpu" else 1)
+    # Thread-seconds of CPU work over the engine's threads, at the speed-up the calibration measured for that many
+    # threads (their count where it measured another).
+    threads = threads or torch.get_num_threads()
+    speedup = compute.parallel_speedup if compute.parallel_threads == threads else threads
+    share = 1 / (speedup if compute.device == "cpu" else 1)
     # A lazy block that does not keep its projections makes each again for the replay of a block without memos.
     lazy_remade = replayed if lazy and grad_accum == 1 else 0
     seconds = {

@@ -114,19 +114,27 @@ def waiting_for_room(writer) -> threading.Event:
     return waiting
 
 
+def returns_only_after_release(call, waiting: threading.Event, gate: threading.Event) -> bool:
+    """Run ``call()`` while a helper sets ``gate`` once ``waiting`` is set (the caller is blocked); whether
+    ``call`` returned only after that."""
+    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
+    releaser.start()
+    call()
+    released_before_return = gate.is_set()
+    gate.set()  # (a failure above must not leave the writer holding "a")
+    releaser.join()
+    return released_before_return
+
+
 def test_a_caller_waits_instead_of_making_a_second_update_at_once():
     _, writer, log, gate = busy_writer()  # the writer is making update "a"'s parts
     writer.update("b", recording_update(log, "b"), 1)  # queued
-    waiting = waiting_for_room(writer)
-    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
-    releaser.start()
-    writer.update("c", recording_update(log, "c"), 1)  # queue full, "a" still in the making: waits, runs nothing
-    released_before_return = gate.is_set()
-    gate.set()
-    releaser.join()
+    # Queue full, "a" still in the making: update("c") waits and runs nothing itself.
+    assert returns_only_after_release(lambda: writer.update("c", recording_update(log, "c"), 1),
+                                      waiting_for_room(writer), gate), \
+        "update() returned while the writer was still making the update before it"
     writer.flush()
     writer.close()
-    assert released_before_return, "update() returned while the writer was still making the update before it"
     assert log == [("a", False), ("b", False), ("c", False)]
 
 
@@ -138,15 +146,11 @@ def test_a_hand_off_returns_once_the_writer_takes_the_update():
         waiting.set()
         return real_wait(timeout)
     writer._queue.not_full.wait = wait
-    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
-    releaser.start()
-    writer.update("b", recording_update(log, "b"), 1)  # no queue: waits while "a" is in the making
-    released_before_return = gate.is_set()
-    gate.set()
-    releaser.join()
+    # No queue: update("b") waits while "a" is in the making.
+    assert returns_only_after_release(lambda: writer.update("b", recording_update(log, "b"), 1), waiting, gate), \
+        "update() returned before the writer took the update"
     writer.flush()
     writer.close()
-    assert released_before_return, "update() returned before the writer took the update"
     assert log == [("a", False), ("b", False)]
 
 
@@ -175,14 +179,9 @@ def test_an_unstealable_update_runs_on_the_writer_after_the_jobs_before_it():
     writer.update("rows-1", recording_update(log, "rows-1", parts={}), 1, stealable=False)
     # The queue is full and its oldest job is not stealable, so update("rows-2") must wait for the writer: a
     # helper releases update "a" only once the caller is blocked waiting for room in the queue.
-    waiting = waiting_for_room(writer)
-    releaser = threading.Thread(target=lambda: waiting.wait(HANG_GUARD_S) and gate.set())
-    releaser.start()
-    writer.update("rows-2", recording_update(log, "rows-2"), 1, stealable=False)  # waits: nothing to take over
-    released_before_return = gate.is_set()
-    gate.set()  # (a failure above must not leave the writer holding "a")
-    releaser.join()
-    assert released_before_return, "update() returned while the writer was still busy with the job before it"
+    assert returns_only_after_release(lambda: writer.update("rows-2", recording_update(log, "rows-2"), 1,
+                                                            stealable=False), waiting_for_room(writer), gate), \
+        "update() returned while the writer was still busy with the job before it"
     writer.flush()
     writer.close()
     assert log == [("a", False), ("rows-1", False), ("rows-2", False)]

@@ -1,5 +1,6 @@
 """The dry-run plan: shapes of models not imported yet, the run's own refusals, calibration and its cache,
 the SSD-wear warning, and a prediction that follows the data's real batch lengths."""
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,7 @@ from offload_bitnet.train.calibration import Calibration, ComputeSpeed, DiskSpee
 from offload_bitnet.cli import main as cli_main
 from offload_bitnet.model.config import config_for_size
 from offload_bitnet.model.lora import LoRAConfig
-from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine, default_pool_bytes
+from offload_bitnet.engine.streaming import EngineOptions, StreamingEngine, default_pending_writes, default_pool_bytes
 from offload_bitnet.model.block import dense_block_bytes
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.sizing import part_bytes
@@ -233,6 +234,33 @@ def test_step_prediction_follows_tokens_and_names_its_terms():
     # LoRA writes only the adapters and their moments.
     lora = step(150, lora=LoRAConfig(rank=8))
     assert lora.written_bytes < short.written_bytes / 50 and lora.seconds["update"] == 0
+    # CPU work spreads over the threads by the speed-up the calibration measured for that many, else their count.
+    measured = dataclasses.replace(speeds, compute=dataclasses.replace(speeds.compute, parallel_threads=2,
+                                                                       parallel_speedup=1.25))
+    one, two, two_measured = (predict_step(model, settings, calibration_, seq_len=150, micro_batch_size=2,
+                                           grad_accum=2, memory_budget_bytes=1 << 30, threads=threads)
+                              for calibration_, threads in ((speeds, 1), (speeds, 2), (measured, 2)))
+    for term in ("compute", "quantize", "load", "update"):
+        assert two.seconds[term] == pytest.approx(one.seconds[term] / 2)
+        assert two_measured.seconds[term] == pytest.approx(one.seconds[term] / 1.25)
+
+
+def test_big_blocks_hand_their_updates_over_without_a_queue():
+    """At 7B a queued update would hold a block's fp32 gradients: the engine hands them over instead, and the plan
+    counts what each holds by the same rule."""
+    settings, speeds = StoreSettings(mode="qat", state_dtype="int8"), fixed_calibration()
+    small, big = config_for_size("1B", "bitnet", vocab_size=1024), config_for_size("7B", "bitnet")
+    assert default_pending_writes(small) == 1 and default_pending_writes(big) == 0
+    for model, queued in ((small, 1), (big, 0)):
+        step = predict_step(model, settings, speeds, seq_len=128, micro_batch_size=1, grad_accum=4,
+                            memory_budget_bytes=1 << 30)
+        block_grads = 4 * model.block_param_count()
+        # The running update holds its gradients, the encoded parts and one projection's fp32 master and moments
+        # (a block's would be 3 x its gradients alone); a queued one its gradients.
+        if queued:
+            assert step.memory["updates"] >= 2 * block_grads
+        else:
+            assert block_grads < step.memory["updates"] < 4 * block_grads
 
 
 # ---------------------------------------------------------------------------------------------- lazy blocks

@@ -38,9 +38,15 @@ class RecordingStore(BlockStore):
         self.log: list[tuple[str, str, str, int]] = []
 
     def read(self, unit, part, pool=None):
+        return self._logged_read(super().read, unit, part, pool)
+
+    def read_lazily(self, unit, part, pool=None):  # the updates' reads of old shadows and moments
+        return self._logged_read(super().read_lazily, unit, part, pool)
+
+    def _logged_read(self, read, unit, part, pool):
         with self._lock:  # reads run on several threads: count this one's bytes, not another's
             size = self._working[unit][part]["bytes"]
-        tensors = super().read(unit, part, pool)
+        tensors = read(unit, part, pool)
         self.log.append((getattr(_phase, "name", "other"), unit, part, size))
         return tensors
 

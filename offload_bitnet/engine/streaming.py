@@ -82,7 +82,7 @@ def default_pool_bytes(config, dtype: torch.dtype, dense_block_bytes: int = DENS
 
 # Blocks whose fp32 gradients are at least this large hand each update straight to the writer instead of queueing
 # it: a queued update holds them (0.8 GB at 7B), and at that size the writer is the bottleneck, so the queue
-# bought no time (bench/scale.py 7b on 2 cores: peak RSS 8.13 -> 7.50 GiB, steps 548/537 -> 498/517 s).
+# bought no time (bench/scale.py 7b on 2 cores: peak RSS 8.13 -> 7.50 GiB, steps 548 / 537 -> 498 / 517 s).
 HAND_OFF_GRAD_BYTES = 512 << 20
 
 

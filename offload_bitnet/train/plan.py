@@ -418,8 +418,9 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
         lines.append(f"  source: {planned.note}")
     lines += [
         disk_line,
-        f"  per step: {config.batch_size} sequences in {config.grad_accum} micro-batch(es)"
-        + (f" per rank of {plan.batches.micro_batch_size}" if ranked else "") + f", {lengths}: "
+        f"  per step: {config.batch_size} sequences"
+        + (f", on each rank {config.grad_accum} micro-batch(es) of {plan.batches.micro_batch_size}" if ranked
+           else f" in {config.grad_accum} micro-batch(es)") + f", {lengths}: "
         f"~{p.tokens:,.0f} tokens" + (" per rank" if ranked else "")
         + f"; reads {human(p.read_bytes)}, writes {human(p.written_bytes)}" + (" on one process" if ranked else "")
         + (f", spills {human(p.spilled_bytes)} of activations" if p.spilled_bytes else ""),

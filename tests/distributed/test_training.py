@@ -7,6 +7,7 @@ Every process runs one thread (torchrun sets ``OMP_NUM_THREADS=1`` for its worke
 same): reductions inside a matmul round differently with another thread count."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -139,6 +140,12 @@ def test_the_dry_run_plans_each_ranks_share(tmp_path):
             "--world-size", "2"]
     result = succeeded(finetune(args, 0, str(tmp_path)))
     assert "data parallel: 2 ranks; each step every rank runs 2 micro-batch(es) of 2 sequence(s)" in result.stdout
+    # Memory and time are one rank's: its micro-batches of 2, not one process's of 4.
+    assert "8 sequences, on each rank 2 micro-batch(es) of 2" in result.stdout and "peak memory per rank" in result.stdout
+    one = succeeded(finetune(args[:-2] + ["--world-size", "1"], 0, str(tmp_path)))
+    tokens = [int(re.search(r"~([\d,]+) tokens", line).group(1).replace(",", ""))
+              for run in (result, one) for line in run.stdout.splitlines() if line.startswith("  per step:")]
+    assert tokens[0] * 2 == tokens[1]
     for rank in (0, 1):
         assert f"rank {rank}: owns " in result.stdout
     assert not (tmp_path / "runs").exists()

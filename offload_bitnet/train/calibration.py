@@ -56,7 +56,7 @@ class ComputeSpeed:
     nanoseconds per parameter of the per-unit work (for the store's settings). On a CPU these are per core
     (measured with one thread, where the fastest repetition is the machine's own speed even when other
     processes share it; with more threads a busy machine makes every call wait for its slowest thread); the
-    plan divides the work by the engine's thread count."""
+    plan divides the work by the speed-up measured on the engine's threads (``parallel_speedup``)."""
 
     matmul_flops: float       # fp32 on CPU (bf16 on GPUs): a trained linear's three matmuls (see _probe_compute)
     unpack_ns: float          # forward load: packed/16-bit weights to compute tensors (Layout.forward_tensors)

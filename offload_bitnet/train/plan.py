@@ -406,8 +406,7 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
     lengths = (f"padded to {batches.mean_length:.0f} tokens on average (longest {batches.max_length}) from the data"
                if batches.from_data else f"of {batches.max_length} tokens (max_seq_len)")
     p = prediction
-    # On several ranks the prediction is one rank's micro-batches (batch_shape); its disk share is printed after.
-    ranked = plan.batches.micro_batch_size * plan.batches.grad_accum != config.batch_size
+    ranked = plan.world_size > 1  # the prediction is one rank's (batch_shape); its disk share is printed after
     lines = [
         f"plan for {config.experiment_name}:",
         f"  model: {model.arch}, {model.param_count():,} parameters, {model.n_layers} blocks, dim {model.dim}, "
@@ -453,6 +452,7 @@ class Plan:
     batches: BatchShape
     calibration: Calibration
     prediction: StepPrediction
+    world_size: int = 1      # ranks planned for (``planned_world_size``); the prediction is then one rank's
 
 
 def make_plan(config: RunConfig, paths, command=None) -> Plan:
@@ -479,7 +479,7 @@ def make_plan(config: RunConfig, paths, command=None) -> Plan:
                         planned.config.hidden_dim)
     calibration = calibrate(paths.store_dir, config.device, shape, planned.settings, recalibrate=config.recalibrate)
     prediction = predict_run_step(config, planned.config, planned.settings, calibration, batches, base_rss)
-    return Plan(planned, dataset, steps, batches, calibration, prediction)
+    return Plan(planned, dataset, steps, batches, calibration, prediction, world_size)
 
 
 def dry_run(config: RunConfig, paths, command=None) -> int:
@@ -491,9 +491,8 @@ def dry_run(config: RunConfig, paths, command=None) -> int:
             say(f"note: {note}")
     for line in plan_lines(config, plan):
         say(line)
-    world_size = planned_world_size(config)
-    if world_size > 1:
-        for line in dry_run_lines(config, plan.model.config, plan.model.settings, world_size):
+    if plan.world_size > 1:
+        for line in dry_run_lines(config, plan.model.config, plan.model.settings, plan.world_size):
             say(line)
     return EXIT_OK
 

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from offload_bitnet.notices import rank_label
+
 # The compute devices a script accepts: cpu, cuda, cuda:N, mps.
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps|mlx"  # mlx: the Apple MLX backend (engine.backend)
 # argparse's own test for "a negative number, not an option" knows -1 and -.5 but not -1e-3 or -2.
@@ -69,7 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if choice:  # a misspelt sub-command or value: name the closest choice too
             close = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1)
             message += f"; did you mean {close[0]!r}?" if close else ""
-        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+        self.exit(2, f"error: {rank_label()}{message} ({self.prog} --help lists the options)\n")
 
     def unrecognized(self, extras: list[str]) -> str:
         """The message for arguments nothing took: each unknown option with the closest valid one."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 from offload_bitnet.formats import detect_format, export_model, hf, is_store
 from offload_bitnet.formats.cache import read_record
 from offload_bitnet.formats.merge import load_adapters
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from offload_bitnet.notices import warn
 from offload_bitnet.store.blockstore import BlockStore
 
 ADAPTER_FORMATS = ("peft", "gguf")
@@ -98,8 +98,8 @@ def export_peft(adapter_dir: str, store, out: str, base: str | None = None, prog
     if base_folder is None or not os.path.exists(base_folder):
         base_folder = base_folder or os.path.join(out, "base")
         if progress:
-            print(f"the base store {store.path} has no Hugging Face folder peft could load: exporting it to "
-                  f"{base_folder} (offload-bitnet export {store.path} {base_folder} --format hf)", file=sys.stderr)
+            warn(f"the base store {store.path} has no Hugging Face folder peft could load: exporting it to "
+                 f"{base_folder} (offload-bitnet export {store.path} {base_folder} --format hf)")
         export_model(store.path, base_folder, format="hf", progress=progress)
     elif detect_format(base_folder) != "hf":
         raise AdapterExportError(f"--base {base_folder} is not a Hugging Face model folder (config.json + "

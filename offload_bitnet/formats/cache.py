@@ -23,10 +23,10 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 
 from offload_bitnet.formats.importing import is_complete_store, staged_folder
+from offload_bitnet.notices import warn
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.store.sizing import folder_bytes, human
 
@@ -171,7 +171,7 @@ def ensure_cached_import(src: str, importer, settings=None, progress: bool = Tru
 
     def say(message: str):
         if progress:
-            print(message, file=sys.stderr, flush=True)
+            warn(message)
 
     if is_complete_store(target):
         say(f"using the cached import of {src}: {target} (offload-bitnet cache list shows all)")

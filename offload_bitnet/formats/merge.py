@@ -6,16 +6,17 @@ adapters (small) stay in RAM.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
 from offload_bitnet.formats.importing import import_units
 from offload_bitnet.model.lora import ADAPTER_CONFIG, ADAPTER_PROGRESS, AdapterSet
+from offload_bitnet.notices import warn
 from offload_bitnet.store.blockstore import DTYPES, BlockStore, StoreSettings
 from offload_bitnet.store.layout import Layout
 from offload_bitnet.store.units import block_index, is_block
 from offload_bitnet.tokenizers.base import copy_store_tokenizer
+
 
 def load_adapters(adapter_dir: str, config) -> AdapterSet:
     """The adapters of ``adapter_dir``: this tool's last checkpoint, else a plain PEFT adapter folder."""
@@ -96,9 +97,8 @@ def merge_lora(store_path: str, adapter_dir: str, out_dir: str, progress: bool =
             raise ValueError(f"shadow_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         settings = StoreSettings(mode="full", shadow_dtype=dtype, state_dtype=base.settings.state_dtype)
         if progress and base.settings.mode == "qat":
-            print("note: the merged store is full precision: its projections no longer quantize their "
-                  "activations, so its outputs differ slightly from the quantized model with adapters",
-                  file=sys.stderr)
+            warn("note: the merged store is full precision: its projections no longer quantize their "
+                 "activations, so its outputs differ slightly from the quantized model with adapters")
         def add_tokenizer(staging: str):
             copy_store_tokenizer(base.path, base.extra, staging)
 

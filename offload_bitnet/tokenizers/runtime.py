@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
+from offload_bitnet.notices import warn
 from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer, ByteTokenizer, TokenizerError
 from offload_bitnet.tokenizers.gguf_rebuild import load_gguf
 from offload_bitnet.tokenizers.hf import load_hf
@@ -99,6 +99,6 @@ def byte_fallback(store_path: str, model_vocab: int | None, explicit: bool = Fal
             "SRC OUT --tokenizer PATH (offload-bitnet create ... --tokenizer PATH for a blank model). "
             "--tokenizer byte uses the byte tokenizer anyway.")
     reason = "as asked (--tokenizer byte)" if explicit else "it has no tokenizer of its own"
-    print(f"warning: using the built-in byte tokenizer (UTF-8 bytes as ids 0-255; BOS, EOS, PAD 256-258) for "
-          f"{store_path}: {reason}; --tokenizer PATH gives another", file=sys.stderr, flush=True)
+    warn(f"warning: using the built-in byte tokenizer (UTF-8 bytes as ids 0-255; BOS, EOS, PAD 256-258) for "
+         f"{store_path}: {reason}; --tokenizer PATH gives another")
     return ByteTokenizer()

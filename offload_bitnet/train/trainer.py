@@ -28,14 +28,15 @@ import traceback
 
 from offload_bitnet.argparsing import check_device
 from offload_bitnet.distributed.commit import RankCommit
-from offload_bitnet.distributed.env import (DistContext, TorchrunEnv, init_distributed, named_rank_errors,
-                                            torchrun_command)
+from offload_bitnet.distributed.env import (DistContext, RankError, TorchrunEnv, init_distributed,
+                                            named_rank_errors, torchrun_command)
 from offload_bitnet.distributed.launch import rank_share
 from offload_bitnet.distributed.training import check_batch_split, train_rank
 from offload_bitnet.engine.streaming import StreamingEngine
 from offload_bitnet.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe_error, pipe_safe,
                                    quiet_broken_pipe)
 from offload_bitnet.judge import judge_finished_run
+from offload_bitnet.notices import rank_label, set_rank
 from offload_bitnet.progress import format_seconds
 from offload_bitnet.store.blockstore import BlockStore, store_is_complete
 from offload_bitnet.store.sizing import human
@@ -43,7 +44,7 @@ from offload_bitnet.tokenizers.base import ByteTokenizer
 from offload_bitnet.tokenizers.loaders import open_tokenizer
 from offload_bitnet.train import data as datalib
 from offload_bitnet.train import reporting
-from offload_bitnet.train.messages import TrainError, say, set_quiet
+from offload_bitnet.train.messages import TrainError, say
 from offload_bitnet.train.metrics import (DiscardedMetrics, DivergenceWatch, MetricsLog, perplexity, plot_losses,
                                           write_status)
 from offload_bitnet.train.plan import dry_run
@@ -424,8 +425,6 @@ def run(config: RunConfig, argv: list[str], prog: str = "python finetune.py") ->
         say(f"loss plot: {plot_losses(paths.metrics, paths.plot, config.experiment_name)}")
         return EXIT_OK
     if config.dry_run:
-        launched = TorchrunEnv.from_environ()
-        set_quiet(launched is not None and launched.rank != 0)  # under torchrun, rank 0 prints the plan
         return dry_run(config, paths, RunCommand(argv, prog))
     check_device(config.device)
     if config.data:
@@ -512,6 +511,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     prog = prog or "python finetune.py"
     config = None
     try:
+        launched = TorchrunEnv.from_environ()
+        if launched is not None:  # rank 0 alone prints progress and warnings; every rank's errors name it
+            set_rank(launched.rank, launched.world_size)
         config = parse_args(argv)
         return run(config, argv, prog)
     except SystemExit as exit_:  # argparse: usage errors and --help
@@ -525,5 +527,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure becomes one readable paragraph
         if config is not None and config.debug:
             traceback.print_exc()
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        named = "" if isinstance(error, RankError) else rank_label()  # a RankError names its rank already
+        print(f"error: {named}{describe_error(error)}", file=sys.stderr, flush=True)
         return EXIT_USAGE if isinstance(error, RunConfigError) else EXIT_ERROR

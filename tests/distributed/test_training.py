@@ -102,6 +102,8 @@ def test_rank_zero_alone_reports_and_writes_the_records(runs):
     assert (run_dir / "run.lock").exists() and (run_dir / "run.rank1.lock").exists()
     # The resume and generate commands a user copies: torchrun again, and test_gen.py in one process.
     assert "generate: python " in stdout and "test_gen.py" in stdout
+    # Warnings too come once, from rank 0 (the demo store has no tokenizer of its own).
+    assert outputs["ranks"].stderr.count("warning: using the built-in byte tokenizer") == 1, outputs["ranks"].stderr
 
 
 @pytest.mark.parametrize("faults, rank", [("commit.rename:3:kill", 1),  # between the ranks' switches of step 2
@@ -132,6 +134,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_i
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-2000:]  # a usage error
     assert ("--batch-size 3 (sequences per optimizer step) does not split over 2 ranks x --grad-accum 1 "
             "micro-batches: it must be a multiple of 2. Valid --batch-size with --grad-accum 1: 2, 4, 6") in result.stderr
+    for rank in (0, 1):  # every rank's error reaches the user, naming the rank
+        assert f"error: rank {rank} of 2: --batch-size 3 (sequences" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "runs" / "bad").exists()
 
 

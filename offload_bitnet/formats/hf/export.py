@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError, dtype_name, hf_config, parse_dtype
 from offload_bitnet.formats.hf.shards import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, generic_specs,
                                               source_specs, spec_value, split_shards, unit_values, write_index)
 from offload_bitnet.formats.hf.tokenizer import write_tokenizer_files
+from offload_bitnet.notices import warn
 from offload_bitnet.progress import Progress
 from offload_bitnet.store.blockstore import DTYPES, BlockStore
 from offload_bitnet.store.layout import Layout
@@ -95,9 +95,8 @@ def export_from_store(store: BlockStore, out_dir: str, bitnet: bool = False, dty
 
 def _note_latent_llama(store: BlockStore, progress: bool):
     if store.config.arch == "llama" and store.settings.mode == "qat" and progress:
-        print("note: this qat store is exported with its latent (shadow) weights in full precision; "
-              "LlamaForCausalLM does not apply the ternary quantization the store was trained with",
-              file=sys.stderr)
+        warn("note: this qat store is exported with its latent (shadow) weights in full precision; "
+             "LlamaForCausalLM does not apply the ternary quantization the store was trained with")
 
 
 def _generic(store: BlockStore, out_dir: str, dtype, shards, max_shard_bytes, progress, packed: bool) -> str:

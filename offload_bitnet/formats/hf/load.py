@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -12,6 +11,7 @@ from offload_bitnet.formats.hf.config import (CONFIG, bitnet_quantization, confi
 from offload_bitnet.formats.hf.tokenizer import (check_tokenizer_fits, copy_tokenizer, describe_tokenizer,
                                                  tokenizer_files)
 from offload_bitnet.formats.importing import check_target, import_units
+from offload_bitnet.notices import warn
 from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.store.write import default_mode
 from offload_bitnet.tokenizers.runtime import load_tokenizer
@@ -85,7 +85,7 @@ def _import_checkpoint(src, out_dir, settings, progress, checkpoint, config, con
         extra["tokenizer"] = tokenizer
     if progress:
         for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+            warn(f"note: {note}")
     files = tokenizer_files(src)
 
     def add_tokenizer(folder: str):

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import sentencepiece
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from offload_bitnet.formats.hf.config import CONFIG, HFFormatError
 from offload_bitnet.model.config import ModelConfig
+from offload_bitnet.notices import warn
 from offload_bitnet.tokenizers.base import TOKENIZER_DIR, BaseTokenizer
 from offload_bitnet.tokenizers.hf import HFTokenizer
 from offload_bitnet.tokenizers.runtime import load_tokenizer
@@ -48,9 +48,9 @@ def write_tokenizer_files(store, out_dir: str, progress: bool = True) -> list[st
     source_dir = os.path.join(store.path, description.get("dir") or TOKENIZER_DIR)
     if kind == "byte":
         if progress:
-            print("note: this store uses the built-in byte tokenizer, which transformers has no class for: the "
-                  "export carries no tokenizer files (encode text as UTF-8 bytes, ids 0-255; BOS 256, EOS 257, "
-                  "PAD 258), only generation_config.json", file=sys.stderr)
+            warn("note: this store uses the built-in byte tokenizer, which transformers has no class for: the "
+                 "export carries no tokenizer files (encode text as UTF-8 bytes, ids 0-255; BOS 256, EOS 257, "
+                 "PAD 258), only generation_config.json")
         written = _copy_source_files(source_dir, out_dir, (GENERATION_CONFIG,))
         if GENERATION_CONFIG not in written:
             _write_json(out_dir, GENERATION_CONFIG, _generation_config(store.config, None))

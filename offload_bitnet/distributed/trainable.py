@@ -29,7 +29,9 @@ compute and do I/O), so the ranks can never wait on different collectives. All c
 Dropout masks are drawn per global micro-batch index (``StepContext.micro_offset``), so N ranks draw the masks
 one process draws. Not (yet) across ranks: the quantization warm-up (``quant_mix < 1`` reads the shadow of
 every block in forward, which only its owner has: refused with a message). A non-finite loss on any rank skips the step on every rank;
-a non-finite gradient found by an owner's update stops the run (the others then time out with a named error).
+so does a non-finite gradient or updated weight found by an owner's update: before each broadcast of new
+weights the owner says whether its update made them (``_agree_on_update``), and every rank skips the step
+together (nothing commits) or, when the owner failed otherwise (a full disk), stops naming the owner.
 """
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ class DistributedFullWeights(_RankStep, FullWeights):
         self.committer = RankCommit(context, engine.store)
         self._unsent: list[str] = []  # units updated, their forward weights not yet broadcast
         self._made: dict[str, dict] = {}  # owned unit -> the new weights part its update made (until broadcast)
+        self._failed: dict[str, NonFiniteStep] = {}  # owned unit -> why its update made no weights (until broadcast)
         self._shapes: dict[str, dict] = {}  # unit -> {name: (shape, dtype)} of its weights part (never changes)
         self._loss_agreed = False
         self.seconds = Counter()
@@ -211,8 +214,11 @@ class DistributedFullWeights(_RankStep, FullWeights):
 
     def discard(self):
         self._discard_agreement()
-        self._made.clear()
-        super().discard()
+        try:
+            super().discard()  # waits for the writer's queue: updates still running add to _made and _failed
+        finally:
+            self._made.clear()
+            self._failed.clear()
 
     def _apply_update(self, unit, masters, grads, moments, ctx: StepContext, inline: bool = False):
         """``FullWeights._apply_update``, keeping the new weights part for the broadcast (no read of it back)."""
@@ -224,7 +230,13 @@ class DistributedFullWeights(_RankStep, FullWeights):
 
     def _keeping(self, unit: str, update):
         def update_and_keep(*args):
-            parts = update(*args)
+            try:
+                parts = update(*args)
+            except NonFiniteStep as reason:
+                # Not the writer's failure (it would surface at this rank's next call to the writer, wherever that
+                # falls between the collectives): every rank learns of it at the unit's broadcast, and skips.
+                self._failed[unit] = reason
+                return {}
             if "weights" in parts:  # the final call (an untied head's row ranges make it at the last one)
                 self._made[unit] = parts["weights"]
             return parts
@@ -255,9 +267,16 @@ class DistributedFullWeights(_RankStep, FullWeights):
         engine = self.engine
         for unit in self._unsent:
             owner = self.plan.owner(unit)
+            failure = None
             if self.owns(unit):
                 with self._timed("owner update wait"):
-                    engine.writer.pending_part(unit, "weights")  # waits while its update runs; raises its failure
+                    try:  # waits while its update runs; raises a failed job's error
+                        engine.writer.pending_part(unit, "weights")
+                        failure = self._failed.pop(unit, None)
+                    except Exception as error:  # noqa: BLE001 - told to every rank first, then raised
+                        failure = error
+            self._agree_on_update(unit, owner, failure)
+            if self.owns(unit):
                 buffer = pack_bytes(self._made.pop(unit))
             else:
                 shapes = self._weights_shapes(unit)
@@ -271,6 +290,25 @@ class DistributedFullWeights(_RankStep, FullWeights):
                 engine.resident.replace(unit, weights)
                 engine.writer.write(unit, {"weights": weights}, ctx.step)
         self._unsent = []
+
+    def _agree_on_update(self, unit: str, owner: int, failure: BaseException | None):
+        """The owner of ``unit`` tells every rank whether its update made the new weights: when the update found
+        a non-finite gradient or weight, every rank skips the step (NonFiniteStep; nothing is committed, as on
+        one process); when it failed otherwise, the owner raises its error and every other rank stops naming it,
+        instead of waiting in the broadcast until the group times out."""
+        status = torch.tensor([0 if failure is None else 1 if isinstance(failure, NonFiniteStep) else 2],
+                              dtype=torch.uint8)
+        with self._timed("broadcast"):
+            dist.broadcast(status, src=owner)
+        if self.owns(unit) and failure is not None:
+            raise failure
+        if int(status) == 1:
+            raise NonFiniteStep(f"non-finite gradient or weight in the update of {unit} (on its owner, rank "
+                                f"{owner})")
+        if int(status) == 2:
+            raise DistributedError(f"rank {owner} failed while updating {unit}, which it owns (its own error says "
+                                   "why); this rank stops with it. Fix that and run the same command again: every "
+                                   "rank resumes from the last step all of them committed.")
 
     def _weights_shapes(self, unit: str) -> dict:
         """Names, shapes and dtypes of a unit's weights part, read once per run (the first step's version)."""

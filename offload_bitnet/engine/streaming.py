@@ -474,8 +474,10 @@ class StreamingEngine:
 
     def _discard_step(self):
         """Undo a step abandoned half-way (see ``Trainable.discard``)."""
-        self.resident.clear()  # it may hold forward parts of the abandoned updates
-        self.trainable.discard()
+        try:
+            self.trainable.discard()  # waits for the writer: an update still running puts its parts in resident
+        finally:
+            self.resident.clear()  # it may hold forward parts of the abandoned updates
 
     def _wait_seconds(self) -> float:
         return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)

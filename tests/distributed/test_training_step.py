@@ -89,3 +89,22 @@ def test_the_quantization_warm_up_is_refused_across_ranks_on_every_rank(tmp_path
         assert result["error"].startswith(f"rank {rank} of 2: the quantization warm-up (--quant-warmup, "
                                           "quant_mix < 1) is not supported across ranks yet"), result
     assert [json.load(open(os.path.join(p, "manifest.json")))["step"] for p in stores] == [0, 0]
+
+
+@pytest.mark.parametrize("mode", ["qat", "full"])
+def test_a_non_finite_update_on_an_owner_skips_the_step_on_every_rank(tmp_path, mode):
+    # Each unit's update runs on its owner only; the others learn of the overflow before its broadcast, and
+    # every rank discards the step as one process does: nothing committed, then the next step trains.
+    from train_runs import huge_lr_program
+    stores = make_rank_stores(make_model(tmp_path, mode), tmp_path, 2)
+    results = launch(huge_lr_program, 2, str(tmp_path / "results"), store_dirs=stores, mode=mode)
+    assert [r["exitcode"] for r in results] == [0, 0], [r.get("traceback") for r in results]
+    for rank, result in enumerate(results):
+        skipped = result["huge"]["skipped"]
+        assert skipped and result["huge"]["step"] == 0, result
+        assert "non-finite" in skipped and ("on its owner, rank" in skipped or "after the update" in skipped)
+        assert result["configured"] == {"skipped": None, "step": 1}, result
+    assert [json.load(open(os.path.join(p, "manifest.json")))["step"] for p in stores] == [1, 1]
+    # The skipped step left no trace: the same model as 2 ranks that only ran the configured step.
+    _, plain = _distributed(tmp_path, "plain", mode, batch_size=4, grad_accum=1, steps=1)
+    assert_equal(gathered_tensors(stores), plain, "after a skipped step")

@@ -190,3 +190,26 @@ def open_program(model: str, run_dir: str) -> dict:
         return run()
     finally:
         context.close()
+
+
+def huge_lr_program(store_dirs: list[str], mode: str) -> dict:
+    """On a rank: a step whose learning rate overflows the 16-bit weights (found by each unit's owner), then a
+    step at the configured one. Returns both steps' skip reasons and the engine's step after each."""
+    from offload_bitnet.distributed.env import init_distributed, named_rank_errors
+    from offload_bitnet.distributed.trainable import distribute
+    context = init_distributed("cpu", timeout_s=ALONE_S)
+
+    @named_rank_errors(context)
+    def run():
+        store = BlockStore(store_dirs[context.rank], writable=True)
+        with distribute(StreamingEngine(store, options(mode, None)), context) as engine:
+            found = {}
+            for name, lr in (("huge", 1e6), ("configured", None)):
+                ids = rank_sequences(step_batch(1, 4), context.world_size, 1, context.rank)[0]
+                stats = engine.train_step([(ids, None)], lr=lr)
+                found[name] = {"skipped": stats.skipped, "step": engine.step}
+            return found
+    try:
+        return run()
+    finally:
+        context.close()

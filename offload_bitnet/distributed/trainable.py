@@ -164,7 +164,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
 
     def after_loss(self, head: HeadPass, ctx: StepContext):
         self._agree_on_loss(ctx)
-        self._reduce_and_update("norm", head.norm_masters, {"weight": head.norm_weight.grad}, head.norm_moments, ctx)
+        self._reduce_and_update("norm", head.norm_masters, {"weight": self.engine.grad_sums.summed(head.norm_weight)},
+                                head.norm_moments, ctx)
         if self.engine.head_unit == "head":
             grads = {"weight": head.weight_grad}
             self._reduce(grads, "head")
@@ -178,22 +179,23 @@ class DistributedFullWeights(_RankStep, FullWeights):
                                               stealable=False)
             self._unsent.append("head")
             head.weight_grad = head.masters = head.moments = head.on_weight_rows = None  # see FullWeights.after_loss
-        else:
-            head.weight_grad = head.weight_grad.float()
-        head.weight = None
+        head.weight = None  # a tied head's gradient stays as summed until its reduce (finish)
         self._plan = None
 
     def update_block(self, unit: str, params: dict, state, ctx: StepContext):
         # Taken out of ``params`` (the caller's): the compute weights go now, not after the update is queued,
         # which waits while the writer's queue is full (at 7B their fp32 copy is 0.8 GB).
-        grads = {n: params.pop(n).grad.float() for n in list(params)}
+        summed = self.engine.grad_sums.summed
+        grads = {n: summed(params.pop(n)) for n in list(params)}  # reduced as summed (exact sums: float64)
         self._reduce_and_update(unit, state, grads, None, ctx)
 
     def finish(self, plan: StepPlan, ctx: StepContext, grads: list, head: HeadPass, commit_extra: dict | None):
         engine = self.engine
         embed_masters, embed_moments, embed_grad = self.embed_inputs(plan, head)
-        if engine.head_unit != "head":
-            self._reduce({"weight": embed_grad}, "embed")  # the tied head's part, before the token gradients
+        if engine.head_unit != "head":  # the tied head's part, before the token gradients
+            tied = {"weight": embed_grad}
+            self._reduce(tied, "embed")
+            embed_grad = tied["weight"].float()  # rounded once, after the sum over ranks (exact sums: float64)
         owner = self.plan.owner("embed")
         mine = [(ctx.ids[m].reshape(-1), grads[m].reshape(-1, engine.config.dim).float()) for m in ctx.micro_range]
         gathered = [None] * self.context.world_size if self.owns("embed") else None
@@ -247,8 +249,8 @@ class DistributedFullWeights(_RankStep, FullWeights):
         """Sum each gradient over the ranks onto ``unit``'s owner, in place (sorted names: a fixed order)."""
         owner = self.plan.owner(unit)
         for name in sorted(grads):
-            if not grads[name].is_contiguous() or grads[name].dtype != torch.float32:
-                grads[name] = grads[name].float().contiguous()
+            if not grads[name].is_contiguous() or grads[name].dtype not in (torch.float32, torch.float64):
+                grads[name] = grads[name].float().contiguous()  # float64: exact sums, reduced as they are
             with self._timed("reduce"):
                 dist.reduce(grads[name], dst=owner, op=dist.ReduceOp.SUM)
 
@@ -338,13 +340,12 @@ class DistributedLoRA(_RankStep, LoRA):
         super().after_loss(head, ctx)
 
     def update_block(self, unit: str, params: dict, state, ctx: StepContext):
+        sums = self.engine.grad_sums
         for key in sorted(k for k in params if k.endswith(".lora")):
             adapter = params[key]
             for leaf in (adapter.lora_a, adapter.lora_b):
-                if leaf.grad is None:
-                    leaf.grad = torch.zeros_like(leaf)
                 with self._timed("reduce"):
-                    self.context.all_reduce_sum_(leaf.grad)
+                    self.context.all_reduce_sum_(sums.summed_or_zeros(leaf))
         super().update_block(unit, params, state, ctx)
 
     def finish(self, plan: StepPlan, ctx: StepContext, grads: list, head: HeadPass, commit_extra: dict | None):

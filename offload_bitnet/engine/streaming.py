@@ -57,6 +57,7 @@ from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.store.blockstore import BlockStore
 from offload_bitnet.store.units import block_index, block_unit, is_block
 from offload_bitnet.engine.backend import make_backend
+from offload_bitnet.engine.grad_sums import grad_sums
 from offload_bitnet.engine.context import StepContext, check_quant_mix
 from offload_bitnet.engine.stats import NonFiniteStep, StepStats, peak_rss_bytes
 from offload_bitnet.engine.step_plan import Load, StepPlan
@@ -121,6 +122,10 @@ class EngineOptions:
     dense_block_bytes: int = DENSE_BLOCK_BYTES
     prefetch_depth: int = 1
     max_pending_writes: int | None = None  # updates queued for the writer; None: default_pending_writes
+    # Sum the micro-batches' gradients of each weight in float64 (engine.grad_sums.ExactSums): exact, so any
+    # order gives the same sum and N data-parallel ranks x G micro-batches train bit for bit what one process
+    # trains with N x G; a block's summed gradients then take 8 bytes per parameter instead of 4.
+    exact_grad_sums: bool = False
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     # LoRA: train (or, without a checkpoint, apply) the in-RAM ``adapters`` on a frozen, read-only base, each
     # step committed to ``adapter_checkpoint``, whose owner made both (``AdapterCheckpoint.restore``).
@@ -145,6 +150,10 @@ class StreamingEngine:
         self.backend = make_backend(self.options.device)
         self.device = self.backend.torch_device
         self.dtype = self.options.compute_dtype or default_compute_dtype(self.device)
+        if self.options.exact_grad_sums and self.backend.name != "torch":
+            raise ValueError(f"exact gradient sums (--exact-grad-sums) add in float64, which the {self.backend.name} "
+                             "backend does not compute on this device: train without it, or on --device cpu/cuda")
+        self.grad_sums = grad_sums(self.options.exact_grad_sums)
         self.config = store.config
         self.pool = BufferPool(self.options.pool_bytes if self.options.pool_bytes is not None
                                else self._default_pool_bytes())

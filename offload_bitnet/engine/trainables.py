@@ -146,8 +146,10 @@ class FullWeights(Trainable):
         head_unit = engine.head_unit
         masters, moments = plan.take(head_unit, "masters")
         weight = masters["weight"].to(engine.dtype)
-        head = HeadPass(norm_weight=norm_masters["weight"].requires_grad_(True), weight=weight,
-                        weight_grad=engine.layout.empty(weight.shape, weight.dtype, weight.device), masters=masters,
+        sums = engine.grad_sums
+        head = HeadPass(norm_weight=sums.track(norm_masters["weight"].requires_grad_(True)), weight=weight,
+                        weight_grad=engine.layout.empty(weight.shape, sums.buffer_dtype(weight.dtype), weight.device),
+                        masters=masters,
                         moments=moments, norm_masters=norm_masters, norm_moments=norm_moments)
         if head_unit == "head":
             head.on_weight_rows = self._head_row_updates(head, plan, ctx)
@@ -173,7 +175,8 @@ class FullWeights(Trainable):
         return update_head_rows
 
     def after_loss(self, head: HeadPass, ctx: StepContext):
-        self._apply_update("norm", head.norm_masters, {"weight": head.norm_weight.grad}, head.norm_moments, ctx)
+        self._apply_update("norm", head.norm_masters, {"weight": self.engine.grad_sums.summed(head.norm_weight)},
+                           head.norm_moments, ctx)
         head.weight = None
         if self.engine.head_unit == "embed":
             head.weight_grad = head.weight_grad.float()
@@ -207,13 +210,16 @@ class FullWeights(Trainable):
                     leaf.requires_grad_()
         else:
             leaves = {n: t.requires_grad_() for n, t in engine.compute_weights(unit, masters, ctx.quant_mix).items()}
+        for leaf in leaves.values():
+            engine.grad_sums.track(leaf)
         return leaves, update_masters
 
     def update_block(self, unit: str, params: dict, state, ctx: StepContext):
         # Straight-through: dL/dW_q is the gradient of the shadow weight.
         # Taken out of ``params`` (the caller's): the compute weights go now, not after the update is queued,
         # which waits while the writer's queue is full (at 7B their fp32 copy is 0.8 GB).
-        grads_by_name = {n: params.pop(n).grad.float() for n in list(params)}
+        summed = self.engine.grad_sums.summed
+        grads_by_name = {n: summed(params.pop(n)).float() for n in list(params)}
         self._apply_update(unit, state, grads_by_name, None, ctx)
 
     def embed_inputs(self, plan: StepPlan, head: HeadPass) -> tuple[dict, dict, torch.Tensor]:
@@ -289,14 +295,21 @@ class LoRA(Trainable):
 
     def block_params(self, unit: str, plan: StepPlan, ctx: StepContext) -> tuple[dict, object]:
         frozen = plan.take(unit, "frozen")
-        return self.forward_params(block_index(unit), frozen, trainable=True), None
+        params = self.forward_params(block_index(unit), frozen, trainable=True)
+        for key in params:
+            if key.endswith(".lora"):
+                self.engine.grad_sums.track(params[key].lora_a)
+                self.engine.grad_sums.track(params[key].lora_b)
+        return params, None
 
     def update_block(self, unit: str, params: dict, state, ctx: StepContext):
         layer = block_index(unit)
         adapters = {k: v for k, v in params.items() if k.endswith(".lora")}
+        summed = self.engine.grad_sums.summed
         for key, adapter in adapters.items():
-            check_finite(unit, key, adapter.lora_a.grad, adapter.lora_b.grad)
-        self.adapters.update(layer, adapters, ctx.step, ctx.optim, ctx.lr, adamw=self.engine.backend.adamw_update)
+            check_finite(unit, key, summed(adapter.lora_a), summed(adapter.lora_b))
+        self.adapters.update(layer, adapters, ctx.step, ctx.optim, ctx.lr, adamw=self.engine.backend.adamw_update,
+                             grad_of=summed)
         for key in adapters:
             name = key[: -len(".lora")]
             check_finite(unit, name, *self.adapters.weights[(layer, name)].values(),

@@ -142,6 +142,7 @@ class LazyWeight:
     def __init__(self, make, keep: bool = False, requires_grad: bool = False):
         self.make_dense, self.keep, self.requires_grad = make, keep, requires_grad
         self.grad: torch.Tensor | None = None
+        self.grad_dtype: torch.dtype | None = None  # what ``grad`` sums in (None: the compute dtype)
         self._kept: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
@@ -202,7 +203,7 @@ class _LazyLinear(torch.autograd.Function):
         if weight.requires_grad:
             grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
             if weight.grad is None:
-                weight.grad = grad_weight
+                weight.grad = grad_weight if weight.grad_dtype is None else grad_weight.to(weight.grad_dtype)
             else:
                 weight.grad.add_(grad_weight)
         return grad_x, None, None

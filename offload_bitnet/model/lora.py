@@ -104,15 +104,17 @@ class AdapterSet:
         return adapters
 
     def update(self, layer: int, adapters: dict[str, LoRAAdapter], step: int, optim: AdamWConfig, lr: float | None,
-               adamw=adamw_update):
+               adamw=adamw_update, grad_of=lambda leaf: leaf.grad):
         """AdamW on one block's adapters from the gradients left on their leaves. ``adamw``: the update of one
-        tensor, in place (``model.adamw.adamw_update``'s signature; the engine passes its backend's)."""
+        tensor, in place (``model.adamw.adamw_update``'s signature; the engine passes its backend's).
+        ``grad_of(leaf)``: a leaf's summed gradient (the engine's ``GradSums.summed``)."""
         for key, adapter in adapters.items():
             name = key[: -len(".lora")]
             for matrix, leaf in (("lora_A", adapter.lora_a), ("lora_B", adapter.lora_b)):
                 param = self.weights[(layer, name)][matrix]
                 exp_avg, exp_avg_sq = self.moments[(layer, name)][matrix]
-                grad = leaf.grad.float().cpu() if leaf.grad is not None else torch.zeros_like(param)
+                grad = grad_of(leaf)
+                grad = grad.float().cpu() if grad is not None else torch.zeros_like(param)
                 adamw(param, grad, exp_avg, exp_avg_sq, step, optim, lr)
 
     def merged_weight(self, layer: int, name: str, base: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targe
             for rows in row_ranges if split else [slice(None)]:
                 if accumulate:
                     weight_grad[rows].add_(grad_logits[:, rows].t().mm(chunk))
-                else:
+                elif weight_grad.dtype == chunk.dtype:
                     torch.mm(grad_logits[:, rows].t(), chunk, out=weight_grad[rows])
+                else:  # a wider buffer (exact sums: float64) takes the product as computed
+                    weight_grad[rows].copy_(grad_logits[:, rows].t().mm(chunk))
                 if split:
                     on_weight_rows(rows, total.item())
             accumulate = True

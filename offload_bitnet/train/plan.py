@@ -146,10 +146,12 @@ def compute_dtype_of(device: str) -> torch.dtype:
 def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calibration, *, micro_batch_size: int,
                  grad_accum: int, seq_len: float, memory_budget_bytes: int, lora: LoRAConfig | None = None,
                  base_rss_bytes: int = 0, max_seq_len: int | None = None, threads: int | None = None,
-                 first_step: bool = False, dense_block_bytes: int = DENSE_BLOCK_BYTES) -> StepPrediction:
+                 first_step: bool = False, dense_block_bytes: int = DENSE_BLOCK_BYTES,
+                 exact_grad_sums: bool = False) -> StepPrediction:
     """Peak memory, time and I/O of one ``StreamingEngine.train_step`` of ``grad_accum`` micro-batches of
     ``micro_batch_size`` sequences padded to ``seq_len`` tokens (``max_seq_len``: the longest step, for
-    memory; default ``seq_len``).
+    memory; default ``seq_len``). ``exact_grad_sums``: the block's and head's summed gradients in float64
+    (``EngineOptions.exact_grad_sums``).
 
     Memory, the engine's fullest moment (backward of the last blocks, or the cross-entropy, whichever is larger),
     over ``base_rss_bytes`` (the process before training: Python, torch, tokenizer, data) and torch's own
@@ -212,6 +214,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     gradients = 2 * peak_tokens * cfg.dim * 4
     logits = CE_LOGIT_COPIES * min(CE_CHUNK_TOKENS, micro_peak) * cfg.vocab_size * 4
     master_bytes = files["shadow"] / max(block_params, 1) if qat else files["weights"] / max(block_params, 1)
+    sum_bytes = 8 if exact_grad_sums else GRAD_BYTES  # a summed gradient (updates get it rounded to fp32)
     if lora is not None:
         adapter_params = cfg.n_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
         if lazy:  # the frozen weights as read; the projections made on the main thread, one at a time
@@ -226,10 +229,10 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         head = head_params * (COMPUTE_BYTES + 2) + logits
     else:
         adapter_params = 0
-        if lazy:  # masters as read; compute copies made one projection at a time; every gradient, in fp32
-            block = int(block_params * (master_bytes + GRAD_BYTES)) + lazy_compute * COMPUTE_BYTES
+        if lazy:  # masters as read; compute copies made one projection at a time; every summed gradient
+            block = int(block_params * (master_bytes + sum_bytes)) + lazy_compute * COMPUTE_BYTES
         else:
-            block = int(block_params * (master_bytes + COMPUTE_BYTES + GRAD_BYTES))
+            block = int(block_params * (master_bytes + COMPUTE_BYTES + sum_bytes))
         loads = LOADS_AHEAD * (files["weights"] + files["shadow"])
         encoded = files["weights"] + files["shadow"] + files["optim"]
         # A qat block's update reads its old shadow and moments one projection at a time (each distinct size's
@@ -241,7 +244,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         running = int(block_params * (GRAD_BYTES + given_masters) + per_projection) + encoded
         queued = int(block_params * (GRAD_BYTES + given_masters))
         updates = RUNNING_UPDATES * running + default_pending_writes(cfg) * queued
-        head = head_params * (4 + GRAD_BYTES + MASTER_COPY_BYTES + MOMENT_BYTES) + logits
+        head = head_params * (4 + sum_bytes + MASTER_COPY_BYTES + MOMENT_BYTES) + logits
     memory = {"process": base_rss_bytes, "runtime": RUNTIME_BYTES, "activations": in_ram,
               "memos": memo_blocks * memo_per_block, "gradients": gradients, "replay": replay}
     # The phase that holds more is live at the peak; the other phase's buffers are of other sizes (unit-sized,
@@ -333,7 +336,8 @@ def predict_run_step(config: RunConfig, model: ModelConfig, settings: StoreSetti
     return predict_step(model, settings, calibration, micro_batch_size=batches.micro_batch_size,
                         grad_accum=batches.grad_accum, seq_len=batches.mean_length,
                         max_seq_len=batches.max_length, memory_budget_bytes=config.memory_budget_bytes,
-                        lora=lora_config(config), base_rss_bytes=base_rss_bytes, first_step=first_step)
+                        lora=lora_config(config), base_rss_bytes=base_rss_bytes, first_step=first_step,
+                        exact_grad_sums=config.exact_grad_sums)
 
 
 def current_rss_bytes() -> int:

@@ -103,6 +103,9 @@ class RunConfig:
     batch_size: int = opt(8, "effective batch size: sequences per optimizer step", kind="int")
     grad_accum: int = opt(1, "micro-batches per optimizer step (each block is still read once per step)",
                           aliases=("--gradient-accumulation",), kind="int")
+    exact_grad_sums: bool = opt(False, "sum the micro-batches' gradients in float64: exact, so N torchrun ranks x "
+                                       "--grad-accum G train bit for bit what one process trains with N x G "
+                                       "(a block's gradients then take 8 bytes per parameter, not 4)", kind="bool")
     num_epochs: float | None = opt(None, "passes over the training data (default 1; exclusive with "
                                          "--num-train-iters)", aliases=("--epochs",), kind="float")
     num_train_iters: int | None = opt(None, "optimizer steps (exclusive with --num-epochs)",

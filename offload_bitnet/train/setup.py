@@ -150,7 +150,7 @@ def engine_options(config: RunConfig, store: BlockStore, paths: RunPaths | None 
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                           targets=config.lora_target_list, init_seed=config.seed)
     return EngineOptions(device=config.device, dropout=config.dropout, seed=config.seed,
-                         activation_budget_bytes=config.memory_budget_bytes,
+                         exact_grad_sums=config.exact_grad_sums, activation_budget_bytes=config.memory_budget_bytes,
                          resident_bytes=config.resident_budget_bytes,
                          optim=AdamWConfig(lr=default_lr(config, store), beta1=config.adam_beta1,
                                            beta2=config.adam_beta2, eps=config.adam_eps,

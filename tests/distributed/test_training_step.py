@@ -13,20 +13,20 @@ from train_runs import (adapter_tensors, assert_equal, gathered_tensors, make_mo
 STEPS = 3
 
 
-def _single(tmp_path, mode, batch_size, grad_accum, steps=STEPS):
+def _single(tmp_path, mode, batch_size, grad_accum, steps=STEPS, exact=False):
     """One process: the model's own store trained in place (LoRA: adapters beside it)."""
     model = make_model(tmp_path / "single", mode)
     adapter_dir = str(tmp_path / "single" / "adapters") if mode == "lora" else None
-    losses = train(model, mode, steps, batch_size, grad_accum, adapter_dir=adapter_dir)
+    losses = train(model, mode, steps, batch_size, grad_accum, adapter_dir=adapter_dir, exact=exact)
     return losses, (adapter_tensors(adapter_dir) if adapter_dir else store_tensors(model))
 
 
-def _distributed(tmp_path, name, mode, batch_size, grad_accum, steps=STEPS):
+def _distributed(tmp_path, name, mode, batch_size, grad_accum, steps=STEPS, exact=False):
     folder = tmp_path / name
     stores = make_rank_stores(make_model(folder, mode), folder, 2)
     adapter_dirs = [str(folder / f"adapters.rank{r}") for r in range(2)] if mode == "lora" else None
     results = launch(train_program, 2, str(folder / "results"), store_dirs=stores, mode=mode, steps=steps,
-                     batch_size=batch_size, grad_accum=grad_accum, adapter_dirs=adapter_dirs)
+                     batch_size=batch_size, grad_accum=grad_accum, adapter_dirs=adapter_dirs, exact=exact)
     assert [r["exitcode"] for r in results] == [0, 0], [r.get("traceback") for r in results]
     assert results[0]["losses"] == results[1]["losses"]  # every rank reports the step's total loss
     if mode == "lora":
@@ -69,6 +69,20 @@ def test_two_ranks_of_two_micro_batches_match_one_process_of_four_within_roundin
     single_losses, _ = _single(tmp_path / "3", mode, batch_size=8, grad_accum=4)
     losses, _ = _distributed(tmp_path, "three", mode, batch_size=8, grad_accum=2)
     for a, b in zip(single_losses, losses, strict=True):
+        assert abs(a - b) <= 1e-6 * abs(a)
+
+
+@pytest.mark.parametrize("mode", ["qat", "full", "lora"])
+def test_with_exact_sums_two_ranks_of_two_micro_batches_train_what_one_process_of_four_trains(tmp_path, mode):
+    """Float64 sums of the micro-batches' gradients (--exact-grad-sums) are the same in any order: after 3 steps
+    the weights (LoRA: adapters) are bit for bit those of one process with 4 micro-batches, and so are the
+    losses; and the exact sums are not a different training: the losses of rounded sums agree within 1e-6."""
+    single_losses, single = _single(tmp_path, mode, batch_size=8, grad_accum=4, exact=True)
+    losses, tensors = _distributed(tmp_path, "two", mode, batch_size=8, grad_accum=2, exact=True)
+    assert losses == single_losses
+    assert_equal(tensors, single, mode)
+    rounded_losses, _ = _single(tmp_path / "rounded", mode, batch_size=8, grad_accum=4)
+    for a, b in zip(rounded_losses, losses, strict=True):
         assert abs(a - b) <= 1e-6 * abs(a)
 
 

@@ -46,22 +46,24 @@ def step_batch(step: int, batch_size: int, seq_len: int = SEQ_LEN) -> torch.Tens
     return ids
 
 
-def options(mode: str, adapter_dir: str | None) -> EngineOptions:
+def options(mode: str, adapter_dir: str | None, exact: bool = False) -> EngineOptions:
     lora = LoRAConfig(rank=2) if mode == "lora" else None
-    return EngineOptions(optim=AdamWConfig(lr=1e-2), lora=lora, adapter_dir=adapter_dir)
+    return EngineOptions(optim=AdamWConfig(lr=1e-2), lora=lora, adapter_dir=adapter_dir, exact_grad_sums=exact)
 
 
 def train(store_path: str, mode: str, steps: int, batch_size: int, grad_accum: int, context=None,
-          adapter_dir: str | None = None, measured: dict | None = None, seq_len: int = SEQ_LEN) -> list[float]:
+          adapter_dir: str | None = None, measured: dict | None = None, seq_len: int = SEQ_LEN,
+          exact: bool = False) -> list[float]:
     """Train ``steps`` steps of ``step_batch`` (this rank's micro-batches); returns the losses. ``measured``:
-    filled with each step's wall time, tokens and bytes written, and the run's seconds in collectives."""
+    filled with each step's wall time, tokens and bytes written, and the run's seconds in collectives.
+    ``exact``: exact (float64) gradient sums."""
     from offload_bitnet.distributed.commit import RankCommit
     from offload_bitnet.distributed.trainable import distribute
     world, rank = (context.world_size, context.rank) if context else (1, 0)
     store = BlockStore(store_path, writable=mode != "lora")
     if context is not None and mode != "lora":
         RankCommit(context, store).recover()
-    engine = StreamingEngine(store, options(mode, adapter_dir))
+    engine = StreamingEngine(store, options(mode, adapter_dir, exact))
     if context is not None:
         distribute(engine, context)
     losses = []
@@ -84,7 +86,7 @@ def train(store_path: str, mode: str, steps: int, batch_size: int, grad_accum: i
 
 
 def train_program(store_dirs: list[str], mode: str, steps: int, batch_size: int, grad_accum: int,
-                  adapter_dirs: list[str] | None = None, seq_len: int = SEQ_LEN) -> dict:
+                  adapter_dirs: list[str] | None = None, seq_len: int = SEQ_LEN, exact: bool = False) -> dict:
     """One rank of a distributed run (``rank_runs.launch``): its losses and measurements."""
     from offload_bitnet.distributed.env import init_distributed, named_rank_errors
     context = init_distributed("cpu", timeout_s=ALONE_S)
@@ -94,7 +96,7 @@ def train_program(store_dirs: list[str], mode: str, steps: int, batch_size: int,
         adapter_dir = adapter_dirs[context.rank] if adapter_dirs else None
         measured = {}
         losses = train(store_dirs[context.rank], mode, steps, batch_size, grad_accum, context, adapter_dir,
-                       measured, seq_len)
+                       measured, seq_len, exact)
         return {"losses": losses, "measured": measured, "start": measured["start"], "step": steps}
     try:
         return run()

@@ -263,6 +263,15 @@ def test_big_blocks_hand_their_updates_over_without_a_queue():
             assert block_grads < step.memory["updates"] < 4 * block_grads
 
 
+def test_exact_gradient_sums_add_four_bytes_per_parameter_of_the_block_being_summed():
+    settings, speeds, model = StoreSettings(mode="qat", state_dtype="int8"), fixed_calibration(), config_for_size("7B")
+    rounded, exact = (predict_step(model, settings, speeds, seq_len=128, micro_batch_size=1, grad_accum=4,
+                                   memory_budget_bytes=1 << 30, exact_grad_sums=exact) for exact in (False, True))
+    # The blocks' backward is the fuller phase at 7B (the head's terms are then not in the peak).
+    assert exact.memory["block"] - rounded.memory["block"] == 4 * model.block_param_count()
+    assert exact.peak_rss_bytes - rounded.peak_rss_bytes >= 4 * model.block_param_count()
+
+
 # ---------------------------------------------------------------------------------------------- lazy blocks
 def _tiny_step(dense_block_bytes, settings, lora=None, grad_accum=1):
     return predict_step(config_for_size("tiny", "bitnet"), settings, fixed_calibration(), micro_batch_size=1,

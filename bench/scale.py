@@ -219,8 +219,9 @@ class Checks:
     def __init__(self):
         self.failures = []
 
-    def check(self, label: str, ok: bool, detail: str, enforce: bool = True):
-        print(f"{'PASS' if ok else 'FAIL'}: {label}: {detail}" + ("" if enforce else " (quick: not enforced)"),
+    def check(self, label: str, ok: bool, detail: str, enforce: bool = True, unenforced: str = "quick"):
+        """``unenforced``: why the check does not count when ``enforce`` is false (printed with it)."""
+        print(f"{'PASS' if ok else 'FAIL'}: {label}: {detail}" + ("" if enforce else f" ({unenforced}: not enforced)"),
               flush=True)
         if not ok and enforce:
             self.failures.append(label)
@@ -237,8 +238,10 @@ def plan_prediction(argv: list[str]):
     return make_plan(config, resolve_paths(config)).prediction
 
 
-def print_plan_prediction(row_name: str, prediction, measured: dict, checks: Checks, enforce: bool):
-    """Predicted next to measured: peak RSS must come within 15%, step time within 25%."""
+def print_plan_prediction(row_name: str, prediction, measured: dict, checks: Checks, enforce: bool,
+                          unenforced: str = "quick"):
+    """Predicted next to measured: peak RSS must come within 15%, step time within 25% (issue 11 sets these
+    targets for the 7b and 13b rows; the others print theirs as information)."""
     peak_ratio = prediction.peak_rss_bytes / max(measured["peak_rss"], 1)
     time_ratio = prediction.step_seconds / max(measured["step_s"], 1e-9)
     print(f"plan ({row_name}): peak RSS predicted {gib(prediction.peak_rss_bytes)}, measured "
@@ -248,9 +251,9 @@ def print_plan_prediction(row_name: str, prediction, measured: dict, checks: Che
     print(f"  memory terms: {prediction.memory_line()}")
     print(f"  time terms: {prediction.time_line()}")
     checks.check(f"{row_name} plan peak RSS within 15%", abs(peak_ratio - 1) <= 0.15, f"ratio {peak_ratio:.2f}",
-                 enforce)
+                 enforce, unenforced)
     checks.check(f"{row_name} plan step time within 25%", abs(time_ratio - 1) <= 0.25, f"ratio {time_ratio:.2f}",
-                 enforce)
+                 enforce, unenforced)
 
 
 def run_row(name: str, args, checks: Checks) -> None:
@@ -356,7 +359,8 @@ def report_row(name, row, config, store, child, records, elapsed, checks: Checks
     losses = [s["loss"] for s in steps]
     step_s = sum(s["wall_s"] for s in steps) / max(len(steps), 1)
     print_plan_prediction(name, prediction, {"peak_rss": peak, "step_s": step_s}, checks,
-                          enforce and row.get("plan_checked", False))
+                          enforce and row.get("plan_checked", False),
+                          "quick" if not enforce else "not a target of this row")
     checks.check(f"{name} trained {row['steps']} step(s)", len(steps) == row["steps"],
                  f"{len(steps)} step(s) recorded", enforce)
     checks.check(f"{name} loss finite", all(math.isfinite(v) for v in losses), f"losses {losses}", enforce)

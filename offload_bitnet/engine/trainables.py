@@ -149,8 +149,7 @@ class FullWeights(Trainable):
         sums = engine.grad_sums
         head = HeadPass(norm_weight=sums.track(norm_masters["weight"].requires_grad_(True)), weight=weight,
                         weight_grad=engine.layout.empty(weight.shape, sums.buffer_dtype(weight.dtype), weight.device),
-                        masters=masters,
-                        moments=moments, norm_masters=norm_masters, norm_moments=norm_moments)
+                        masters=masters, moments=moments, norm_masters=norm_masters, norm_moments=norm_moments)
         if head_unit == "head":
             head.on_weight_rows = self._head_row_updates(head, plan, ctx)
         return head

@@ -9,8 +9,6 @@ would make Adam's step m / (sqrt(v) + eps) explode).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 BLOCK = 256
@@ -19,6 +17,8 @@ LOG_LEVELS = 254  # codes 1..255
 # what is in work) then stay a few MiB, instead of ten copies of a whole projection (a 70B projection is
 # 235M values: 9 GiB of temporaries). Blocks are independent, so the result does not depend on the chunking.
 CHUNK_BLOCKS = 4096
+_FLOAT_TINY = torch.finfo(torch.float32).tiny
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def _chunks(numel: int):
@@ -62,13 +62,12 @@ def _decode(part: dict[str, torch.Tensor], shape, value, out: torch.Tensor | Non
 
 
 def _signed_codes(blocks: torch.Tensor):
-    magnitude = _log_codes(blocks.abs(), levels=126)
-    return torch.where(blocks < 0, -magnitude["q"], magnitude["q"]), magnitude["log2_range"]
+    codes, log2_range = _log_codes(blocks.abs(), levels=126)
+    return codes.copysign_(blocks).to(torch.int8), log2_range
 
 
 def _signed_values(codes: torch.Tensor, log2_range: torch.Tensor) -> torch.Tensor:
-    magnitude = _log_values(codes.abs(), log2_range, levels=126)
-    return torch.where(codes < 0, -magnitude, magnitude)
+    return _log_values(codes.abs(), log2_range, levels=126).copysign_(codes)
 
 
 def encode_signed(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,8 +81,8 @@ def decode_signed(part: dict[str, torch.Tensor], shape, out: torch.Tensor | None
 
 
 def _log_codes_of(blocks: torch.Tensor):
-    part = _log_codes(blocks.clamp(min=0), levels=LOG_LEVELS)
-    return part["q"], part["log2_range"]
+    codes, log2_range = _log_codes(blocks.clamp(min=0), levels=LOG_LEVELS)
+    return codes.to(torch.uint8), log2_range
 
 
 def encode_log(v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -96,21 +95,27 @@ def decode_log(part: dict[str, torch.Tensor], shape, out: torch.Tensor | None = 
     return _decode(part, shape, lambda codes, log2_range: _log_values(codes, log2_range, levels=LOG_LEVELS), out)
 
 
-def _log_codes(blocks: torch.Tensor, levels: int) -> dict[str, torch.Tensor]:
-    """Codes 1..levels+1 for positive values, spread evenly in log2 over each block's range; 0 for zero."""
+def _log_codes(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 codes 1..levels+1 for the positive values of ``blocks`` (non-negative), spread evenly in log2 over
+    each block's range, 0 for zero; and the ranges [n_blocks, 2].
+
+    The writer codes every moment of every step (at 13B, 26G values a step), so each pass over the values
+    counts: the block's extremes are taken before the logarithm (log2 is monotone, so the extremes' logarithms
+    are the logarithms' extremes, bit for bit), the arithmetic runs in place, and the masks are multiplied in
+    (``torch.where`` with a mask is several times slower here). The codes are those of the plain formula."""
     positive = blocks > 0
-    logs = torch.where(positive, blocks.clamp(min=torch.finfo(torch.float32).tiny).log2(), torch.zeros_like(blocks))
-    low = torch.where(positive, logs, torch.full_like(logs, math.inf)).amin(dim=1)
-    high = torch.where(positive, logs, torch.full_like(logs, -math.inf)).amax(dim=1)
-    empty = ~positive.any(dim=1)
-    low, high = torch.where(empty, 0.0, low), torch.where(empty, 0.0, high)
+    high = blocks.amax(dim=1)
+    low = blocks.add(~positive, alpha=_FLOAT_MAX).amin(dim=1)   # zeros become larger than any value: x + 0 is x
+    empty = high <= 0
+    low, high = (value.clamp_(min=_FLOAT_TINY).log2_().masked_fill_(empty, 0.0) for value in (low, high))
     span = torch.where(high > low, high - low, torch.ones_like(high))
-    codes = 1 + ((logs - low[:, None]) / span[:, None] * levels).round().clamp(0, levels)
-    return {"q": torch.where(positive, codes, torch.zeros_like(codes)).to(torch.int16),
-            "log2_range": torch.stack((low, high), dim=1)}
+    codes = blocks.clamp(min=_FLOAT_TINY).log2_()
+    codes.sub_(low[:, None]).div_(span[:, None]).mul_(levels).round_().clamp_(0, levels).add_(1).mul_(positive)
+    return codes, torch.stack((low, high), dim=1)
 
 
 def _log_values(codes: torch.Tensor, log2_range: torch.Tensor, levels: int) -> torch.Tensor:
+    """fp32 values of fp32 ``codes`` (overwritten) on the blocks' log2 ranges; 0 for code 0."""
     low, high = log2_range[:, 0:1], log2_range[:, 1:2]
-    values = torch.exp2(low + (codes - 1) / levels * (high - low))
-    return torch.where(codes > 0, values, torch.zeros_like(values))
+    coded = codes > 0
+    return codes.sub_(1).div_(levels).mul_(high - low).add_(low).exp2_().mul_(coded)

@@ -35,6 +35,22 @@ def test_packed_weight_equals_quantized_weight():
     assert torch.equal(ternary.unpack_weight(packed, scale), ternary.quantize_weight(weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pack_weight_is_the_packed_codes_of_ternary_codes_byte_for_byte(dtype):
+    """The update's packing (fields made in fp32 in place) writes the bytes of ``pack_codes(ternary_codes(w))``,
+    with or without a scratch tensor: stores packed before and after it hold the same codes."""
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(128, 40, generator=generator) * 0.02).to(dtype)
+    weight.view(-1)[::5] = 0
+    codes, scale = ternary.ternary_codes(weight)
+    for scratch in (None, torch.empty(weight.shape)):
+        packed, packed_scale = ternary.pack_weight(weight, scratch=scratch)
+        assert packed.dtype == torch.uint8 and torch.equal(packed, ternary.pack_codes(codes))
+        assert torch.equal(packed_scale, scale)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ternary.pack_weight(torch.randn(6, 4))
+
+
 def test_rounding_is_half_to_even_and_zero_weight_is_safe():
     weight = torch.tensor([[0.5, -0.5, 1.5, 0.0]]).repeat(4, 1)
     codes, scale = ternary.ternary_codes(weight, torch.tensor([1.0]))

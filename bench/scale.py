@@ -344,16 +344,18 @@ def report_row(name, row, config, store, child, records, elapsed, checks: Checks
     peak = child["peak_rss"]
     print(f"bytes on disk after training: {gib(disk)}; child process ran {elapsed:.0f} s in all")
     print(f"{'step':>4} {'loss':>9} {'s/step':>8} {'s/token':>8} {'read':>10} {'written':>10} {'compute':>8} "
-          f"{'loads':>7} {'writer':>7} {'wr.work':>7} {'cpu/wall':>8}")
+          f"{'loads':>7} {'writer':>7} {'wr.work':>7} {'updates':>7} {'writes':>7} {'cpu/wall':>8}")
     for record, timing in zip(records, child["steps"]):
         per_token = record["wall_s"] / max(record["tokens"], 1)
         print(f"{record['step']:>4} {record['loss']:>9.4f} {record['wall_s']:>8.1f} {per_token:>8.3f} "
               f"{gib(record['bytes_read']):>10} {gib(record['bytes_written']):>10} "
               f"{record['compute_s'] - record.get('writer_work_s', 0):>8.1f} {record.get('load_wait_s', 0):>7.1f} "
               f"{record.get('writer_wait_s', 0):>7.1f} {record.get('writer_work_s', 0):>7.1f} "
+              f"{record.get('update_busy_s', 0):>7.1f} {record.get('write_busy_s', 0):>7.1f} "
               f"{timing['cpu_s'] / timing['wall_s']:>8.2f}", flush=True)
     print("(compute: the main thread's own work; loads / writer: waiting for the prefetch thread / the writer; "
-          "wr.work: queued updates the main thread ran itself because the writer's queue was full)")
+          "wr.work: queued updates the main thread ran itself because the writer's queue was full; updates / "
+          "writes: the writer's busy time making the updates' parts and writing them, on any thread)")
     print(f"peak RSS of the training process: {gib(peak)}")
     steps = child["steps"]
     losses = [s["loss"] for s in steps]

@@ -48,6 +48,9 @@ class StepStats:
     load_wait_s: float = 0.0
     writer_wait_s: float = 0.0
     writer_work_s: float = 0.0
+    # The writer's busy time in the step, on whichever thread: making the updates' parts, and writing them.
+    update_busy_s: float = 0.0
+    write_busy_s: float = 0.0
 
     @property
     def compute_s(self) -> float:

@@ -386,7 +386,8 @@ class StreamingEngine:
         read_before = self.store.bytes_read
         wait_before = self._wait_seconds()
         load_before = self.prefetcher.wait_seconds
-        writer_before = (self.writer.wait_seconds, self.writer.stolen_seconds) if self.writer else (0.0, 0.0)
+        writer_before = ((self.writer.wait_seconds, self.writer.stolen_seconds, self.writer.update_seconds,
+                          self.writer.write_seconds) if self.writer else (0.0,) * 4)
         ctx = StepContext(self, micro_batches, self.step + 1, lr, self.options.optim,
                           1.0 if quant_mix is None else quant_mix, weight_decay)
         skipped = None
@@ -401,13 +402,15 @@ class StreamingEngine:
             self._discard_step()
         finally:
             self.stash.clear()
+        writer_after = ((self.writer.wait_seconds, self.writer.stolen_seconds, self.writer.update_seconds,
+                         self.writer.write_seconds) if self.writer else (0.0,) * 4)
+        writer = [after - before for after, before in zip(writer_after, writer_before)]
         return StepStats(step=self.step, loss=loss, tokens=ctx.n_tokens, wall_s=time.perf_counter() - started,
                          io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
                          bytes_written=ctx.submitted_bytes, peak_rss=peak_rss_bytes(),
                          spilled_bytes=self.stash.spilled_bytes, skipped=skipped,
-                         load_wait_s=self.prefetcher.wait_seconds - load_before,
-                         writer_wait_s=self.writer.wait_seconds - writer_before[0] if self.writer else 0.0,
-                         writer_work_s=self.writer.stolen_seconds - writer_before[1] if self.writer else 0.0)
+                         load_wait_s=self.prefetcher.wait_seconds - load_before, writer_wait_s=writer[0],
+                         writer_work_s=writer[1], update_busy_s=writer[2], write_busy_s=writer[3])
 
     def step_loads(self, ctx: StepContext) -> list[Load]:
         """The step plan: the forward loads (the embedding, then each block), then the trainable's backward loads,

@@ -86,6 +86,11 @@ class WriteBehind:
         self._error: BaseException | None = None
         self.wait_seconds = 0.0
         self.stolen_seconds = 0.0  # time callers spent running queued updates themselves (queue full)
+        # Busy time of the updates (making parts) and of the store writes, on whichever thread ran them: what
+        # the writer's work costs, against the plan's model of it (bench/scale.py prints both).
+        self.update_seconds = 0.0
+        self.write_seconds = 0.0
+        self._timing = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="offload-writer", daemon=True)
         self._thread.start()
 
@@ -110,7 +115,9 @@ class WriteBehind:
         of what it returns: an update with nothing left to overlap (the step's last one)."""
         self.raise_if_failed()
         with self._making:
+            started = time.perf_counter()
             parts = make_parts()
+            self.update_seconds += time.perf_counter() - started
         self.write(unit, parts, step)
 
     def write(self, unit: str, parts: dict[str, dict], step: int):
@@ -264,14 +271,19 @@ class WriteBehind:
             _, unit, make_parts, step, _ = job
             try:
                 with self._making:
+                    started = time.perf_counter()
                     parts = make_parts()
+                    self.update_seconds += time.perf_counter() - started
             except BaseException:
                 self._made(unit, {})
                 raise
             self._made(unit, parts)
             for part in list(parts):
                 tensors = parts.pop(part)  # each part is let go once written
+                started = time.perf_counter()
                 self.store.write(unit, part, tensors, step)
+                with self._timing:
+                    self.write_seconds += time.perf_counter() - started
                 with self._changed:
                     if self._pending.get((unit, part)) is tensors:
                         del self._pending[(unit, part)]

@@ -116,7 +116,7 @@ class StepPrediction:
     tokens: float
     memory: dict[str, int]       # term -> bytes; peak_rss_bytes is their sum
     seconds: dict[str, float]    # term -> seconds of work (see predict_step for how they combine)
-    bound: str                   # what the overlapped part waits on: "compute", "disk read" or "disk write"
+    bound: str                   # what the overlapped part waits on: "compute", "disk read", "disk write", "writer"
     lazy_blocks: bool = False    # blocks made one projection at a time (model.is_lazy_block)
 
     def memory_line(self) -> str:
@@ -180,9 +180,10 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     encoding) are CPU work in thread-seconds (the calibration's speeds are per thread), spread over the engine's
     ``threads`` (default: torch's thread count, what finetune.py uses) by its three threads and the matmuls'
     own parallelism; disk ``read`` and ``write`` run on background threads at the calibrated speeds and overlap
-    the CPU work. The step takes the largest of CPU work and each disk direction, plus ``serial``: the first
-    load, the last update and write, and the commit's fsync of every file written (``fsync_s`` each), which
-    nothing overlaps.
+    the CPU work. ``writer``: the writer thread's own chain, its updates at one thread's speed and their writes
+    at the disk's, which starts after the forward pass and the cross-entropy. The step takes the largest of CPU
+    work, each disk direction and the writer's chain, plus ``serial``: the first load, the last update and write,
+    and the commit's fsync of every file written (``fsync_s`` each), which nothing overlaps.
     """
     cfg, cal = model, calibration
     max_seq_len = max_seq_len or int(round(seq_len))
@@ -314,7 +315,19 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
         files_written = cfg.n_layers * (3 if qat else 2) + 2 * (len(unit_names(cfg)) - cfg.n_layers)
         seconds["serial"] += (files_written + 3) * cal.disk.fsync_s
     cpu = seconds["compute"] + seconds["quantize"] + seconds["load"] + seconds["update"]
-    waits = {"compute": cpu, "disk read": seconds["read"], "disk write": seconds["write"]}
+    # The writer is one thread: it starts with the head's update, after the forward pass and the cross-entropy
+    # (main's work alone, over every core), and its updates (decoding the old parts, AdamW, encoding) and their
+    # writes follow one another. Beside main's compute it has a core of its own at most, so where its work is
+    # more than main's backward leaves room for, the step waits for it (13B width at G=2 on 2 cores).
+    if lora is None:
+        forward_flops = cfg.n_layers * (flops["forward"] * tokens * matrix_params + attention) + head_flops
+        before_writer = (forward_flops / compute.matmul_flops
+                         + (ternary * compute.quantize_ns + cfg.n_layers * block_params * compute.unpack_ns) * ns)
+        seconds["writer"] = trained * (compute.update_ns + compute.masters_ns) * ns + written / cal.disk.write_bps
+        writer = before_writer * share + seconds["writer"]
+    else:
+        writer = 0.0  # the adapters' updates: small, on main
+    waits = {"compute": cpu, "disk read": seconds["read"], "disk write": seconds["write"], "writer": writer}
     bound = max(waits, key=waits.get)
     step = waits[bound] + seconds["serial"]
     return StepPrediction(peak_rss_bytes=int(sum(memory.values())), step_seconds=step, read_bytes=int(read),
@@ -430,8 +443,8 @@ def plan_lines(config: RunConfig, plan: "Plan") -> list[str]:
         f"  peak memory{' per rank' if ranked else ''}: ~{human(p.peak_rss_bytes)} = {p.memory_line()}"
         + (f"; blocks made one projection at a time (each is over {human(DENSE_BLOCK_BYTES)} dense)"
            if p.lazy_blocks else ""),
-        f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work and the disk "
-        "overlap, 'serial' does not)",
+        f"  time per step: ~{p.step_seconds:.2f}s, {p.bound}-bound ({p.time_line()}; CPU work, the disk and the "
+        "writer's chain overlap, 'serial' does not)",
         "  " + plan.calibration.describe(),
     ]
     if steps:

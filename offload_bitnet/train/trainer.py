@@ -314,6 +314,7 @@ class Trainer:
                   "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "peak_rss": stats.peak_rss,
                   "spilled_bytes": stats.spilled_bytes, "load_wait_s": round(stats.load_wait_s, 4),
                   "writer_wait_s": round(stats.writer_wait_s, 4), "writer_work_s": round(stats.writer_work_s, 4),
+                  "update_busy_s": round(stats.update_busy_s, 4), "write_busy_s": round(stats.write_busy_s, 4),
                   "epoch": round(self.order.epoch_at(step), 4),
                   "time": round(time.time(), 3)}
         if mix is not None:

@@ -229,3 +229,28 @@ def test_prefetcher_yields_results_in_order_and_runs_ahead():
         assert started == [0, 1, 2]
     assert list(stream) == [1, 4, 9, 16]
     prefetcher.close()
+
+
+def test_the_writers_busy_time_counts_its_updates_and_writes_apart():
+    """``update_seconds`` / ``write_seconds`` (StepStats.update_busy_s / write_busy_s) add up the time spent making
+    parts and writing them, on the writer and on a caller; lower bounds only (a sleep never ends early)."""
+    import time
+
+    class SlowStore(RecordingStore):
+        def write(self, unit, part, tensors, step):
+            time.sleep(0.02)
+            super().write(unit, part, tensors, step)
+
+    def slow_parts():
+        time.sleep(0.03)
+        return {"weights": {}, "optim": {}}
+
+    writer = WriteBehind(SlowStore(), max_pending=1)
+    try:
+        writer.update("block.0", slow_parts, 1)               # on the writer thread
+        writer.make_and_write("block.1", slow_parts, 1)       # on the caller's
+        writer.flush()
+        assert writer.update_seconds >= 2 * 0.03
+        assert writer.write_seconds >= 4 * 0.02               # two parts per update
+    finally:
+        writer.close()

@@ -386,8 +386,7 @@ class StreamingEngine:
         read_before = self.store.bytes_read
         wait_before = self._wait_seconds()
         load_before = self.prefetcher.wait_seconds
-        writer_before = ((self.writer.wait_seconds, self.writer.stolen_seconds, self.writer.update_seconds,
-                          self.writer.write_seconds) if self.writer else (0.0,) * 4)
+        writer_before = self._writer_seconds()
         ctx = StepContext(self, micro_batches, self.step + 1, lr, self.options.optim,
                           1.0 if quant_mix is None else quant_mix, weight_decay)
         skipped = None
@@ -402,9 +401,7 @@ class StreamingEngine:
             self._discard_step()
         finally:
             self.stash.clear()
-        writer_after = ((self.writer.wait_seconds, self.writer.stolen_seconds, self.writer.update_seconds,
-                         self.writer.write_seconds) if self.writer else (0.0,) * 4)
-        writer = [after - before for after, before in zip(writer_after, writer_before)]
+        writer = [after - before for after, before in zip(self._writer_seconds(), writer_before)]
         return StepStats(step=self.step, loss=loss, tokens=ctx.n_tokens, wall_s=time.perf_counter() - started,
                          io_wait_s=self._wait_seconds() - wait_before, bytes_read=self.store.bytes_read - read_before,
                          bytes_written=ctx.submitted_bytes, peak_rss=peak_rss_bytes(),
@@ -490,6 +487,13 @@ class StreamingEngine:
             self.trainable.discard()  # waits for the writer: an update still running puts its parts in resident
         finally:
             self.resident.clear()  # it may hold forward parts of the abandoned updates
+
+    def _writer_seconds(self) -> tuple[float, float, float, float]:
+        """The writer's running totals: waited for, run by callers, making updates, writing (zeros without one)."""
+        if self.writer is None:
+            return (0.0,) * 4
+        return (self.writer.wait_seconds, self.writer.stolen_seconds, self.writer.update_seconds,
+                self.writer.write_seconds)
 
     def _wait_seconds(self) -> float:
         return self.prefetcher.wait_seconds + (self.writer.wait_seconds if self.writer else 0.0)

@@ -114,11 +114,7 @@ class WriteBehind:
         """Run ``make_parts()`` on the caller's thread (as the only update making parts then) and queue the write
         of what it returns: an update with nothing left to overlap (the step's last one)."""
         self.raise_if_failed()
-        with self._making:
-            started = time.perf_counter()
-            parts = make_parts()
-            self.update_seconds += time.perf_counter() - started
-        self.write(unit, parts, step)
+        self.write(unit, self._make(make_parts), step)
 
     def write(self, unit: str, parts: dict[str, dict], step: int):
         """Queue the write of ready ``{part: tensors}``."""
@@ -230,6 +226,14 @@ class WriteBehind:
                 return job
         return None
 
+    def _make(self, make_parts) -> dict:
+        """Run ``make_parts()`` as the only update making parts, counting its time in ``update_seconds``."""
+        with self._making:
+            started = time.perf_counter()
+            parts = make_parts()
+            self.update_seconds += time.perf_counter() - started
+        return parts
+
     def _made(self, unit: str, parts: dict, count: bool = True):
         """Record a unit's new parts as pending (``count``: and that one of its queued updates ran)."""
         with self._changed:
@@ -270,10 +274,7 @@ class WriteBehind:
         if job[0] == "write":
             _, unit, make_parts, step, _ = job
             try:
-                with self._making:
-                    started = time.perf_counter()
-                    parts = make_parts()
-                    self.update_seconds += time.perf_counter() - started
+                parts = self._make(make_parts)
             except BaseException:
                 self._made(unit, {})
                 raise

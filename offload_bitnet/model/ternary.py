@@ -34,12 +34,15 @@ def ternary_codes(weight: torch.Tensor, scale: torch.Tensor | None = None,
     ``weight_scale``)."""
     if scale is None:
         scale = weight_scale(weight, scratch)
-    # Multiply by the reciprocal, as transformers' WeightQuant does, so ties round identically.
+    return _scaled(weight, scale, scratch).round_().clamp_(-1, 1).to(torch.int8), scale
+
+
+def _scaled(weight: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``weight / gamma`` (in ``scratch`` when given), multiplied by the reciprocal as transformers'
+    WeightQuant does, so that ties round identically."""
     if scratch is None:
-        scaled = weight.float() * (1.0 / scale)
-    else:
-        scaled = torch.mul(weight, 1.0 / scale, out=scratch)
-    return scaled.round_().clamp_(-1, 1).to(torch.int8), scale
+        return weight.float() * (1.0 / scale)
+    return torch.mul(weight, 1.0 / scale, out=scratch)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -86,11 +89,17 @@ def ste_quantize_activation(x: torch.Tensor) -> torch.Tensor:
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 codes ``[out, in]`` (out divisible by 4) into uint8 ``[out/4, in]``."""
-    out_features = codes.shape[0]
-    if out_features % VALUES_PER_BYTE:
-        raise ValueError(f"cannot pack {out_features} rows: the output dimension must be divisible by 4")
+    out_features = _packable_rows(codes)
     fields = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(VALUES_PER_BYTE, out_features // 4, *codes.shape[1:])
     return fields[0] | (fields[1] << 2) | (fields[2] << 4) | (fields[3] << 6)
+
+
+def _packable_rows(weight: torch.Tensor) -> int:
+    """The output dimension of a weight to pack; it must be divisible by 4 (four rows per byte)."""
+    out_features = weight.shape[0]
+    if out_features % VALUES_PER_BYTE:
+        raise ValueError(f"cannot pack {out_features} rows: the output dimension must be divisible by 4")
+    return out_features
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -102,18 +111,13 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 def pack_weight(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize and pack a dense weight: returns (uint8 ``[out/4, in]``, fp32 scale ``[1]``), the bytes of
     ``pack_codes(ternary_codes(weight))``. ``scratch`` as in ``weight_scale`` (overwritten)."""
-    out_features = weight.shape[0]
-    if out_features % VALUES_PER_BYTE:
-        raise ValueError(f"cannot pack {out_features} rows: the output dimension must be divisible by 4")
+    out_features = _packable_rows(weight)
     scale = weight_scale(weight, scratch)
     # Every update of a qat store packs all its projections (at 7B, 6.5G values a step), so the fields are made
     # where the scaled weight is, in fp32, without int8/int16 copies of the whole weight: code + 1 is 0, 1 or 2,
     # and field0 + 4 field1 + 16 field2 + 64 field3 is an exact small integer in fp32, the packed byte itself.
-    if scratch is None:
-        scaled = weight.float() * (1.0 / scale)
-    else:
-        scaled = torch.mul(weight, 1.0 / scale, out=scratch)
-    fields = scaled.round_().clamp_(-1, 1).add_(1).reshape(VALUES_PER_BYTE, out_features // 4, *weight.shape[1:])
+    fields = _scaled(weight, scale, scratch).round_().clamp_(-1, 1).add_(1)
+    fields = fields.reshape(VALUES_PER_BYTE, out_features // 4, *weight.shape[1:])
     packed = fields[0].add_(fields[1], alpha=4).add_(fields[2], alpha=16).add_(fields[3], alpha=64)
     return packed.to(torch.uint8), scale
 

@@ -268,7 +268,8 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     flops = MATMUL_FLOPS_PER_PARAM_TOKEN
     backward = LORA_BACKWARD_FLOPS if lora is not None else flops["backward"]
     replayed = cfg.n_layers - memo_blocks
-    block_flops = (cfg.n_layers * (flops["forward"] * tokens * matrix_params + attention)
+    forward_flops = cfg.n_layers * (flops["forward"] * tokens * matrix_params + attention)
+    block_flops = (forward_flops
                    + replayed * flops["replay"] * tokens * matrix_params + cfg.n_layers * attention
                    + cfg.n_layers * (backward * tokens * matrix_params + 2 * attention))
     head_flops = (flops["forward"] + backward) * tokens * head_params
@@ -320,8 +321,7 @@ def predict_step(model: ModelConfig, settings: StoreSettings, calibration: Calib
     # writes follow one another. Beside main's compute it has a core of its own at most, so where its work is
     # more than main's backward leaves room for, the step waits for it (13B width at G=2 on 2 cores).
     if lora is None:
-        forward_flops = cfg.n_layers * (flops["forward"] * tokens * matrix_params + attention) + head_flops
-        before_writer = (forward_flops / compute.matmul_flops
+        before_writer = ((forward_flops + head_flops) / compute.matmul_flops
                          + (ternary * compute.quantize_ns + cfg.n_layers * block_params * compute.unpack_ns) * ns)
         seconds["writer"] = trained * (compute.update_ns + compute.masters_ns) * ns + written / cal.disk.write_bps
         writer = before_writer * share + seconds["writer"]

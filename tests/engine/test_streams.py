@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 
@@ -234,8 +235,6 @@ def test_prefetcher_yields_results_in_order_and_runs_ahead():
 def test_the_writers_busy_time_counts_its_updates_and_writes_apart():
     """``update_seconds`` / ``write_seconds`` (StepStats.update_busy_s / write_busy_s) add up the time spent making
     parts and writing them, on the writer and on a caller; lower bounds only (a sleep never ends early)."""
-    import time
-
     class SlowStore(RecordingStore):
         def write(self, unit, part, tensors, step):
             time.sleep(0.02)

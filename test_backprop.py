@@ -4,18 +4,22 @@
     python test_backprop.py --mode full
     python test_backprop.py --device mlx --mode qat --dropout 0.1   # the step in Apple MLX (pip install -e ".[mlx]")
 
-With --device mlx the streamed MLX step's gradients are checked against:
-  1. torch autograd, fp32, dropout off (the two RNGs differ). In qat this comparison is ill-conditioned: an
-     activation whose x * 127 / absmax lies within the last fp32 bits of a rounding boundary gets codes one apart
-     in the two libraries (their matmul and RMSNorm sum in different orders), which moves it by a whole 8-bit
-     step. The line below it counts those codes. It is a pass/fail check in full mode, and in qat when no code
-     differs; otherwise its figure is reported, and check 2 stands in for it.
+With --device mlx the streamed MLX step is checked against:
+  1. torch autograd + torch.optim.AdamW, fp32, dropout off (the two RNGs differ), in two parts:
+     - its gradients against torch autograd's. In qat this comparison is ill-conditioned: an activation whose
+       x * 127 / absmax lies within the last fp32 bits of a rounding boundary gets codes one apart in the two
+       libraries (their matmul and RMSNorm sum in different orders), which moves it by a whole 8-bit step. The
+       line below it counts those codes. It is a pass/fail check in full mode, and in qat when no code differs;
+       otherwise its figure is reported, and check 2 stands in for it;
+     - its AdamW against torch.optim.AdamW(fused=True) run on the same weights and gradients (every update).
+     The weights after the step against torch's whole step are printed too, not checked: AdamW's first step is
+     about lr * g / (|g| + eps), so an element whose gradient is within the two libraries' rounding noise of
+     zero moves its weight apart by up to lr (see README, "MLX backend").
   2. (qat) torch autograd, fp32, dropout off, run with the 8-bit activation codes the MLX step chose (torch's own
      scales and straight-through gradients: only the rounding decisions are MLX's). Each code that differed must
      be one step apart at a rounding boundary (within MARGIN of k + 1/2), else it is a real disagreement.
-  3. the in-memory MLX mx.grad reference with --dropout (the same dropout keys).
-The weights after the step are printed beside them: AdamW's first step is about lr * g / (|g| + eps), so gradient
-elements within rounding noise of zero move their weights apart by up to lr (see README, "MLX backend").
+  3. the in-memory MLX mx.grad reference + its AdamW with --dropout (the same dropout keys): gradients, loss and
+     the weights after the step, as the torch check above compares them.
 """
 import argparse
 import sys
@@ -65,7 +69,12 @@ def check_mlx(args) -> int:
     print(f"[1: mlx streamed vs torch autograd, fp32, dropout 0] loss streamed={result.streamed_loss:.8f} "
           f"torch={result.torch_loss:.8f}")
     print(f"  gradient max_rel_err={result.grad_err:.3e} (worst: {result.grad_worst})")
-    print(f"  weights after AdamW max_rel_err={result.weights_vs_torch:.3e} (worst: {result.weights_vs_torch_worst})")
+    print(f"  AdamW vs torch.optim.AdamW on the same gradients and weights: max_rel_err="
+          f"{result.adamw_vs_torch:.3e} (worst: {result.adamw_vs_torch_worst})")
+    print(f"  (not checked) weights after the step vs torch's whole step: max_rel_err={result.weights_vs_torch:.3e} "
+          f"(worst: {result.weights_vs_torch_worst})")
+    if result.adamw_vs_torch > tolerance:
+        failed.append("1 (AdamW vs torch.optim.AdamW)")
     flips = result.code_flips
     if flips is not None:
         print(f"  8-bit activation codes differing between torch and MLX: {flips.differing} of {flips.elements} "
@@ -89,13 +98,16 @@ def check_mlx(args) -> int:
     print(f"[3: mlx streamed vs mlx mx.grad reference, dropout {args.dropout}] loss streamed="
           f"{result.dropout_streamed_loss:.8f} reference={result.mlx_loss:.8f}")
     print(f"  gradient max_rel_err={result.grad_vs_mlx:.3e} (worst: {result.grad_vs_mlx_worst})")
-    print(f"  weights after AdamW max_rel_err={result.weights_vs_mlx:.3e} (worst: {result.weights_vs_mlx_worst})")
-    if result.grad_vs_mlx > tolerance:
-        failed.append("3 (gradients vs the MLX reference)")
+    print(f"  weights after AdamW max_rel_err={result.weights_vs_mlx:.3e} (worst: {result.weights_vs_mlx_worst}), "
+          f"loss rel_err={result.loss_vs_mlx:.3e}")
+    for name, error in (("gradients", result.grad_vs_mlx), ("weights", result.weights_vs_mlx),
+                        ("loss", result.loss_vs_mlx)):
+        if error > tolerance:
+            failed.append(f"3 ({name} vs the MLX reference)")
     if failed:
         print(f"FAIL: max_rel_err above {tolerance:g} in check " + "; ".join(failed))
         return 1
-    print(f"PASS (gradients within {tolerance:g})")
+    print(f"PASS (within {tolerance:g})")
     return 0
 
 

@@ -79,19 +79,22 @@ def run_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int = 2, 
 
 @dataclass
 class MLXParityResult:
-    """A streamed MLX step against three references.
+    """A streamed MLX step against its references.
 
     - ``grad_err``: its gradients (recovered from the first step's moments, ``exp_avg = (1 - beta1) g``) against
       torch autograd, dropout off (the two RNGs differ). In qat this comparison is ill-conditioned in fp32: see
       ``reference.activation_codes``;
-    - ``grad_vs_same_codes`` (qat only, else None): the same gradients against torch autograd run with the 8-bit
+    - ``weights_vs_torch``: the weights after the step against torch autograd + torch.optim.AdamW. Reported, not a
+      parity check: AdamW's first step is about lr * g / (|g| + eps), so an element whose gradient lies within
+      the two libraries' rounding noise of zero (|g| ~ eps) moves apart by up to lr;
+    - ``adamw_vs_torch``: the weights the MLX step's AdamW made against ``torch.optim.AdamW(fused=True)`` applied
+      to the same gradients and weights (every update the step made, one tensor at a time);
+    - ``grad_vs_same_codes`` (qat only, else None): the gradients against torch autograd run with the 8-bit
       activation codes the MLX step chose (``code_flips``: where torch's own roundings differed);
-    - ``grad_vs_mlx``: with ``dropout``, against the MLX in-memory ``mx.grad`` reference
-      (``backends.mlx.reference``), the same RNG keys.
-
-    ``weights_vs_torch`` / ``weights_vs_mlx``: the weights after the step against torch.optim.AdamW's and the MLX
-    reference's AdamW (AdamW's first step is about lr * g / (|g| + eps), so gradients within rounding noise of
-    zero move apart by up to lr: reported, not a parity check)."""
+    - ``grad_vs_mlx`` / ``weights_vs_mlx`` / ``loss_vs_mlx``: with ``dropout``, the gradients, the weights after
+      AdamW and the loss against the MLX in-memory ``mx.grad`` reference (``backends.mlx.reference``) with the
+      same dropout keys: the same library, so the same bits are expected, as the torch step gets against
+      torch's in-memory reference."""
 
     streamed_loss: float
     torch_loss: float
@@ -99,8 +102,11 @@ class MLXParityResult:
     grad_worst: str
     weights_vs_torch: float
     weights_vs_torch_worst: str
+    adamw_vs_torch: float
+    adamw_vs_torch_worst: str
     dropout_streamed_loss: float
     mlx_loss: float
+    loss_vs_mlx: float
     weights_vs_mlx: float
     weights_vs_mlx_worst: str
     grad_vs_mlx: float
@@ -139,13 +145,22 @@ def _parity_batches(vocab: int, micro_batches: int, seed: int) -> list:
     return batches
 
 
-def _streamed_mlx_step(path: str, batches, dropout: float, seed: int, optim) -> tuple[float, dict, dict]:
-    """One streamed step on ``--device mlx``: (loss, weights after it, its gradients from the moments)."""
+def _streamed_mlx_step(path: str, batches, dropout: float, seed: int, optim) -> tuple[float, dict, dict, list]:
+    """One streamed step on ``--device mlx``: (loss, weights after it, its gradients from the moments, and each
+    AdamW update it made as ``(weights before, gradient, weights after, step, lr)``)."""
     from offload_bitnet.store.units import unit_shapes
 
     store = BlockStore(path, writable=True)
     engine = StreamingEngine(store, EngineOptions(device="mlx", dropout=dropout, seed=seed, optim=optim,
                                                   activation_budget_bytes=8 << 10))
+    updates, backend_update = [], engine.backend.adamw_update
+
+    def recorded_update(param, grad, exp_avg, exp_avg_sq, step, config, lr):
+        before = param.detach().clone()
+        backend_update(param, grad, exp_avg, exp_avg_sq, step, config, lr)
+        updates.append((before, grad.detach().float().clone(), param.detach().clone(), step, lr))
+
+    engine.backend.adamw_update = recorded_update
     try:
         stats = engine.train_step(batches)
         engine.flush()
@@ -157,7 +172,24 @@ def _streamed_mlx_step(path: str, batches, dropout: float, seed: int, optim) -> 
     finally:
         engine.close()
     updated = InMemoryModel.from_store(BlockStore(path)).named_unit_tensors()
-    return stats.loss, updated, grads
+    return stats.loss, updated, grads, updates
+
+
+def _torch_adamw_on(updates, optim) -> tuple[float, str]:
+    """The worst relative error of the recorded updates' results against ``torch.optim.AdamW(fused=True)`` run on
+    the same weights and gradients (each a first step, as in the parity check)."""
+    from offload_bitnet.model.adamw import torch_param_groups
+
+    pairs = []
+    for index, (before, grad, after, step, lr) in enumerate(updates):
+        if step != 1:
+            raise ValueError(f"the AdamW comparison replays first steps only, got step {step}")
+        param = torch.nn.Parameter(before.clone())
+        param.grad = grad.clone()
+        torch.optim.AdamW(torch_param_groups({"p": param}, optim), lr=optim.lr if lr is None else lr,
+                          betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True).step()
+        pairs.append((f"update {index} {tuple(before.shape)}", after, param.detach()))
+    return _worst(pairs)
 
 
 def _torch_step(path: str, batches, seed: int, optim) -> tuple[float, dict, dict]:
@@ -230,11 +262,12 @@ def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int =
         batches = _parity_batches(BlockStore(path).config.vocab_size, micro_batches, seed)
         torch_loss, torch_grads, expected = _torch_step(path, batches, seed, optim)
         same_codes = _torch_step_with_mlx_codes(path, batches, seed) if mode == "qat" else None
-        streamed_loss, updated, grads = _streamed_mlx_step(path, batches, 0.0, seed, optim)
+        streamed_loss, updated, grads, updates = _streamed_mlx_step(path, batches, 0.0, seed, optim)
         grad_err, grad_worst = _worst((f"{u}.{n}", grads[u][n], g) for u, t in torch_grads.items()
                                       for n, g in t.items())
         weights_err, weights_worst = _worst((f"{u}.{n}", updated[u][n], t) for u, ts in expected.items()
                                             for n, t in ts.items())
+        adamw_err, adamw_worst = _torch_adamw_on(updates, optim)
         count = sum(len(t) for t in expected.values())
         same_codes_fields = {}
         if same_codes is not None:
@@ -255,19 +288,20 @@ def run_mlx_parity(mode: str = "qat", dropout: float = 0.1, micro_batches: int =
         mlx_batches = [(to_mx(ids), to_mx(labels)) for ids, labels in batches]
         mlx_loss, mlx_grads = mlx_reference.loss_and_grads(computed, mlx_batches, store.config, quantize=quantize,
                                                            dropout_p=dropout, seed=seed, step=1)
-        stepped, _ = mlx_reference.adamw_step(masters, mlx_grads, {}, step=1, lr=optim.lr,
-                                              betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                                              weight_decay=optim.weight_decay)
-        mx.eval(stepped, mlx_grads)
-        dropout_loss, updated, streamed_grads = _streamed_mlx_step(path, batches, dropout, seed, optim)
-        mlx_grad_err, mlx_grad_worst = _worst((f"{u}.{n}", streamed_grads[u][n], to_torch(a))
-                                              for u, ts in mlx_grads.items() for n, a in ts.items())
+        stepped, moments = mlx_reference.adamw_step(masters, mlx_grads, {}, step=1, lr=optim.lr,
+                                                    betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                                    weight_decay=optim.weight_decay)
+        mx.eval(stepped, moments)
+        dropout_loss, updated, streamed_grads, _ = _streamed_mlx_step(path, batches, dropout, seed, optim)
+        # The reference's gradients recovered from its moments as the streamed step's are: equal gradients
+        # compare equal, bit for bit (g itself would differ from exp_avg / (1 - beta1) by that division's rounding).
+        mlx_grad_err, mlx_grad_worst = _worst((f"{u}.{n}", streamed_grads[u][n],
+                                               to_torch(exp_avg) / (1 - optim.beta1))
+                                              for u, ts in moments.items() for n, (exp_avg, _) in ts.items())
         mlx_err, mlx_worst = _worst((f"{u}.{n}", updated[u][n], to_torch(a)) for u, ts in stepped.items()
                                     for n, a in ts.items())
         mlx_loss = mlx_loss.item()
-        loss_err = abs(dropout_loss - mlx_loss) / abs(mlx_loss)
-        if loss_err > mlx_err:
-            mlx_err, mlx_worst = loss_err, "loss"
-    return MLXParityResult(streamed_loss, torch_loss, grad_err, grad_worst, weights_err, weights_worst,
-                           dropout_loss, mlx_loss, mlx_err, mlx_worst, mlx_grad_err, mlx_grad_worst, count,
-                           **same_codes_fields)
+        mlx_loss_err = abs(dropout_loss - mlx_loss) / abs(mlx_loss)
+    return MLXParityResult(streamed_loss, torch_loss, grad_err, grad_worst, weights_err, weights_worst, adamw_err,
+                           adamw_worst, dropout_loss, mlx_loss, mlx_loss_err, mlx_err, mlx_worst, mlx_grad_err,
+                           mlx_grad_worst, count, **same_codes_fields)

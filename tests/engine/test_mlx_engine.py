@@ -36,9 +36,15 @@ from offload_bitnet.reference.parity import run_mlx_parity  # noqa: E402
 def test_streamed_mlx_step_matches_torch_autograd_and_the_mlx_reference(tmp_path, mode):
     result = run_mlx_parity(mode, dropout=0.1, micro_batches=2, workdir=str(tmp_path), **SMALL)
     print(f"{mode}: grads vs torch {result.grad_err:.2e}, vs MLX reference {result.grad_vs_mlx:.2e}; weights after "
-          f"AdamW vs torch {result.weights_vs_torch:.2e}, vs MLX reference {result.weights_vs_mlx:.2e}")
+          f"AdamW vs torch {result.weights_vs_torch:.2e}, vs MLX reference {result.weights_vs_mlx:.2e}; AdamW vs "
+          f"torch.optim.AdamW {result.adamw_vs_torch:.2e}")
+    # The same library and operations as its in-memory reference: the same bits but for the embedding, whose
+    # repeated tokens' rows the engine sums in torch, in another order than MLX's scatter. So even the weights
+    # after AdamW agree, where a last-bit gradient difference near |g| ~ eps would move them by up to lr.
     assert result.grad_vs_mlx <= TOLERANCE, result.grad_vs_mlx_worst
-    assert abs(result.dropout_streamed_loss - result.mlx_loss) <= TOLERANCE * result.mlx_loss
+    assert result.weights_vs_mlx <= TOLERANCE, result.weights_vs_mlx_worst
+    assert result.loss_vs_mlx <= TOLERANCE
+    assert result.adamw_vs_torch <= TOLERANCE, result.adamw_vs_torch_worst
     assert abs(result.dropout_streamed_loss - result.streamed_loss) > 1e-4  # dropout really is on
     if mode == "full":
         assert result.grad_err <= TOLERANCE, result.grad_worst

@@ -14,6 +14,15 @@ def shift_labels(input_ids: mx.array, labels: mx.array | None = None) -> mx.arra
     return mx.concatenate([labels[:, 1:], ignored], axis=1)
 
 
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """The sum over the tokens with a target of ``logsumexp(logits) - logits[target]``, in fp32 (``targets``:
+    IGNORE_INDEX for none). The one expression of the loss, for the streamed head and the in-memory reference."""
+    logits = logits.astype(mx.float32)
+    valid = targets != IGNORE_INDEX
+    picked = mx.take_along_axis(logits, mx.where(valid, targets, 0)[..., None].astype(mx.int32), axis=-1)[..., 0]
+    return mx.sum(mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0))
+
+
 def chunked_cross_entropy(hidden: mx.array, head_weight: mx.array, targets: mx.array, chunk_tokens: int,
                           scale: float, backward: bool) -> tuple[float, mx.array | None, mx.array | None]:
     """Sum of token cross-entropies times ``scale``, computed ``chunk_tokens`` rows of logits at a time, so that
@@ -34,20 +43,19 @@ def chunked_cross_entropy(hidden: mx.array, head_weight: mx.array, targets: mx.a
             if backward:
                 grad_chunks.append(mx.zeros_like(chunk))
             continue
-        logits = (chunk @ head_weight.T).astype(mx.float32)
-        safe_target = mx.where(valid, target, 0).astype(mx.int32)
-        log_norm = mx.logsumexp(logits, axis=-1)
-        picked = mx.take_along_axis(logits, safe_target[:, None], axis=-1)[:, 0]
-        loss = mx.sum(mx.where(valid, log_norm - picked, 0.0)) * scale
+
+        def chunk_loss(chunk, head_weight):
+            return token_cross_entropy(chunk @ head_weight.T, target) * scale
+
         if backward:
-            # d(sum CE)/dlogits = softmax - onehot on the rows with a target, times the loss scale.
-            onehot = mx.arange(logits.shape[-1])[None, :] == safe_target[:, None]
-            grad_logits = (mx.exp(logits - log_norm[:, None]) - onehot) * (valid[:, None] * scale)
-            grad_logits = grad_logits.astype(head_weight.dtype)
-            grad_chunks.append(grad_logits @ head_weight)
-            chunk_weight_grad = grad_logits.T @ chunk
+            # Autodiff of the loss expression itself: the same operations as mx.grad over the whole model (the
+            # in-memory reference), hence its bits, where a hand-written softmax - onehot rounds differently.
+            loss, (grad_chunk, chunk_weight_grad) = mx.value_and_grad(chunk_loss, argnums=(0, 1))(chunk, head_weight)
+            grad_chunks.append(grad_chunk)
             grad_weight = chunk_weight_grad if grad_weight is None else grad_weight + chunk_weight_grad
             mx.eval(loss, grad_chunks[-1], grad_weight)
+        else:
+            loss = chunk_loss(chunk, head_weight)
         total += loss.item()
     if not backward:
         return total, None, None

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import torch
 
+from offload_bitnet.backends.mlx.arrays import to_mx
 from offload_bitnet.backends.mlx.ternary import quantize_weight, ste_quantize_activation, ste_quantize_weight
 from offload_bitnet.model.block import dropout_seed
-from offload_bitnet.model.block import rope_inverse_frequencies as torch_rope_inverse_frequencies
+from offload_bitnet.model.block import rope_tables as torch_rope_tables
 from offload_bitnet.model.config import ModelConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,21 +36,14 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Rotary inverse frequencies (fp32 numpy): the torch model's own (``model.block.rope_inverse_frequencies``,
-    with its Llama-3 and linear scaling), computed once per table, so both backends rotate by the same angles."""
-    return torch_rope_inverse_frequencies(config).numpy()
-
-
 def rope_tables(config: ModelConfig, positions, dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
     """cos and sin tables ``[..., T, head_dim]`` in the half-split layout. ``positions``: an int (0..T-1) or an
-    array of positions ``[T]`` / ``[B, T]``."""
-    if isinstance(positions, int):
-        positions = np.arange(positions)
-    positions = np.asarray(positions).astype(np.float32)
-    freqs = mx.array(positions[..., None] * rope_inverse_frequencies(config))
-    emb = mx.concatenate([freqs, freqs], axis=-1)
-    return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
+    array of positions ``[T]`` / ``[B, T]``. The tables are the torch model's (``model.block.rope_tables``), so
+    both backends rotate by the same bits: MLX's own cos and sin round differently in the last bit, and an
+    8-bit activation code downstream can flip on that."""
+    positions = torch.arange(positions) if isinstance(positions, int) else torch.as_tensor(np.asarray(positions))
+    cos, sin = torch_rope_tables(config, positions)
+    return to_mx(cos, dtype), to_mx(sin, dtype)
 
 
 def rotate_half(x: mx.array) -> mx.array:

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from offload_bitnet.model.config import ModelConfig
 from offload_bitnet.store.units import block_unit
-from offload_bitnet.backends.mlx.loss import IGNORE_INDEX, shift_labels
+from offload_bitnet.backends.mlx.loss import IGNORE_INDEX, shift_labels, token_cross_entropy
 from offload_bitnet.backends.mlx.model import LORA_A, LORA_B, block_forward, dropout_key, rms_norm, rope_tables
 from offload_bitnet.backends.mlx.optim import adamw_update
 
@@ -47,10 +47,7 @@ def step_loss(units: dict, micro_batches, config: ModelConfig, *, seed: int = 0,
     total = mx.array(0.0)
     for micro, ((ids, _), target) in enumerate(zip(micro_batches, targets)):
         hidden = hidden_states(units, ids, config, seed=seed, step=step, micro=micro, **options)
-        logits = (hidden @ head_weight(units, config).T).astype(mx.float32)
-        valid = target != IGNORE_INDEX
-        picked = mx.take_along_axis(logits, mx.where(valid, target, 0)[..., None].astype(mx.int32), axis=-1)[..., 0]
-        total = total + mx.sum(mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0))
+        total = total + token_cross_entropy(hidden @ head_weight(units, config).T, target)
     return total / n_tokens
 
 

@@ -44,6 +44,7 @@ class TorchBackend:
 
     def __init__(self, device: str = "cpu"):
         self.torch_device = torch.device(device)
+        self.device = str(self.torch_device)  # the --device this backend is (another pass, e.g. samples, opens it)
 
     def new_memo(self) -> ProjectionMemo | None:
         """A memo for one forward block call's projection outputs (see ``model.ProjectionMemo``)."""
@@ -97,6 +98,22 @@ class TorchBackend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
+    def projection_probe(self, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor):
+        """A callable that runs one projection's products of a training step, for the calibration to time: the
+        forward, the input gradient, and the weight gradient summed into a gradient buffer (as autograd sums
+        it over micro-batches); it returns when the device has finished them. The tensors: on ``torch_device``
+        in the engine's compute dtype."""
+        weight_grad = torch.zeros_like(weight)
+
+        def run():
+            F.linear(x, weight)
+            grad_out.mm(weight)
+            weight_grad.add_(grad_out.t().mm(x))
+            if self.torch_device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
@@ -115,6 +132,7 @@ class MLXBackend:
 
         self.mx, self.arrays, self.model = mx, arrays, model
         self.torch_device = torch.device("cpu")  # where the store's tensors and the engine's buffers live
+        self.device = "mlx"
         self.dtype = arrays.default_compute_dtype()  # fp32 on the CPU backend, bf16 on a Mac's GPU
 
     def new_memo(self):
@@ -131,8 +149,6 @@ class MLXBackend:
 
     # ------------------------------------------------------------------ arrays in and out
     def _to_mx(self, value):
-        if isinstance(value, LazyWeight):
-            value = value.dense()
         array = self.arrays.to_mx(value)
         return array.astype(self.dtype) if self.mx.issubdtype(array.dtype, self.mx.floating) else array
 
@@ -149,10 +165,22 @@ class MLXBackend:
                     if matrix.requires_grad:
                         leaves[proj + suffix] = matrix
                 continue
+            if isinstance(value, LazyWeight):  # made per matmul; its gradient goes to the leaf from the vjp
+                arrays[name] = self._lazy_projection(value)
+                continue
             arrays[name] = self._to_mx(value)
             if getattr(value, "requires_grad", False):
                 leaves[name] = value
         return arrays, leaves, scaling, dropout_p
+
+    def _lazy_projection(self, weight: LazyWeight):
+        """A ``LazyWeight`` as ``backends.mlx.model.LazyProjection``: made from the engine's tensor per matmul,
+        its gradient summed into ``weight.grad``."""
+        def on_grad(grad):
+            _accumulate_grad(weight, self._eval_torch(grad))
+
+        return self.model.LazyProjection(lambda: self._to_mx(weight.dense()),
+                                         on_grad if weight.requires_grad else None)
 
     def _eval_torch(self, array) -> torch.Tensor:
         """Evaluate ``array`` and hand it to the engine as an fp32 torch CPU tensor (the point where MLX's lazy
@@ -233,6 +261,19 @@ class MLXBackend:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._eval_torch(self.model.rms_norm(self._to_mx(x), self._to_mx(weight), eps))
+
+    def projection_probe(self, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor):
+        """``TorchBackend.projection_probe`` in MLX (the arrays made once, each run evaluated)."""
+        mx = self.mx
+        x, weight, grad_out = self._to_mx(x), self._to_mx(weight), self._to_mx(grad_out)
+        state = {"weight_grad": mx.zeros_like(weight)}
+
+        def run():
+            outputs = (x @ weight.T, grad_out @ weight, state["weight_grad"] + grad_out.T @ x)
+            mx.eval(*outputs)
+            state["weight_grad"] = outputs[2]
+
+        return run
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._eval_torch(self._to_mx(x) @ self._to_mx(weight).T)

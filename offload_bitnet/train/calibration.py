@@ -18,12 +18,12 @@ import socket
 import time
 
 import torch
-import torch.nn.functional as F
 from crc32c import crc32c
 
 from offload_bitnet.engine.streaming import default_compute_dtype
 from offload_bitnet.store.layout import Layout
-from offload_bitnet.model.adamw import AdamWConfig, adamw_update
+from offload_bitnet.engine.backend import make_backend
+from offload_bitnet.model.adamw import AdamWConfig
 from offload_bitnet.io.files import write_file_atomic
 from offload_bitnet.store.blockstore import StoreSettings
 from offload_bitnet.model.ternary import quantize_weight
@@ -194,7 +194,7 @@ def probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSetti
     """Time the engine's compute on ``device``: the matmul at ``shape`` (tokens, dim, hidden) in the engine's
     compute dtype, and the per-parameter work of a projection for ``settings`` (on a CPU with one thread)."""
     threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or threads == 1:
+    if make_backend(device).torch_device.type != "cpu" or threads == 1:
         return _probe_compute(device, shape, settings)
     parallel = _probe_compute(device, shape, settings, matmul_only=True)
     torch.set_num_threads(1)
@@ -208,24 +208,19 @@ def probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSetti
 
 def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSettings,
                    matmul_only: bool = False) -> ComputeSpeed:
-    dtype = default_compute_dtype(device)
+    backend = make_backend(device)  # the matmul in the device's compute library (torch, or MLX)
+    torch_device = backend.torch_device  # where the engine's tensors live (the CPU for MLX)
+    dtype = default_compute_dtype(torch_device)
     tokens, dim, hidden = shape
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, dim, generator=generator).to(device, dtype)
-    weight = (torch.randn(hidden, dim, generator=generator) * 0.02).to(device, dtype)
-    grad_out = (torch.randn(tokens, hidden, generator=generator) * 1e-3).to(device, dtype)
-    weight_grad = torch.zeros_like(weight)
-
-    def matmul():
-        # A projection in a training step: its forward, then the input gradient and the weight gradient added
-        # into the gradient buffer, as autograd accumulates it over micro-batches. The weight gradient's
-        # [hidden, tokens] x [tokens, dim] product writes a weight-sized result from few tokens, and runs far
-        # below the forward's speed on a CPU (timing the forward alone predicted a 7B step at half its time).
-        F.linear(x, weight)
-        grad_out.mm(weight)
-        weight_grad.add_(grad_out.t().mm(x))
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+    x = torch.randn(tokens, dim, generator=generator).to(torch_device, dtype)
+    weight = (torch.randn(hidden, dim, generator=generator) * 0.02).to(torch_device, dtype)
+    grad_out = (torch.randn(tokens, hidden, generator=generator) * 1e-3).to(torch_device, dtype)
+    # A projection in a training step: its forward, then the input gradient and the weight gradient added into
+    # the gradient buffer. The weight gradient's [hidden, tokens] x [tokens, dim] product writes a weight-sized
+    # result from few tokens, and runs far below the forward's speed on a CPU (timing the forward alone
+    # predicted a 7B step at half its time).
+    matmul = backend.projection_probe(x, weight, grad_out)
 
     # With several threads one call waits for the slowest, so a single busy moment on any core slows it: the
     # fastest of more calls (here 1.06x to 1.8x from run to run with the default, on a machine at rest).
@@ -249,15 +244,15 @@ def _probe_compute(device: str, shape: tuple[int, int, int], settings: StoreSett
     def update():
         work = master.clone()
         exp_avg, exp_avg_sq = (m.clone() for m in moments["q_proj"])
-        adamw_update(work, grad, exp_avg, exp_avg_sq, 2, AdamWConfig(), 1e-4)
+        backend.adamw_update(work, grad, exp_avg, exp_avg_sq, 2, AdamWConfig(), 1e-4)
         layout.encode(unit, {"q_proj": work})
         layout.encode_moments({"q_proj": (exp_avg, exp_avg_sq)})
 
     return ComputeSpeed(
         matmul_flops=matmul_flops,
-        unpack_ns=per_parameter(lambda: layout.forward_tensors(unit, parts["weights"], dtype, device)),
-        masters_ns=per_parameter(lambda: (layout.masters(unit, parts["weights"], parts.get("shadow"), device),
-                                          layout.moments(optim_part, {"q_proj": master.shape}, device))),
+        unpack_ns=per_parameter(lambda: layout.forward_tensors(unit, parts["weights"], dtype, torch_device)),
+        masters_ns=per_parameter(lambda: (layout.masters(unit, parts["weights"], parts.get("shadow"), torch_device),
+                                          layout.moments(optim_part, {"q_proj": master.shape}, torch_device))),
         quantize_ns=per_parameter(lambda: quantize_weight(master)) if settings.mode == "qat" else 0.0,
         update_ns=per_parameter(update), device=device, threads=torch.get_num_threads(), shape=tuple(shape),
         measured=_now(), busy=load_per_core())

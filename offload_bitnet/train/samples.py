@@ -20,7 +20,7 @@ def generate_samples(engine, tokenizer, prompts: list[str], max_new_tokens: int,
     """Greedy continuations of ``prompts`` from the weights committed so far, with the engine's LoRA adapters
     when it has them; None (said why) when generation is impossible (``GenerationError``)."""
     engine.flush()  # the generator reads the store: let every update of the last step reach it
-    generator = Generator(engine.store, device=str(engine.device), memory_budget=memory_budget,
+    generator = Generator(engine.store, device=engine.backend.device, memory_budget=memory_budget,
                           adapters=engine.adapters)
     try:
         encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]

@@ -87,3 +87,82 @@ def test_mlx_steps_are_deterministic_with_dropout(tmp_path):
             first = logits
     assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]
     assert torch.equal(first, logits)
+
+
+@pytest.mark.parametrize("arch", ["bitnet", "llama"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_projections_made_one_at_a_time_on_mlx_change_nothing(tmp_path, arch, micro, monkeypatch):
+    """Blocks above ``dense_block_bytes`` reach MLX as ``LazyProjection``s: each weight is made for its matmul
+    (the forward pass, the replay and the backward product: three times per micro-batch) and goes after it.
+    The stores and losses must come out bit-identical to whole blocks made dense, with the warm-up mix too."""
+    from offload_bitnet.backends.mlx.model import LazyProjection
+    from test_engine import _store_tensors
+
+    made = []
+    lazy_make = LazyProjection.__init__
+
+    def counting_init(self, make, on_grad=None):
+        lazy_make(self, lambda: made.append(1) or make(), on_grad)
+
+    monkeypatch.setattr(LazyProjection, "__init__", counting_init)
+    results = {}
+    for name, dense_bytes in (("dense", 1 << 40), ("lazy", 0)):
+        path = create_model(str(tmp_path / name), size="demo", arch=arch, n_layers=3)
+        made.clear()
+        with StreamingEngine(BlockStore(path, writable=True),
+                             EngineOptions(device="mlx", optim=AdamWConfig(lr=1e-3), dropout=0.1,
+                                           dense_block_bytes=dense_bytes)) as engine:
+            generator = torch.Generator().manual_seed(3)
+            losses = [engine.train_step([(torch.randint(0, 256, (1, 16), generator=generator), None)
+                                         for _ in range(micro)], quant_mix=mix).loss for mix in (0.5, 1.0)]
+        results[name] = losses, _store_tensors(path), len(made)
+    assert results["dense"][2] == 0
+    assert results["lazy"][2] == 2 * 3 * micro * 3 * 7  # steps x layers x micro-batches x (fwd, replay, bwd) x 7
+    assert results["lazy"][0] == results["dense"][0]
+    for key, tensors in results["dense"][1].items():
+        for tensor_name, tensor in tensors.items():
+            assert torch.equal(tensor, results["lazy"][1][key][tensor_name]), (key, tensor_name)
+
+
+def test_generation_with_projections_made_one_at_a_time_on_mlx_gives_the_dense_tokens(tmp_path):
+    from offload_bitnet.generate import Generator, SamplingOptions
+
+    path = create_model(str(tmp_path / "m"), size="demo", arch="bitnet", n_layers=2)
+    options = SamplingOptions(max_new_tokens=5, temperature=0.0)
+    tokens = []
+    for dense_bytes in (1 << 40, 0):
+        generator = Generator(path, "mlx", dense_block_bytes=dense_bytes)
+        assert generator.lazy_blocks == (dense_bytes == 0)
+        tokens.append(generator.generate([[5, 9, 17], [3, 8]], options, stop_ids=[]).tokens)
+        generator.close()
+    assert tokens[0] == tokens[1]
+
+
+def test_lora_on_a_base_made_one_projection_at_a_time_on_mlx_changes_nothing(tmp_path):
+    """The frozen base of a LoRA run (70B on a Mac) as LazyProjections: the same losses, step after step (the
+    second and third depend on the adapters' updates), as with the base made dense."""
+    losses = {}
+    for name, dense_bytes in (("dense", 1 << 40), ("lazy", 0)):
+        path = create_model(str(tmp_path / name), size="demo", arch="bitnet", mode="qat", n_layers=2)
+        options = EngineOptions(device="mlx", lora=LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")),
+                                adapter_dir=str(tmp_path / f"{name}-adapter"), optim=AdamWConfig(lr=1e-2),
+                                dense_block_bytes=dense_bytes, dropout=0.1)
+        with StreamingEngine(BlockStore(path), options) as engine:
+            losses[name] = [engine.train_step(_batches(engine.config.vocab_size)).loss for _ in range(3)]
+    assert losses["lazy"] == losses["dense"]
+    assert losses["dense"][2] < losses["dense"][0]  # the adapters learn the repeated batch
+
+
+def test_an_mlx_runs_sample_generations_run_on_mlx(tmp_path, monkeypatch):
+    """The trainer's samples open a Generator on the backend's own device (they ran on torch before)."""
+    from offload_bitnet.tokenizers.base import ByteTokenizer
+    from offload_bitnet.train import samples
+
+    devices, real_generator = [], samples.Generator
+    monkeypatch.setattr(samples, "Generator", lambda store, device, **kw: devices.append(device) or
+                        real_generator(store, device, **kw))
+    path = create_model(str(tmp_path / "m"), size="demo", arch="bitnet", n_layers=2)
+    with StreamingEngine(BlockStore(path, writable=True), EngineOptions(device="mlx")) as engine:
+        texts = samples.generate_samples(engine, ByteTokenizer(), ["Hello"], max_new_tokens=3, seed=0,
+                                         memory_budget=1 << 30)
+    assert devices == ["mlx"] and len(texts) == 1

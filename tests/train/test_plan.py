@@ -186,6 +186,25 @@ def test_the_real_probes_measure_and_clean_up(tmp_path, monkeypatch):
     assert compute.matmul_flops > 0 and compute.update_ns > 0 and compute.quantize_ns > 0
 
 
+def test_the_probes_time_mlx_matmuls_for_the_mlx_device(monkeypatch):
+    """``--device mlx --dry-run`` measured torch's matmul (and before that, failed on torch.device("mlx")): the
+    matmul probe runs in the backend's library, so MLX's own (much slower, on this CPU) speed is measured."""
+    pytest.importorskip("mlx.core")
+    from offload_bitnet.engine.backend import MLXBackend
+
+    monkeypatch.undo()
+    runs = []
+    real_probe = MLXBackend.projection_probe
+
+    def counted(self, *tensors):
+        run = real_probe(self, *tensors)
+        return lambda: runs.append(1) or run()
+
+    monkeypatch.setattr(MLXBackend, "projection_probe", counted)
+    compute = calibration.probe_compute("mlx", calibration.probe_shape(64, 128, 256), StoreSettings(mode="qat"))
+    assert runs and compute.device == "mlx" and compute.matmul_flops > 0 and compute.update_ns > 0
+
+
 # ---------------------------------------------------------------------------------------------- the prediction
 def test_ssd_wear_warning_for_runs_that_write_more_than_10_tb(tmp_path, capsys):
     assert main(plan_args(tmp_path, "short", "--num-train-iters", "100", *TINY)) == 0

@@ -86,12 +86,52 @@ def linear(x: mx.array, weight: mx.array, quantize: float) -> mx.array:
         x = ste_quantize_activation(x)
     elif quantize:
         x = x + quantize * (ste_quantize_activation(x) - x)
+    if isinstance(weight, LazyProjection):
+        return weight.matmul(x)
     return x @ weight.T
+
+
+class LazyProjection:
+    """A projection weight made only while a matmul needs it (the MLX side of the torch engine's
+    ``model.LazyWeight``), so that a large block's projections are never all dense at once.
+
+    ``make()`` returns the dense weight as an ``mx.array``, the same bits on every call. ``on_grad(g)``, when
+    given, receives dL/dW of each backward through ``matmul`` (the weight is no ``mx.vjp`` primal: its gradient
+    leaves by this call, as the torch leaf's ``.grad`` is summed). Each product is evaluated at once, inside the
+    call, so the weight can go when it returns: a forward makes the weight once, a backward once more."""
+
+    def __init__(self, make, on_grad=None):
+        self.make, self.on_grad = make, on_grad
+
+    def matmul(self, x: mx.array) -> mx.array:
+        """``x W^T``, differentiable in ``x`` (and in W through ``on_grad``); the same bits as the dense product."""
+
+        @mx.custom_function
+        def product(x):
+            y = x @ self.make().T
+            mx.eval(y)
+            return y
+
+        @product.vjp
+        def product_vjp(x, cotangent, output):
+            grad_x = cotangent @ self.make()
+            if self.on_grad is None:
+                mx.eval(grad_x)
+            else:
+                # The dense vjp's weight gradient, as MLX computes it for x @ W.T: tokens summed in one product.
+                grad_w = cotangent.reshape(-1, cotangent.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+                mx.eval(grad_x, grad_w)
+                self.on_grad(grad_w)
+            return (grad_x,)
+
+        return product(x)
 
 
 def compute_weight(weight: mx.array, weight_quantize: float) -> mx.array:
     """A projection's compute weight from its master: fake-quantized by ``weight_quantize`` in [0, 1] (as the
     engine's ``_compute_weights``: w + mix * (Q(w) - w)), the gradient passing straight through to the master."""
+    if weight_quantize and isinstance(weight, LazyProjection):
+        raise TypeError("a LazyProjection is a compute weight already: it takes no weight_quantize")
     if weight_quantize == 1:
         return ste_quantize_weight(weight)
     if weight_quantize:
